@@ -1,0 +1,42 @@
+"""genfw: two-stage discrete generative image models — tokenizers, priors and backbones as plugins.
+
+The core knows interfaces only; every concrete model comes from a plugin registered through the
+``genfw`` entry-point group. Heavy imports are lazy so that ``genfw --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "hookimpl": ("genfw.hookspecs", "hookimpl"),
+    "load": ("genfw.checkpoint", "load"),
+    "save": ("genfw.checkpoint", "save"),
+    "Bundle": ("genfw.checkpoint", "Bundle"),
+    "get_registry": ("genfw.registry", "get_registry"),
+    "build": ("genfw.registry", "build"),
+    "Tokenizer": ("genfw.interfaces", "Tokenizer"),
+    "Backbone": ("genfw.interfaces", "Backbone"),
+    "Prior": ("genfw.interfaces", "Prior"),
+    "ImageDataset": ("genfw.interfaces", "ImageDataset"),
+    "Params": ("genfw.interfaces", "Params"),
+    "Level": ("genfw.interfaces", "Level"),
+    "StepOutput": ("genfw.interfaces", "StepOutput"),
+    "NLLOutput": ("genfw.interfaces", "NLLOutput"),
+    "GenfwError": ("genfw.errors", "GenfwError"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'genfw' has no attribute {name!r}")

@@ -1,0 +1,324 @@
+"""Self-describing safetensors checkpoints: models, bundles and training state, without pickle.
+
+Every file is an ordinary ``.safetensors`` file whose header metadata holds one key, ``genfw``,
+a JSON document::
+
+    {"format_version": 1, "genfw_version": "0.1.0", "type": "model" | "bundle" | "train_state",
+     "components": [{"role": "model", "kind": "prior", "name": "sundae",
+                     "params": {...}, "construct": {...},
+                     "dist": "genfw", "version": "0.1.0", "prefix": "model."}],
+     "extra": {...}}
+
+Loading goes registry -> pydantic params -> constructor (first on the ``meta`` device, so that a
+hostile header cannot make us allocate memory before its shapes are checked against the tensors
+actually in the file) -> ``load_state_dict(strict=True)``. Metadata can only name registered
+components, never an import path. See docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from genfw import __version__, io
+from genfw.errors import CheckpointError, PluginError
+from genfw.registry import Registry, component_name, get_registry
+
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024 * 1024  # a header larger than this is not one of ours
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# describing modules
+
+
+def describe(module: nn.Module, role: str = "model") -> dict[str, Any]:
+    """The metadata entry of a component built through the registry."""
+    params = getattr(module, "params", None)
+    return {
+        "role": role,
+        "kind": getattr(module, "kind", "?"),
+        "name": component_name(module),
+        "params": params.model_dump(mode="json") if params is not None else {},
+        "construct": json.loads(json.dumps(getattr(module, "construct", {}))),
+        "dist": getattr(module, "_genfw_dist", "genfw"),
+        "version": getattr(module, "_genfw_version", __version__),
+        "prefix": f"{role}.",
+    }
+
+
+def _state_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in module.state_dict().items():
+        # safetensors refuses shared or non-contiguous storage; a clone per tensor is cheap here.
+        out[prefix + k] = v.detach().to("cpu").contiguous().clone()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+
+
+def save(
+    target: str | os.PathLike,
+    modules: nn.Module | dict[str, nn.Module],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Save one component, or a bundle ``{role: module}``, to a safetensors file (atomically)."""
+    if isinstance(modules, nn.Module):
+        modules, kind = {"model": modules}, "model"
+    else:
+        kind = "bundle"
+    components, tensors = [], {}
+    for role, module in modules.items():
+        entry = describe(module, role)
+        components.append(entry)
+        tensors.update(_state_tensors(module, entry["prefix"]))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "genfw_version": __version__,
+        "type": kind,
+        "components": components,
+        "extra": extra or {},
+    }
+    io.write_bytes(target, st_save(tensors, metadata={"genfw": json.dumps(meta)}))
+
+
+def save_tensors(target: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Save plain tensors (latent shards, training state) with genfw metadata, atomically."""
+    full = {"format_version": FORMAT_VERSION, "genfw_version": __version__, **meta}
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    io.write_bytes(target, st_save(data, metadata={"genfw": json.dumps(full)}))
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def read_header(data: bytes, source: str = "file") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parse and sanity-check a safetensors header: (tensor table, genfw metadata)."""
+    if len(data) < 8:
+        raise CheckpointError(f"{source} is not a safetensors file (only {len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or n > len(data) - 8:
+        raise CheckpointError(
+            f"{source} is not a valid safetensors file (header length {n} exceeds the file): "
+            "it is truncated, corrupt or another format"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        assert isinstance(header, dict)
+    except Exception:  # noqa: BLE001
+        raise CheckpointError(f"{source} has a corrupt safetensors header (not JSON)") from None
+    raw_meta = (header.pop("__metadata__", None) or {}).get("genfw")
+    if raw_meta is None:
+        raise CheckpointError(f"{source} is a safetensors file but not a genfw checkpoint (no genfw metadata)")
+    try:
+        meta = json.loads(raw_meta)
+        assert isinstance(meta, dict)
+    except Exception:  # noqa: BLE001
+        raise CheckpointError(f"{source} has corrupt genfw metadata (not a JSON object)") from None
+    fmt = meta.get("format_version")
+    if not isinstance(fmt, int):
+        raise CheckpointError(f"{source} has no valid format_version in its metadata")
+    if fmt > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} uses checkpoint format {fmt}, newer than this genfw's {FORMAT_VERSION} "
+            f"(written by genfw {meta.get('genfw_version', '?')}): upgrade genfw"
+        )
+    body = len(data) - 8 - n
+    for key, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+        except Exception:  # noqa: BLE001
+            raise CheckpointError(f"{source}: corrupt header entry for tensor '{key}'") from None
+        if end > body or start > end:
+            raise CheckpointError(f"{source} is truncated: tensor '{key}' lies beyond the end of the file")
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{source}: tensor '{key}' has unsupported dtype {dtype}")
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        if numel * torch.tensor([], dtype=_DTYPES[dtype]).element_size() != end - start:
+            raise CheckpointError(f"{source}: tensor '{key}' size does not match its shape {shape}")
+    return header, meta
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read tensors and genfw metadata from a local path or fsspec URL."""
+    source = os.fspath(path)
+    try:
+        data = io.read_bytes(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {source}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {source}: {e}") from None
+    _, meta = read_header(data, source)
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{source} is corrupt: {e}") from None
+    return tensors, meta
+
+
+# --------------------------------------------------------------------------------------------
+# rebuilding modules
+
+
+@dataclass
+class Bundle:
+    """A whole pipeline in one file: modules by role (``tokenizer``, ``prior.0``...) and extras."""
+
+    modules: dict[str, nn.Module]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> nn.Module:
+        return self.modules["tokenizer"]
+
+    @property
+    def priors(self) -> list[nn.Module]:
+        keys = sorted((k for k in self.modules if k.startswith("prior.")), key=lambda k: int(k.split(".")[1]))
+        return [self.modules[k] for k in keys]
+
+
+def _entry_or_error(registry: Registry, comp: dict[str, Any], source: str):
+    try:
+        return registry.get(comp["kind"], comp["name"])
+    except PluginError:
+        dist, version = comp.get("dist", "?"), comp.get("version", "?")
+        raise PluginError(
+            f"{source} needs {comp['kind']} '{comp['name']}' from the distribution '{dist}' "
+            f"(version {version}), which is not installed: pip install {dist}"
+        ) from None
+
+
+def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor], source: str,
+                    registry: Registry | None = None) -> nn.Module:
+    """Rebuild one described component and load its tensors strictly."""
+    registry = registry or get_registry()
+    for key in ("kind", "name", "params", "construct", "prefix"):
+        if key not in comp:
+            raise CheckpointError(f"{source}: component metadata lacks '{key}'")
+    entry = _entry_or_error(registry, comp, source)
+    cls = entry.load()
+    prefix = comp["prefix"]
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        params = cls.Params.model_validate(comp["params"])
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).splitlines()
+        raise CheckpointError(f"{source}: params of {comp['kind']} '{comp['name']}' are invalid: "
+                              f"{' '.join(msg[:3])}") from None
+    # A first build on the meta device checks shapes against the file without allocating.
+    try:
+        with torch.device("meta"):
+            probe = cls(params, **comp["construct"])
+        _check_state(probe.state_dict(), state, comp, source)
+        del probe
+    except CheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - some modules cannot be built on meta; the strict load still checks
+        pass
+    try:
+        module = cls(params, **comp["construct"])
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{source}: cannot build {comp['kind']} '{comp['name']}' from its metadata: "
+                              f"{type(e).__name__}: {e}") from None
+    module._genfw_name = entry.name
+    module._genfw_dist, module._genfw_version = entry.dist, entry.version
+    _check_state(module.state_dict(), state, comp, source)
+    module.load_state_dict(state, strict=True)
+    module.eval()
+    return module
+
+
+def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], comp, source) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: tensors do not match the metadata of {comp['kind']} '{comp['name']}' "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    for k, v in expected.items():
+        if tuple(v.shape) != tuple(got[k].shape):
+            raise CheckpointError(
+                f"{source}: tensor '{k}' of {comp['kind']} '{comp['name']}' has shape "
+                f"{tuple(got[k].shape)} but the metadata describes {tuple(v.shape)}"
+            )
+
+
+def load(path: str | os.PathLike, registry: Registry | None = None, device: str | torch.device = "cpu"):
+    """Rebuild the module (or :class:`Bundle`) saved at ``path`` — a local path or fsspec URL."""
+    source = os.fspath(path)
+    tensors, meta = read(path)
+    kind = meta.get("type")
+    comps = meta.get("components")
+    if kind not in ("model", "bundle") or not isinstance(comps, list) or not comps:
+        raise CheckpointError(f"{source} holds genfw data of type '{kind}', not a model or bundle")
+    modules = {c.get("role", "model"): build_component(c, tensors, source, registry).to(device) for c in comps}
+    if kind == "model":
+        return modules["model"]
+    return Bundle(modules, meta.get("extra", {}))
+
+
+# --------------------------------------------------------------------------------------------
+# nested state (optimizers, schedulers, RNG) without pickle
+
+
+def pack(tree: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested structure into JSON and tensors (dict keys keep their int/str type)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def go(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = prefix + path
+            tensors[key] = x
+            return {"__tensor__": key}
+        if isinstance(x, dict):
+            return {"__dict__": [[_key(k), go(v, f"{path}/{k}")] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [go(v, f"{path}/{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [go(v, f"{path}/{i}") for i, v in enumerate(x)]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot store {type(x).__name__} at {path} without pickle")
+
+    return go(tree, ""), tensors
+
+
+def _key(k: Any) -> Any:
+    if isinstance(k, (bool, int, str)):
+        return k
+    raise TypeError(f"unsupported dict key {k!r}")
+
+
+def unpack(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`pack`."""
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__dict__" in tree:
+            return {k: unpack(v, tensors) for k, v in tree["__dict__"]}
+        if "__tuple__" in tree:
+            return tuple(unpack(v, tensors) for v in tree["__tuple__"])
+    if isinstance(tree, list):
+        return [unpack(v, tensors) for v in tree]
+    return tree

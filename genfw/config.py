@@ -1,0 +1,337 @@
+"""Recipe schema, YAML loading, ``--set`` overrides and validation against the registry.
+
+A recipe names components by registered name; each component's own pydantic ``Params`` model
+validates its ``params``, so a typo fails before any work starts, with its full dotted path.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from genfw import io
+from genfw.errors import ConfigError, GenfwError
+from genfw.registry import Registry, get_registry
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ComponentSpec(_Strict):
+    """A registered component and its params."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TokenizerSpec(ComponentSpec):
+    checkpoint: str | None = None  # load this instead of training
+
+
+class PriorSpec(ComponentSpec):
+    backbone: ComponentSpec
+    checkpoint: str | None = None  # load this instead of training
+
+
+class PriorSection(_Strict):
+    """One prior spec for every level, or ``levels`` with one spec per level (coarsest first)."""
+
+    name: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    backbone: ComponentSpec | None = None
+    checkpoint: str | None = None
+    levels: list[PriorSpec] | None = None
+
+    def for_level(self, index: int, num_levels: int) -> PriorSpec:
+        if self.levels is not None:
+            if len(self.levels) != num_levels:
+                raise ConfigError(
+                    f"prior.levels has {len(self.levels)} entries but the tokenizer has {num_levels} levels"
+                )
+            return self.levels[index]
+        if self.name is None or self.backbone is None:
+            raise ConfigError("prior needs 'name' and 'backbone' (or 'levels', one spec per level)")
+        return PriorSpec(name=self.name, params=self.params, backbone=self.backbone,
+                         checkpoint=self.checkpoint if num_levels == 1 else None)
+
+
+class TrainSpec(_Strict):
+    """Settings of the generic trainer for one stage."""
+
+    steps: int = Field(1000, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float | None = Field(None, gt=0)
+    # Per-group overrides, e.g. {"discriminator": {"lr": 1e-4}} for a GAN's second optimizer.
+    groups: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    ema_every: int = Field(1, ge=1)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA; CPU is fp32
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
+    compile: bool = False
+
+
+class TrainSection(_Strict):
+    tokenizer: TrainSpec = Field(default_factory=TrainSpec)
+    prior: TrainSpec = Field(default_factory=TrainSpec)
+
+
+class LatentSpec(_Strict):
+    flip: bool = False  # also store every image's horizontal flip (the SUNDAE paper does)
+    shard_size: int = Field(8192, ge=1)
+    batch_size: int = Field(64, ge=1)
+    holdout: float = Field(0.05, ge=0, lt=1)  # fraction kept out of prior training for NLL
+
+
+class SampleSpec(_Strict):
+    n: int = Field(16, ge=1)
+    labels: list[int] | None = None  # class of each sample, cycled; None = round-robin/uncond.
+    batch_size: int = Field(16, ge=1)
+    seed: int | None = None
+    params: dict[str, Any] = Field(default_factory=dict)  # the prior's SamplerParams
+    grid_columns: int | None = None
+
+
+class EvaluateSpec(_Strict):
+    metrics: list[str] = Field(default_factory=lambda: ["reconstruction", "nll", "fidelity"])
+    n_samples: int = Field(256, ge=1)
+    feature_extractor: str = "auto"  # auto | classifier | inception-v3-compat
+    classifier_steps: int = Field(300, ge=0)
+    inception_weights: str | None = None
+    batch_size: int = Field(64, ge=1)
+
+
+class Recipe(_Strict):
+    """A whole experiment: data, tokenizer, prior(s), training, sampling, evaluation."""
+
+    name: str
+    seed: int = 0
+    output_dir: str | None = None
+    device: str = "auto"
+    plugins: dict[str, str] = Field(default_factory=dict)  # distribution -> version spec needed
+    data: ComponentSpec
+    tokenizer: TokenizerSpec
+    prior: PriorSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    latents: LatentSpec = Field(default_factory=LatentSpec)
+    sample: SampleSpec = Field(default_factory=SampleSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+
+
+# --------------------------------------------------------------------------------------------
+# loading and overrides
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a recipe file (local or fsspec URL) into a dict, with clear errors."""
+    try:
+        text = io.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"recipe not found: {os.fspath(path)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read recipe {os.fspath(path)}: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{os.fspath(path)}: malformed YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{os.fspath(path)}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a copy of ``raw``.
+
+    A new key may be added only inside an existing mapping; validation then rejects keys the
+    schema or the component does not know, naming the full path.
+    """
+    out = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got '{item}'")
+        path, _, text = item.partition("=")
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"--set expects key.path=value, got '{item}'")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node: Any = out
+        for i, key in enumerate(keys[:-1]):
+            if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+                node = node[int(key)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {path}: '{'.'.join(keys[:i])}' is not a mapping")
+            if key not in node:
+                node[key] = {}
+            node = node[key]
+        last = keys[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {path}: '{'.'.join(keys[:-1])}' is not a mapping")
+    return out
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each with its full dotted path (and allowed keys for typos)."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(e["loc"]))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required key missing")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields) or "none"
+
+
+def validate_params(model: type[BaseModel], params: dict[str, Any], path: str) -> BaseModel:
+    """Validate ``params`` with a component's Params model; errors name ``path.key``."""
+    try:
+        return model.model_validate(params or {})
+    except ValidationError as e:
+        msg = format_validation_error(e, path)
+        if any(x["type"] == "extra_forbidden" for x in e.errors()):
+            msg += f" (allowed keys: {_allowed_keys(model)})"
+        raise ConfigError(msg) from None
+
+
+# --------------------------------------------------------------------------------------------
+# validation against the registry
+
+
+@dataclass
+class ResolvedRecipe:
+    """A recipe whose components exist and whose params are validated models."""
+
+    recipe: Recipe
+    raw: dict[str, Any]
+    data_params: BaseModel
+    tokenizer_params: BaseModel
+    prior_specs: list[PriorSpec]  # one per tokenizer level, coarsest first
+    prior_params: list[BaseModel]
+    backbone_params: list[BaseModel]
+    sampler_params: list[BaseModel]
+
+
+def parse_recipe(raw: dict[str, Any]) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def _load_class(registry: Registry, kind: str, name: str, path: str):
+    try:
+        return registry.load(kind, name)
+    except GenfwError as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
+def validate_recipe(raw: dict[str, Any], registry: Registry | None = None,
+                    num_levels: int | None = None) -> ResolvedRecipe:
+    """Check the schema, every component name, every params block and the combination.
+
+    ``num_levels`` is the tokenizer's level count; when None it is read off a tokenizer built
+    on the meta device (no memory is allocated).
+    """
+    registry = registry or get_registry()
+    recipe = parse_recipe(raw)
+    _check_required_plugins(recipe, registry)
+
+    data_cls = _load_class(registry, "dataset", recipe.data.name, "data.name")
+    data_params = validate_params(data_cls.Params, recipe.data.params, "data.params")
+    tok_cls = _load_class(registry, "tokenizer", recipe.tokenizer.name, "tokenizer.name")
+    tok_params = validate_params(tok_cls.Params, recipe.tokenizer.params, "tokenizer.params")
+
+    if num_levels is None:
+        num_levels = _count_levels(tok_cls, tok_params, data_cls, data_params)
+
+    specs, prior_params, backbone_params, sampler_params = [], [], [], []
+    for i in range(num_levels):
+        spec = recipe.prior.for_level(i, num_levels)
+        base = f"prior.levels.{i}" if recipe.prior.levels is not None else "prior"
+        prior_cls = _load_class(registry, "prior", spec.name, f"{base}.name")
+        bb_cls = _load_class(registry, "backbone", spec.backbone.name, f"{base}.backbone.name")
+        prior_params.append(validate_params(prior_cls.Params, spec.params, f"{base}.params"))
+        backbone_params.append(validate_params(bb_cls.Params, spec.backbone.params, f"{base}.backbone.params"))
+        sampler_params.append(validate_params(prior_cls.SamplerParams, recipe.sample.params, "sample.params"))
+        if prior_cls.needs_causal and not bb_cls.supports_causal:
+            why = f" ({bb_cls.causal_unsupported_reason})" if bb_cls.causal_unsupported_reason else ""
+            causal = [n for n in registry.names("backbone") if getattr(registry.load("backbone", n), "supports_causal", False)]
+            raise ConfigError(
+                f"{base}: prior '{spec.name}' needs a causal backbone but '{spec.backbone.name}' cannot be "
+                f"causal{why}; use one of: {', '.join(causal) or 'none installed'}"
+            )
+        specs.append(spec)
+    return ResolvedRecipe(recipe, raw, data_params, tok_params, specs, prior_params, backbone_params, sampler_params)
+
+
+def _count_levels(tok_cls, tok_params, data_cls, data_params) -> int:
+    try:
+        data = data_cls(data_params)
+        channels, resolution = data.channels, list(data.resolution)
+    except GenfwError:
+        raise
+    except Exception:  # noqa: BLE001 - a dataset that cannot describe itself cheaply
+        channels, resolution = 3, [256, 256]
+    import torch
+
+    try:
+        with torch.device("meta"):
+            tok = tok_cls(tok_params, channels=channels, resolution=resolution)
+        return len(tok.levels)
+    except GenfwError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"tokenizer '{tok_cls.__name__}' cannot be built with these params: "
+                          f"{type(e).__name__}: {e}") from None
+
+
+def _check_required_plugins(recipe: Recipe, registry: Registry) -> None:
+    if not recipe.plugins:
+        return
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    installed = {e.dist: e.version for e in registry.entries()}
+    for dist, spec in recipe.plugins.items():
+        if dist not in installed:
+            raise ConfigError(f"recipe needs plugin distribution '{dist}' {spec}, which is not installed: pip install '{dist}{spec}'")
+        try:
+            ok = installed[dist] in SpecifierSet(spec)
+        except InvalidSpecifier:
+            raise ConfigError(f"plugins.{dist}: invalid version specifier '{spec}'") from None
+        if not ok:
+            raise ConfigError(f"recipe needs {dist}{spec} but {installed[dist]} is installed: pip install '{dist}{spec}'")
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None,
+                registry: Registry | None = None) -> ResolvedRecipe:
+    """Read, override and validate a recipe file."""
+    raw = apply_overrides(load_yaml(path), overrides)
+    return validate_recipe(raw, registry)

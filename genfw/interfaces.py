@@ -1,0 +1,320 @@
+"""The three component interfaces — Tokenizer, Backbone, Prior — and their data types.
+
+Every component is an ``nn.Module`` built as ``cls(params, **construct)``:
+
+* ``params`` is an instance of the class's own pydantic ``Params`` model (what a recipe writes),
+* ``construct`` are JSON-serialisable keyword arguments the pipeline derives (image channels,
+  grid size, vocabulary...). Both are recorded in checkpoints, so ``genfw.load`` can rebuild the
+  module from the file alone. A component must store them as ``self.params`` / ``self.construct``
+  (``Component.__init__`` does it).
+
+Conventions: images ``[B, C, H, W]`` float in [-1, 1]; codes ``list[LongTensor[B, h, w]]``, one
+grid per tokenizer level, coarsest first; labels ``LongTensor[B]`` or None; context for a lower
+level of a hierarchy is the list of coarser code grids.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class Params(BaseModel):
+    """Base of every component's params model: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class NoParams(Params):
+    """Params model of a component that takes none."""
+
+
+# --------------------------------------------------------------------------------------------
+# data types
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of a tokenizer: ``codebook_size`` codes, grid = image size // ``factor``."""
+
+    codebook_size: int
+    factor: int
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """A coarser code grid a backbone is conditioned on: its vocabulary and grid shape."""
+
+    vocab_size: int
+    height: int
+    width: int
+
+
+@dataclass
+class StepOutput:
+    """What a training step returns: one scalar loss per parameter group, plus float logs."""
+
+    losses: dict[str, torch.Tensor]
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class NLLOutput:
+    """Per-sample negative log-likelihood in bits per token, and whether it is exact."""
+
+    bits_per_token: torch.Tensor  # [B]
+    kind: Literal["exact", "upper_bound"]
+
+
+# --------------------------------------------------------------------------------------------
+# components
+
+
+class Component(nn.Module):
+    """Common base: the ``Params`` model, construction args, and a generic training step."""
+
+    kind: ClassVar[str] = "component"
+    Params: ClassVar[type[Params]] = NoParams
+
+    def __init__(self, params: Params | dict | None = None, **construct: Any) -> None:
+        super().__init__()
+        if params is None:
+            params = self.Params()
+        elif isinstance(params, dict):
+            params = self.Params.model_validate(params)
+        elif not isinstance(params, self.Params):
+            params = self.Params.model_validate(params.model_dump())
+        self.params = params
+        self.construct = dict(construct)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups, each trained by its own optimizer (most components have one)."""
+        return {"main": [p for p in self.parameters() if p.requires_grad]}
+
+
+class Tokenizer(Component, abc.ABC):
+    """Compresses images to code grids and back.
+
+    Constructed with ``channels`` (1 or 3) and ``resolution`` (int, or [H, W]).
+    """
+
+    kind: ClassVar[str] = "tokenizer"
+    #: False for tokenizers with nothing to learn (e.g. ``pixels``): the train stage is skipped.
+    trainable: ClassVar[bool] = True
+
+    @property
+    @abc.abstractmethod
+    def levels(self) -> list[Level]:
+        """Codebook size and downsampling factor per level, coarsest first."""
+
+    @abc.abstractmethod
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images [B, C, H, W] in [-1, 1] -> codes, one LongTensor[B, h, w] per level."""
+
+    @abc.abstractmethod
+    def decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """Codes (coarsest first) -> images [B, C, H, W] in [-1, 1]."""
+
+    def training_step(self, images: torch.Tensor, step: int) -> StepOutput:
+        """One step's losses, one per parameter group in :meth:`param_groups`."""
+        raise NotImplementedError(f"{type(self).__name__} is not trainable")
+
+    def grid_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Code grid (h, w) per level for an image of the given size."""
+        return [(height // lv.factor, width // lv.factor) for lv in self.levels]
+
+    @torch.no_grad()
+    def codebook_stats(self, codes: list[torch.Tensor]) -> dict[str, float]:
+        """Perplexity and usage of each level's codebook over a batch of codes."""
+        out: dict[str, float] = {}
+        for i, (c, lv) in enumerate(zip(codes, self.levels)):
+            counts = torch.bincount(c.flatten().cpu(), minlength=lv.codebook_size).double()
+            p = counts / counts.sum().clamp_min(1)
+            entropy = -(p[p > 0] * p[p > 0].log()).sum()
+            out[f"level{i}/perplexity"] = float(entropy.exp())
+            out[f"level{i}/usage"] = float((counts > 0).double().mean())
+        return out
+
+
+class Backbone(Component, abc.ABC):
+    """Maps a token grid to logits over a vocabulary.
+
+    Constructed by a prior with:
+      ``vocab_size``   input vocabulary (codebook plus any special tokens),
+      ``out_size``     number of output classes (usually the codebook size),
+      ``grid``         [h, w] of the training grid,
+      ``num_classes``  label classes for conditioning (0 = unconditional),
+      ``context``      list of [vocab, h, w] for coarser levels it is conditioned on.
+    """
+
+    kind: ClassVar[str] = "backbone"
+    #: Whether ``causal=True`` is honoured (autoregressive priors need it).
+    supports_causal: ClassVar[bool] = False
+    #: Why not, shown in the recipe validation error when an AR prior picks this backbone.
+    causal_unsupported_reason: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        context: list[torch.Tensor] | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """tokens [B, h, w] -> logits [B, h, w, out_size]."""
+
+    # --- incremental decoding (causal backbones only) --------------------------------------
+
+    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """An empty key/value cache for :meth:`decode_step`."""
+        raise NotImplementedError(f"{type(self).__name__} has no key/value cache")
+
+    def decode_step(
+        self,
+        token: torch.Tensor,
+        position: int,
+        cache: Any,
+        labels: torch.Tensor | None = None,
+        context: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Feed the token [B] at raster ``position``; return logits [B, out_size] predicting
+        the *same* position's output (as ``forward(causal=True)`` would there).
+
+        The caller implements the shift: to predict position i it feeds the token at i-1
+        (or the start token) — see the autoregressive prior.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no key/value cache")
+
+
+class Prior(Component, abc.ABC):
+    """A generative model over one level's code grid.
+
+    Constructed by the pipeline with:
+      ``codebook_size`` K, ``grid`` [h, w], ``num_classes`` (0 = unconditional),
+      ``context`` list of [vocab, h, w] of the coarser levels this level is conditioned on,
+      ``backbone`` {"name": ..., "params": {...}} — the prior builds it through the registry
+      with :func:`genfw.registry.build_backbone` and the vocabulary it needs.
+    """
+
+    kind: ClassVar[str] = "prior"
+    #: Validated sampler parameters (a recipe's ``sample.params``).
+    SamplerParams: ClassVar[type[Params]] = NoParams
+    #: Whether the prior needs a causal backbone.
+    needs_causal: ClassVar[bool] = False
+    #: What :meth:`nll` returns.
+    nll_kind: ClassVar[Literal["exact", "upper_bound"]] = "upper_bound"
+
+    @abc.abstractmethod
+    def loss(
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        context: list[torch.Tensor] | None = None,
+    ) -> StepOutput:
+        """Training loss on codes [B, h, w]; ``losses['main']`` is minimised."""
+
+    @abc.abstractmethod
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        context: list[torch.Tensor] | None = None,
+        init: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        params: Params | None = None,
+        grid: tuple[int, int] | None = None,
+        **overrides: Any,
+    ) -> torch.Tensor:
+        """Draw ``n`` code grids [n, h, w].
+
+        ``init``/``mask`` (both [n, h, w]) inpaint: only positions where ``mask`` is True are
+        regenerated, the rest of ``init`` is returned unchanged. ``params`` is a
+        ``SamplerParams`` instance; keyword ``overrides`` replace its fields. ``grid`` asks for
+        a grid other than the training one where the prior supports it.
+        """
+
+    @abc.abstractmethod
+    def nll(
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        context: list[torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> NLLOutput:
+        """Per-sample negative log-likelihood (bits per token); exact or an upper bound."""
+
+    def training_step(self, batch: dict[str, Any], step: int) -> StepOutput:
+        """``batch`` holds ``codes`` [B, h, w], optional ``labels`` and ``context``."""
+        return self.loss(batch["codes"], batch.get("labels"), batch.get("context"))
+
+    def sampler_params(self, params: Params | dict | None = None, **overrides: Any) -> Params:
+        """Validate sampler params (a model, a dict or None) with keyword overrides applied."""
+        if params is None:
+            base: dict[str, Any] = {}
+        elif isinstance(params, BaseModel):
+            base = params.model_dump()
+        else:
+            base = dict(params)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return self.SamplerParams.model_validate(base)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.construct["codebook_size"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.construct["grid"]
+        return int(h), int(w)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.construct.get("num_classes", 0) or 0)
+
+
+class ImageDataset(abc.ABC):
+    """A dataset component: indexable, yields ``(image [C, H, W] in [-1, 1], label or -1)``.
+
+    Built as ``cls(params)``; ``channels``, ``resolution`` and ``class_names`` describe it.
+    """
+
+    kind: ClassVar[str] = "dataset"
+    Params: ClassVar[type[Params]] = NoParams
+
+    def __init__(self, params: Params | dict | None = None) -> None:
+        if params is None:
+            params = self.Params()
+        elif isinstance(params, dict):
+            params = self.Params.model_validate(params)
+        self.params = params
+
+    @property
+    @abc.abstractmethod
+    def channels(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def resolution(self) -> tuple[int, int]: ...
+
+    @property
+    def class_names(self) -> list[str]:
+        return []
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+
+KINDS = ("tokenizer", "backbone", "prior", "dataset")

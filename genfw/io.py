@@ -1,0 +1,72 @@
+"""File access through fsspec, with atomic writes for local paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """True for plain paths and ``file://`` URLs."""
+    s = os.fspath(path)
+    return "://" not in s or s.startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> Path:
+    s = os.fspath(path)
+    return Path(s[len("file://"):] if s.startswith("file://") else s)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """Read a whole file from a local path or any fsspec URL."""
+    with fsspec.open(os.fspath(path), "rb") as f:
+        return f.read()
+
+
+def exists(path: str | os.PathLike) -> bool:
+    fs, p = fsspec.core.url_to_fs(os.fspath(path))
+    return fs.exists(p)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename.
+
+    A crash (or a full disk) never leaves a half-written file where a good one was. Remote
+    fsspec targets are written in one ``put`` of the whole buffer.
+    """
+    if not is_local(path):
+        with fsspec.open(os.fspath(path), "wb") as f:
+            f.write(data)
+        return
+    target = local_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(read_bytes(path).decode("utf-8"))

@@ -1,0 +1,235 @@
+"""Plugin discovery and the component registry.
+
+Plugins come from the ``genfw`` entry-point group, loaded one by one so that a broken plugin is
+reported and the others still load. ``GENFW_PLUGINS`` (comma-separated entry-point or
+distribution names) restricts loading to an allowlist; tests use it so that stray installed
+plugins cannot change results. Two components of the same kind and name are an error naming
+both distributions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from genfw import hookspecs
+from genfw.errors import PluginError
+from genfw.interfaces import KINDS
+
+ENTRY_POINT_GROUP = "genfw"
+ALLOWLIST_ENV = "GENFW_PLUGINS"
+
+
+@dataclass
+class Entry:
+    """One registered component: where it lives and which distribution registered it."""
+
+    kind: str
+    name: str
+    target: Any  # "module:attr" or the class itself
+    description: str
+    plugin: str  # entry-point (or test plugin) name
+    dist: str
+    version: str
+
+    def load(self) -> type:
+        """Import and return the component class."""
+        if not isinstance(self.target, str):
+            return self.target
+        module_name, _, attr = self.target.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except Exception as e:  # noqa: BLE001 - reported with the plugin's name
+            raise PluginError(
+                f"{self.kind} '{self.name}' from {self.dist} {self.version} failed to import "
+                f"{self.target}: {type(e).__name__}: {e}"
+            ) from e
+        return obj
+
+    def summary(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "distribution": self.dist,
+            "version": self.version,
+            "plugin": self.plugin,
+            "description": self.description,
+        }
+
+
+@dataclass
+class BrokenPlugin:
+    """A plugin that failed to load, kept for ``genfw plugins`` to report."""
+
+    plugin: str
+    dist: str
+    version: str
+    error: str
+
+
+class _Registrar:
+    """What a plugin's ``genfw_register`` hook receives: registers under that plugin's name."""
+
+    def __init__(self, registry: Registry, plugin: str, dist: str, version: str) -> None:
+        self._registry, self._plugin, self._dist, self._version = registry, plugin, dist, version
+
+    def register(self, kind: str, name: str, target: Any, description: str = "") -> None:
+        """Register ``target`` (a class or ``"module:attr"``) as component ``name`` of ``kind``."""
+        self._registry._add(
+            Entry(kind, name, target, description.strip().splitlines()[0] if description else "",
+                  self._plugin, self._dist, self._version)
+        )
+
+
+class Registry:
+    """Name -> component class, per kind, with provenance."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("genfw")
+        self.pm.add_hookspecs(hookspecs)
+        self._entries: dict[tuple[str, str], Entry] = {}
+        self.conflicts: dict[tuple[str, str], list[Entry]] = {}
+        self.broken: list[BrokenPlugin] = []
+
+    # -- registration ----------------------------------------------------------------------
+
+    def _add(self, entry: Entry) -> None:
+        if not entry.kind or not entry.name:
+            raise PluginError(f"plugin {entry.plugin} registered a component without kind or name")
+        key = (entry.kind, entry.name)
+        if key in self.conflicts:
+            self.conflicts[key].append(entry)
+        elif key in self._entries:
+            self.conflicts[key] = [self._entries.pop(key), entry]
+        else:
+            self._entries[key] = entry
+
+    def add_plugin(self, plugin: Any, name: str, dist: str = "", version: str = "") -> None:
+        """Register a plugin object (module or instance with ``@hookimpl genfw_register``)."""
+        self.pm.register(plugin, name=name)
+        registrar = _Registrar(self, name, dist or name, version or "0")
+        for impl in self.pm.hook.genfw_register.get_hookimpls():
+            if impl.plugin is plugin:
+                impl.function(registry=registrar)
+
+    def remove_plugin(self, name: str) -> None:
+        """Unregister a plugin and every component it registered."""
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin)
+        self._entries = {k: e for k, e in self._entries.items() if e.plugin != name}
+        for key, entries in list(self.conflicts.items()):
+            kept = [e for e in entries if e.plugin != name]
+            del self.conflicts[key]
+            for e in kept:
+                self._add(e)
+
+    def load_entry_points(self, allowlist: set[str] | None = None) -> None:
+        """Load every ``genfw`` entry point (restricted to ``allowlist`` when given)."""
+        for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            version = ep.dist.version if ep.dist is not None else "?"
+            if allowlist is not None and ep.name not in allowlist and dist not in allowlist:
+                continue
+            if self.pm.get_plugin(ep.name) is not None:
+                # Two distributions using one entry-point name: pluggy would drop one silently.
+                self.broken.append(BrokenPlugin(ep.name, dist, version,
+                                                "entry-point name already used by another distribution"))
+                continue
+            try:
+                module = ep.load()
+                self.add_plugin(module, name=ep.name, dist=dist, version=version)
+            except Exception as e:  # noqa: BLE001 - one broken plugin must not take others down
+                last = traceback.extract_tb(e.__traceback__)[-1:]
+                where = f" ({last[0].filename}:{last[0].lineno})" if last else ""
+                self.broken.append(BrokenPlugin(ep.name, dist, version,
+                                                f"{type(e).__name__}: {e}{where}"))
+
+    # -- lookup ----------------------------------------------------------------------------
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(n for (k, n) in self._entries if k == kind)
+
+    def entries(self, kind: str | None = None) -> list[Entry]:
+        return sorted((e for e in self._entries.values() if kind in (None, e.kind)),
+                      key=lambda e: (KINDS.index(e.kind) if e.kind in KINDS else 99, e.kind, e.name))
+
+    def get(self, kind: str, name: str) -> Entry:
+        """The entry for a component; clear errors for unknown or clashing names."""
+        key = (kind, name)
+        if key in self.conflicts:
+            who = " and ".join(f"{e.dist} {e.version} (plugin '{e.plugin}')" for e in self.conflicts[key])
+            raise PluginError(f"{kind} '{name}' is registered by both {who}: uninstall one of them")
+        if key not in self._entries:
+            known = ", ".join(self.names(kind)) or "none"
+            hint = ""
+            broken = [b.plugin for b in self.broken]
+            if broken:
+                hint = f" (plugins that failed to load: {', '.join(broken)}; see `genfw plugins`)"
+            raise PluginError(f"unknown {kind} '{name}'; registered {kind}s: {known}{hint}")
+        return self._entries[key]
+
+    def load(self, kind: str, name: str) -> type:
+        return self.get(kind, name).load()
+
+    def build(self, kind: str, name: str, params: Any = None, **construct: Any) -> Any:
+        """Instantiate a registered component with validated params and construction args."""
+        entry = self.get(kind, name)
+        module = entry.load()(params, **construct)
+        # Provenance, so that checkpoints can name the component and the plugin it needs.
+        module._genfw_name, module._genfw_dist, module._genfw_version = name, entry.dist, entry.version
+        return module
+
+
+def _allowlist_from_env() -> set[str] | None:
+    value = os.environ.get(ALLOWLIST_ENV, "").strip()
+    if not value or value == "*":
+        return None
+    return {v.strip() for v in value.split(",") if v.strip()}
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, discovered on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        registry = Registry()
+        registry.load_entry_points(_allowlist_from_env())
+        _REGISTRY = registry
+    return _REGISTRY
+
+
+def reset_registry() -> None:
+    """Forget the discovered registry (tests; after installing a plugin at run time)."""
+    global _REGISTRY
+    _REGISTRY = None
+
+
+def build(kind: str, name: str, params: Any = None, **construct: Any) -> Any:
+    """Build a registered component from the process-wide registry."""
+    return get_registry().build(kind, name, params, **construct)
+
+
+def build_backbone(spec: dict | Any, **construct: Any) -> Any:
+    """Build a prior's backbone from its ``{"name", "params"}`` spec (dict or ComponentSpec)."""
+    if hasattr(spec, "model_dump"):
+        spec = spec.model_dump()
+    return build("backbone", spec["name"], spec.get("params") or {}, **construct)
+
+
+def component_name(module: Any) -> str:
+    """The registry name a module was built under (or its class's ``registry_name``)."""
+    name = getattr(module, "_genfw_name", None) or getattr(type(module), "registry_name", None)
+    if name is None:
+        raise PluginError(f"{type(module).__name__} was not built through the registry")
+    return name

@@ -1,0 +1,1 @@
+"""Built-in tokenizers: pixels, VQ-VAE, hierarchical VQ-VAE-2 and VQ-GAN."""
