@@ -1,0 +1,1 @@
+"""Shared building blocks: attention, rotary embeddings, vector quantizers, residual blocks."""
