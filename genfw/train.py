@@ -1,0 +1,295 @@
+"""The one generic training loop, used by every stage (tokenizers and priors alike).
+
+A module offers ``param_groups()`` (name -> parameters; VQ-GAN has a generator and a
+discriminator group) and ``training_step(batch, step) -> StepOutput`` with one loss per group.
+Each group has its own AdamW optimizer and warm-up/cosine schedule; per step and in the order of
+``param_groups()``, the trainer back-propagates each group's loss into that group's parameters
+only and steps its optimizer.
+
+Everything needed to continue — weights, optimizers, schedulers, EMA, step, RNG states, the
+position in the data — is saved without pickle in ``train_state.safetensors`` every
+``checkpoint_every`` steps, at the end, and on Ctrl-C; running again resumes, and on CPU with
+the same seed the final weights equal those of an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from genfw import checkpoint, dist, io
+from genfw.config import TrainSpec
+from genfw.errors import TrainingError
+from genfw.progress import progress_bar
+
+STATE_FILE = "train_state.safetensors"
+LOG_FILE = "log.jsonl"
+
+
+class ResumableBatches(torch.utils.data.Sampler):
+    """Batches of indices of an endless shuffled stream, reproducible from any step.
+
+    Epoch ``e`` is a permutation drawn from ``seed + e``; with several ranks each takes its
+    slice of every global batch, so a distributed run sees the same data as a single process.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if n < 1:
+            raise TrainingError("cannot train on an empty dataset")
+        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = max(1, n // batch_size)  # drop the ragged last batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            epoch, offset = divmod(step, self.per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)
+            if self.n < self.batch_size:  # tiny datasets: sample with repetition
+                perm = perm.repeat(math.ceil(self.batch_size / self.n))
+            for i in range(offset, self.per_epoch):
+                batch = perm[i * self.batch_size : (i + 1) * self.batch_size]
+                yield batch[self.rank :: self.world_size].tolist()
+                step += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs this for its own bookkeeping
+        return 2**62
+
+
+def lr_lambda(spec: TrainSpec) -> Callable[[int], float]:
+    """Linear warm-up, then constant or cosine decay to zero at ``spec.steps``."""
+
+    def f(step: int) -> float:
+        if spec.warmup_steps and step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.schedule == "cosine":
+            span = max(1, spec.steps - spec.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - spec.warmup_steps) / span)))
+        return 1.0
+
+    return f
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """Move tensors inside nested lists/tuples/dicts to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CUDA; CPU trains in fp32."""
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return nullcontext()
+
+
+class Trainer:
+    """Trains ``module`` on ``dataset`` according to ``spec``, checkpointing into ``out_dir``."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        dataset: torch.utils.data.Dataset,
+        spec: TrainSpec,
+        out_dir: str | os.PathLike,
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        prepare: Callable[[Any], Any] = lambda batch: batch,
+        collate_fn: Callable | None = None,
+        description: str = "train",
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        self.module, self.dataset, self.spec = module, dataset, spec
+        self.out_dir, self.seed, self.device = os.fspath(out_dir), seed, torch.device(device)
+        self.prepare, self.collate_fn, self.description, self.on_step = prepare, collate_fn, description, on_step
+        self.module.to(self.device)
+        self.groups = {k: v for k, v in module.param_groups().items() if v}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        for name, params in self.groups.items():
+            opts = {"lr": spec.lr, "betas": spec.betas, "weight_decay": spec.weight_decay}
+            opts.update(spec.groups.get(name, {}))
+            self.optimizers[name] = torch.optim.AdamW(params, lr=opts["lr"], betas=tuple(opts["betas"]),
+                                                      weight_decay=opts["weight_decay"])
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_lambda(spec))
+        self.ema = (AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(spec.ema_decay), use_buffers=True)
+                    if spec.ema_decay else None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and spec.precision == "fp16")
+        self.step = 0
+        self._stop_requested = False
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.out_dir, STATE_FILE)
+
+    def state(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": self.step,
+            "model": self.module.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": rng,
+        }
+
+    def save_state(self) -> None:
+        """Write the training state atomically (rank 0 only)."""
+        if not dist.is_main():
+            return
+        tree, tensors = checkpoint.pack(self.state(), prefix="s")
+        checkpoint.save_tensors(self.state_path, tensors, {"type": "train_state", "tree": tree,
+                                                           "description": self.description})
+
+    def load_state(self) -> bool:
+        """Resume from ``train_state.safetensors`` if present; returns whether it did."""
+        if not io.exists(self.state_path):
+            return False
+        tensors, meta = checkpoint.read(self.state_path)
+        if meta.get("type") != "train_state":
+            raise TrainingError(f"{self.state_path} is not a training state")
+        state = checkpoint.unpack(meta["tree"], tensors)
+        self.module.load_state_dict(state["model"], strict=True)
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available() and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = int(state["step"])
+        return True
+
+    def final_module(self) -> nn.Module:
+        """The trained weights: the EMA copy when EMA is on, else the module itself."""
+        return self.ema.module if self.ema is not None else self.module
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    def _loader(self) -> Iterator[Any]:
+        sampler = ResumableBatches(len(self.dataset), self.spec.batch_size, self.seed, self.step,
+                                   dist.rank(), dist.world_size())
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.spec.num_workers,
+                                             collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
+                                             # its own generator: creating the iterator must not
+                                             # consume the global RNG, or a resumed run diverges
+                                             generator=torch.Generator().manual_seed(self.seed))
+        return iter(loader)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not dist.is_main():
+            return
+        import json
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, LOG_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _train_step(self, batch: Any) -> dict[str, float]:
+        with autocast_context(self.device, self.spec.precision):
+            out = self.module.training_step(batch, self.step)
+        logs = dict(out.logs)
+        for name in self.groups:
+            if name not in out.losses:
+                continue
+            loss = out.losses[name]
+            if not torch.isfinite(loss.detach()).all():
+                raise TrainingError(
+                    f"{self.description}: loss '{name}' is {float(loss.detach())} at step {self.step}; "
+                    f"stopped, the last good checkpoint ({self.state_path}) is kept — lower the learning "
+                    "rate or enable grad_clip"
+                )
+            logs[f"loss/{name}"] = float(loss.detach())
+        for name, params in self.groups.items():
+            loss = out.losses.get(name)
+            opt = self.optimizers[name]
+            opt.zero_grad(set_to_none=True)
+            if loss is not None and loss.requires_grad:
+                self.scaler.scale(loss).backward(inputs=params, retain_graph=True)
+                if self.spec.grad_clip:
+                    self.scaler.unscale_(opt)
+                    logs[f"grad_norm/{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.spec.grad_clip))
+                self.scaler.step(opt)
+            self.schedulers[name].step()
+        self.scaler.update()
+        return logs
+
+    def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_requested = True
+
+    def fit(self) -> nn.Module:
+        """Train to ``spec.steps`` (resuming if a state exists) and return the final module."""
+        resumed = self.load_state()
+        if self.step >= self.spec.steps:
+            return self.final_module()
+        self.module.train()
+        data = self._loader()
+        previous = None
+        try:
+            previous = signal.signal(signal.SIGINT, self._request_stop)
+        except ValueError:  # not in the main thread
+            previous = None
+        t0, last = time.perf_counter(), self.step
+        try:
+            with progress_bar(self.description, total=self.spec.steps, completed=self.step) as bar:
+                if resumed:
+                    bar.note(f"resumed at step {self.step}")
+                while self.step < self.spec.steps:
+                    batch = to_device(self.prepare(next(data)), self.device)
+                    logs = self._train_step(batch)
+                    self.step += 1
+                    if self.ema is not None and self.step % self.spec.ema_every == 0:
+                        self.ema.update_parameters(self.module)
+                    if self.step % self.spec.log_every == 0 or self.step == self.spec.steps:
+                        now = time.perf_counter()
+                        logs["steps_per_s"] = (self.step - last) / max(now - t0, 1e-9)
+                        logs["lr"] = self.schedulers[next(iter(self.schedulers))].get_last_lr()[0] if self.schedulers else 0.0
+                        t0, last = now, self.step
+                        self._log({"step": self.step, **logs})
+                        if self.on_step:
+                            self.on_step(self.step, logs)
+                    main_loss = next((v for k, v in logs.items() if k.startswith("loss/")), float("nan"))
+                    bar.update(self.step, loss=main_loss)
+                    if self.step % self.spec.checkpoint_every == 0 or self.step == self.spec.steps:
+                        self.save_state()
+                    if self._stop_requested:
+                        self.save_state()
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if not self._stop_requested:  # Ctrl-C outside our handler (e.g. other thread)
+                self.save_state()
+            raise TrainingError(
+                f"{self.description}: interrupted at step {self.step}; state saved to {self.state_path}, "
+                "run the same command again to resume"
+            ) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        self.module.eval()
+        return self.final_module()
