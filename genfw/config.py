@@ -120,6 +120,7 @@ class Recipe(_Strict):
     seed: int = 0
     output_dir: str | None = None
     device: str = "auto"
+    class_conditional: bool = True  # condition priors on labels when the data has them
     plugins: dict[str, str] = Field(default_factory=dict)  # distribution -> version spec needed
     data: ComponentSpec
     tokenizer: TokenizerSpec

@@ -1,0 +1,345 @@
+"""The ``genfw`` command line (Typer + rich).
+
+Errors are one red line and a non-zero exit; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from genfw import __version__
+from genfw.errors import GenfwError
+
+app = typer.Typer(
+    name="genfw",
+    help="Two-stage discrete generative image models: tokenizers, priors and backbones as plugins.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+Sets = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a recipe key: a.b.c=value (YAML value)")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"genfw {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def command(fn):
+    """Register a command whose GenfwErrors become one red line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GenfwError as e:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            if _state["debug"]:
+                raise
+            what = "disk full" if getattr(e, "errno", None) == 28 else type(e).__name__
+            err.print(f"[bold red]error:[/bold red] {what}: {e} (files already written were kept)",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return app.command()(wrapper)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@command
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False) -> None:
+    """List registered components and plugins that failed to load."""
+    from genfw.registry import get_registry
+
+    registry = get_registry()
+    entries = [e.summary() for e in registry.entries()]
+    conflicts = [{"kind": k, "name": n, "distributions": [e.dist for e in es]} for (k, n), es in registry.conflicts.items()]
+    broken = [b.__dict__ for b in registry.broken]
+    if as_json:
+        out.print_json(json.dumps({"components": entries, "broken": broken, "conflicts": conflicts}))
+        return
+    table = Table(title="genfw components")
+    for col in ("kind", "name", "distribution", "version", "description"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e["kind"], e["name"], e["distribution"], e["version"], e["description"])
+    out.print(table)
+    for b in broken:
+        err.print(f"[red]plugin '{b['plugin']}' ({b['dist']} {b['version']}) failed to load:[/red] {b['error']}")
+    for c in conflicts:
+        err.print(f"[red]{c['kind']} '{c['name']}' is registered by several distributions: "
+                  f"{', '.join(c['distributions'])}[/red]")
+
+
+@command
+def validate(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML (path or fsspec URL)")],
+    set_: Sets = None,
+    summary: Annotated[bool, typer.Option("--summary", help="Also print parameter counts and FLOPs")] = False,
+) -> None:
+    """Check a recipe (schema, components, params, combination) without running it."""
+    from genfw.config import load_recipe
+
+    resolved = load_recipe(recipe, set_)
+    out.print(f"[green]✓[/green] {recipe}: recipe '{resolved.recipe.name}' is valid "
+              f"({len(resolved.prior_specs)} prior level(s))")
+    if summary:
+        from genfw.pipeline import Run
+
+        _print_plan(Run(resolved).plan())
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    table = Table(title=f"plan -> {plan['output_dir']} on {plan['device']}")
+    for col in ("component", "name", "parameters", "details"):
+        table.add_column(col)
+    tok = plan["tokenizer"]
+    levels = ", ".join(f"{lv['codebook_size']} codes @ {lv['grid'][0]}x{lv['grid'][1]}" for lv in tok["levels"])
+    table.add_row("tokenizer", tok["name"], f"{tok['parameters']:,}", levels)
+    for p in plan["priors"]:
+        flops = f"{p['forward_flops'] / 1e9:.2f} GFLOP per forward (batch 1)" if p.get("forward_flops") else ""
+        table.add_row(f"prior level {p['level']}", f"{p['name']} / {p['backbone']}", f"{p['parameters']:,}", flops)
+    out.print(table)
+    out.print(f"stages: {' -> '.join(plan['stages'])}")
+
+
+@command
+def run(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML (path or fsspec URL)")],
+    set_: Sets = None,
+    stages: Annotated[str | None, typer.Option(help="Comma-separated subset: tokenizer,latents,prior,sample,evaluate,report")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (parameter counts, FLOPs) and stop")] = False,
+    output_dir: Annotated[str | None, typer.Option(help="Run directory (default: recipe output_dir or runs/NAME)")] = None,
+    device: Device = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Reuse a run directory that belongs to another recipe")] = False,
+) -> None:
+    """Validate a recipe, then train, sample, evaluate and report into its run directory."""
+    from genfw import dist
+    from genfw.config import load_recipe
+    from genfw.pipeline import Run
+
+    dist.init_from_env()
+    resolved = load_recipe(recipe, set_)
+    pipeline = Run(resolved, output_dir=output_dir, device=None if device == "auto" else device, overwrite=overwrite)
+    if dry_run:
+        _print_plan(pipeline.plan())
+        return
+    metrics = pipeline.run(stages.split(",") if stages else None)
+    out.print(f"[green]✓[/green] run finished: {pipeline.dir}")
+    if metrics:
+        _print_metrics(metrics)
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    table = Table(title="metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+            table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
+@command
+def inspect(path: Annotated[str, typer.Argument(help="A genfw .safetensors file (path or URL)")],
+            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Print a checkpoint's metadata, parameter counts per component and a tensor summary."""
+    from genfw import checkpoint
+
+    tensors, meta = checkpoint.read(path)
+    comps = []
+    for c in meta.get("components", []):
+        prefix = c.get("prefix", "")
+        own = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+        comps.append({**c, "parameters": sum(v.numel() for v in own.values() if v.is_floating_point()),
+                      "tensors": len(own)})
+    if as_json:
+        out.print_json(json.dumps({**{k: v for k, v in meta.items() if k != "components"}, "components": comps},
+                                  default=str))
+        return
+    out.print(f"[bold]{path}[/bold]: {meta.get('type')} (format {meta.get('format_version')}, "
+              f"genfw {meta.get('genfw_version')})")
+    table = Table()
+    for col in ("role", "kind", "name", "plugin", "parameters", "tensors"):
+        table.add_column(col)
+    for c in comps:
+        table.add_row(c.get("role", ""), c.get("kind", ""), c.get("name", ""), f"{c.get('dist')} {c.get('version')}",
+                      f"{c['parameters']:,}", str(c["tensors"]))
+    out.print(table)
+    for c in comps:
+        out.print(f"[dim]{c.get('role')} params:[/dim] {json.dumps(c.get('params'))}")
+        out.print(f"[dim]{c.get('role')} construct:[/dim] {json.dumps(c.get('construct'))}")
+    by_dtype: dict[str, int] = {}
+    for v in tensors.values():
+        by_dtype[str(v.dtype)] = by_dtype.get(str(v.dtype), 0) + v.numel()
+    out.print(f"{len(tensors)} tensors: " + ", ".join(f"{n:,} {d}" for d, n in by_dtype.items()))
+
+
+def _load_models(model: str, device):
+    """A bundle file or a run directory -> tokenizer, priors, extras."""
+    from genfw import checkpoint
+    from genfw.pipeline import load_run_models
+
+    if os.path.isdir(model):
+        return load_run_models(model, device)
+    loaded = checkpoint.load(model, device=device)
+    if not isinstance(loaded, checkpoint.Bundle):
+        raise GenfwError(f"{model} holds a single {getattr(loaded, 'kind', 'model')}, not a pipeline bundle: "
+                         "export one with `genfw export RUN_DIR -o model.safetensors`")
+    return loaded.tokenizer, loaded.priors, loaded.extra
+
+
+def _parse_size(size: str | None) -> tuple[int, int] | None:
+    if not size:
+        return None
+    try:
+        h, w = (int(v) for v in size.lower().split("x"))
+        return h, w
+    except ValueError:
+        raise GenfwError(f"--size expects HxW code-grid sizes like 16x48, got '{size}'") from None
+
+
+@command
+def sample(
+    model: Annotated[str, typer.Argument(help="Exported bundle (.safetensors) or a run directory")],
+    n: Annotated[int, typer.Option("-n", help="Number of images")] = 16,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps (priors that have them)")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature")] = None,
+    label: Annotated[list[int] | None, typer.Option(help="Class label(s), cycled over the samples")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    device: Device = "auto",
+    precision: Annotated[str, typer.Option(help="bf16, fp16 or fp32 (autocast on CUDA)")] = "bf16",
+    batch_size: Annotated[int, typer.Option(help="Images per chunk")] = 16,
+    size: Annotated[str | None, typer.Option(help="Code grid HxW larger than training (if the prior supports it)")] = None,
+    out_dir: Annotated[str, typer.Option("--out", help="Folder for the PNGs")] = "samples",
+    grid: Annotated[str | None, typer.Option(help="Also write a grid PNG here")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Sampler param: key=value")] = None,
+) -> None:
+    """Generate images from an exported model or a run directory."""
+    import yaml
+
+    from genfw.pipeline import write_samples
+    from genfw.sampling import generate, resolve_device, sample_labels
+
+    dev = resolve_device(device)
+    tokenizer, priors, extra = _load_models(model, dev)
+    overrides: dict[str, Any] = dict(extra.get("sampler") or {})
+    for item in set_ or []:
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
+    if steps is not None:
+        overrides["steps"] = steps
+    if temperature is not None:
+        overrides["temperature"] = temperature
+    sampler = []
+    for p in priors:
+        allowed = p.SamplerParams.model_fields
+        sampler.append(p.sampler_params({k: v for k, v in overrides.items()
+                                         if k in allowed or k not in ("steps", "temperature")}))
+    labels = sample_labels(n, priors[0].num_classes, label)
+    result = generate(tokenizer, priors, n, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler,
+                      device=dev, precision=precision, grid=_parse_size(size))
+    write_samples(out_dir, result.images, labels, extra.get("class_names") or [])
+    if grid:
+        from genfw import io
+        from genfw.data import make_grid
+
+        import io as _io
+        buf = _io.BytesIO()
+        make_grid(result.images).save(buf, format="PNG")
+        io.write_bytes(grid, buf.getvalue())
+    out.print(f"[green]✓[/green] {n} images -> {out_dir} in {result.seconds:.2f}s "
+              f"({result.images_per_second:.2f} images/s on {dev})")
+
+
+@command
+def inpaint(
+    model: Annotated[str, typer.Argument(help="Exported bundle (.safetensors) or a run directory")],
+    image: Annotated[str, typer.Option(help="Input image")],
+    mask: Annotated[str, typer.Option(help="Mask image: white (non-zero) pixels are regenerated")],
+    n: Annotated[int, typer.Option("-n", help="Number of completions")] = 4,
+    label: Annotated[int | None, typer.Option(help="Class label (conditional models)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Device = "auto",
+    temperature: Annotated[float | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    out_dir: Annotated[str, typer.Option("--out")] = "inpainted",
+) -> None:
+    """Regenerate the masked region of an image (any mask shape), keeping the rest."""
+    from genfw.inpaint import inpaint_file
+
+    path = inpaint_file(model, image, mask, n=n, label=label, seed=seed, device=device, temperature=temperature,
+                        steps=steps, out_dir=out_dir, loader=_load_models)
+    out.print(f"[green]✓[/green] {n} completions -> {path}")
+
+
+@command
+def export(
+    run_dir: Annotated[str, typer.Argument(help="A finished run directory")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Bundle file to write")],
+) -> None:
+    """Write one self-describing bundle (tokenizer, priors, sampler defaults, label names)."""
+    from genfw import checkpoint
+    from genfw.pipeline import load_run_models
+
+    tokenizer, priors, extra = load_run_models(run_dir)
+    modules = {"tokenizer": tokenizer, **{f"prior.{i}": p for i, p in enumerate(priors)}}
+    keep = {k: extra[k] for k in ("sampler", "class_names", "recipe") if k in extra}
+    checkpoint.save(output, modules, extra=keep)
+    out.print(f"[green]✓[/green] bundle -> {output} ({os.path.getsize(output) / 1e6:.1f} MB)"
+              if os.path.exists(output) else f"[green]✓[/green] bundle -> {output}")
+
+
+@command
+def convert(
+    source_format: Annotated[str, typer.Argument(metavar="FORMAT", help="Converter name, e.g. taming")],
+    source: Annotated[str, typer.Argument(help="Checkpoint to convert (your own file)")],
+    output: Annotated[str, typer.Option("-o", "--output", help="genfw .safetensors to write")],
+) -> None:
+    """Convert a foreign checkpoint (e.g. taming-transformers VQ-GAN) into a genfw model file."""
+    from genfw.registry import get_registry
+
+    converter = get_registry().load("converter", source_format)
+    converter(source, output)
+    out.print(f"[green]✓[/green] {source} -> {output}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        sys.exit(130)
+
+
+__all__ = ["app", "main", "Path"]

@@ -1,0 +1,145 @@
+"""Generating and inpainting images with a tokenizer and its priors (one per level, top-down).
+
+Shared by the pipeline's sample stage, ``genfw sample`` and ``genfw inpaint``. Sampling runs
+under ``torch.inference_mode`` with bf16/fp16 autocast on CUDA, in chunks of ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from genfw.errors import ConfigError
+from genfw.interfaces import Prior, Tokenizer
+from genfw.train import autocast_context
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; a clear error for unavailable devices."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available: use --device cpu")
+    return device
+
+
+def sample_labels(n: int, num_classes: int, labels: list[int] | None) -> torch.Tensor | None:
+    """Labels for ``n`` samples: the given list cycled, or round-robin over the classes."""
+    if num_classes <= 0:
+        if labels:
+            raise ConfigError("labels were given but the model is unconditional")
+        return None
+    if labels:
+        bad = [lab for lab in labels if not 0 <= lab < num_classes]
+        if bad:
+            raise ConfigError(f"labels {bad} out of range: the model has classes 0..{num_classes - 1}")
+        seq = labels
+    else:
+        seq = list(range(num_classes))
+    return torch.tensor([seq[i % len(seq)] for i in range(n)], dtype=torch.long)
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # [n, C, H, W] in [-1, 1], CPU float32
+    codes: list[torch.Tensor]  # per level, CPU int64
+    labels: torch.Tensor | None
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images.shape[0] / max(self.seconds, 1e-9)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    tokenizer: Tokenizer,
+    priors: list[Prior],
+    n: int,
+    *,
+    labels: torch.Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    sampler: list[Any] | Any | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "bf16",
+    grid: tuple[int, int] | None = None,
+    init_codes: list[torch.Tensor] | None = None,
+    masks: list[torch.Tensor] | None = None,
+) -> SampleResult:
+    """Sample ``n`` images top-down through the levels, in chunks of ``batch_size``.
+
+    ``sampler`` is one SamplerParams (or dict) for all levels or a list, one per level.
+    ``init_codes``/``masks`` (per level, [n, h, w]) inpaint: only masked positions change.
+    ``grid`` asks for a code grid larger than the training one (single-level models only).
+    Chunk ``k`` uses a generator seeded with ``seed + k``, so results depend on seed and
+    batch size only.
+    """
+    device = torch.device(device)
+    if len(priors) != len(tokenizer.levels):
+        raise ConfigError(f"{len(priors)} priors for a tokenizer with {len(tokenizer.levels)} levels")
+    if grid is not None and len(priors) > 1:
+        raise ConfigError("--size (larger-than-training grids) works with single-level tokenizers only")
+    samplers = sampler if isinstance(sampler, list) else [sampler] * len(priors)
+    samplers = [p.sampler_params(s) for p, s in zip(priors, samplers)]
+    tokenizer.to(device).eval()
+    for p in priors:
+        p.to(device).eval()
+    all_codes: list[list[torch.Tensor]] = [[] for _ in priors]
+    images = []
+    evaluations = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    for k, start in enumerate(range(0, n, batch_size)):
+        m = min(batch_size, n - start)
+        g = torch.Generator(device=device).manual_seed(seed + k)
+        chunk_labels = labels[start : start + m].to(device) if labels is not None else None
+        codes: list[torch.Tensor] = []
+        with autocast_context(device, precision):
+            for level, (prior, sp) in enumerate(zip(priors, samplers)):
+                init = init_codes[level][start : start + m].to(device) if init_codes is not None else None
+                mask = masks[level][start : start + m].to(device) if masks is not None else None
+                c = prior.sample(m, labels=chunk_labels, context=codes[:level] or None, init=init, mask=mask,
+                                 generator=g, params=sp, grid=grid)
+                evaluations += int(getattr(prior, "last_sample_stats", {}).get("backbone_evaluations", 0))
+                codes.append(c)
+            out = tokenizer.decode(codes)
+        images.append(out.float().clamp(-1, 1).cpu())
+        for level, c in enumerate(codes):
+            all_codes[level].append(c.cpu())
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    stats = {"backbone_evaluations": evaluations} if evaluations else {}
+    return SampleResult(torch.cat(images), [torch.cat(c) for c in all_codes], labels, seconds, stats)
+
+
+def latent_masks(tokenizer: Tokenizer, pixel_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Pixel mask [B, H, W] (True = regenerate) -> one latent mask per level.
+
+    Megapixel-SUNDAE section 3.6: a latent position is regenerated when any pixel of its f x f
+    patch is masked, i.e. it is known only when all of its pixels are known.
+    """
+    b, h, w = pixel_mask.shape
+    out = []
+    for level, (gh, gw) in zip(tokenizer.levels, tokenizer.grid_shapes(h, w)):
+        f = level.factor
+        if h % f or w % f:
+            raise ConfigError(f"mask size {h}x{w} is not divisible by the tokenizer's factor {f}")
+        pooled = F.max_pool2d(pixel_mask.float()[:, None], kernel_size=f, stride=f)[:, 0] > 0
+        if gw != pooled.shape[-1]:  # e.g. `pixels` lays channel planes side by side
+            if gw % pooled.shape[-1]:
+                raise ConfigError(f"cannot map a {h}x{w} mask onto a {gh}x{gw} code grid")
+            pooled = pooled.repeat(1, 1, gw // pooled.shape[-1])
+        out.append(pooled)
+    return out
