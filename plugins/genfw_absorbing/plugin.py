@@ -1,8 +1,9 @@
-"""Registration of genfw_absorbing components."""
+"""Registration of genfw_absorbing components (cheap to import: classes are named, not imported)."""
 
 from genfw import hookimpl
 
 
 @hookimpl
 def genfw_register(registry):
-    pass
+    registry.register("prior", "absorbing", "genfw_absorbing.absorbing:Absorbing",
+                      description="Absorbing-state discrete diffusion (Unleashing Transformers)")

@@ -1,8 +1,9 @@
-"""Registration of genfw_sundae components."""
+"""Registration of genfw_sundae components (cheap to import: classes are named, not imported)."""
 
 from genfw import hookimpl
 
 
 @hookimpl
 def genfw_register(registry):
-    pass
+    registry.register("prior", "sundae", "genfw_sundae.sundae:Sundae",
+                      description="SUNDAE: step-unrolled denoising with self-stopping parallel sampling")

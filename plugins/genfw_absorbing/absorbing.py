@@ -1,0 +1,211 @@
+"""Absorbing-state discrete diffusion prior over one level's code grid.
+
+Bond-Taylor et al., *Unleashing Transformers* (papers/002): section 3.1 (absorbing diffusion:
+tokens are masked with probability t/T, the network predicts x0 from x_t, the ELBO of eq. 6,
+sampling with step skipping), 3.2 (the reweighted ELBO of eq. 7) and 3.3 (samples larger than
+the training grid by averaging the probabilities of every training-size window, eq. 8).
+Details the paper leaves open follow the authors' code (REFERENCE.md): mask id = codebook size,
+T = 256, the network is not told t, the loss normalisations below.
+
+Differences from the reference code, on purpose: the sampler reveals a scheduled *number* of
+positions per step (random order per sample) instead of revealing each with probability 1/t,
+so a run has exactly ``steps`` forwards; inpainting works for any mask; the larger-than-training
+sampler is parallel (all windows in one batch, same number of steps), not one token per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from pydantic import Field
+
+from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
+from genfw.nn.sampling import Windows, categorical, rand, randint, tempered
+from genfw.registry import build_backbone
+
+
+class Absorbing(Prior):
+    """Masked-token diffusion: train to predict masked codes, sample by progressive unmasking."""
+
+    nll_kind = "upper_bound"
+
+    class Params(Params):
+        timesteps: int = Field(256, ge=1, description="T: diffusion steps; at time t each token is masked w.p. t/T")
+        masking: Literal["random", "fixed"] = Field("random", description=(
+            "'random': each token masked independently with probability t/T; "
+            "'fixed': exactly round(t/T * N) tokens masked"))
+        loss_type: Literal["elbo", "reweighted_elbo", "mlm"] = Field("reweighted_elbo", description=(
+            "'elbo' (eq. 6), 'reweighted_elbo' (eq. 7, weight 1 - t/T as in the authors' code; "
+            "the paper writes (T - t + 1)/T) or 'mlm' (mean cross-entropy of masked tokens)"))
+        nll_timesteps: int | None = Field(None, ge=1, description=(
+            "timesteps used by nll(): None = all T (the authors' evaluation), k < T = k evenly "
+            "spaced strata, each weighted T/k (cheaper, still unbiased for the ELBO)"))
+
+    class SamplerParams(Params):
+        steps: int = Field(256, ge=1, description=(
+            "S <= T denoising steps; S < T skips steps by revealing more tokens per step (Table 3)"))
+        temperature: float = Field(1.0, gt=0, description="tau applied to the x0 distribution (FID runs: 0.9)")
+        window_stride: int = Field(1, ge=1, description=(
+            "stride of the training-size windows when sampling a larger grid (eq. 8; the authors "
+            "use 1, i.e. every window)"))
+
+    def __init__(self, params: Params | dict | None = None, *, codebook_size: int, grid: list[int],
+                 num_classes: int = 0, context: list[list[int]] | None = None,
+                 backbone: dict[str, Any]) -> None:
+        if hasattr(backbone, "model_dump"):
+            backbone = backbone.model_dump()
+        context = [list(c) for c in (context or [])]
+        super().__init__(params, codebook_size=codebook_size, grid=list(grid), num_classes=num_classes,
+                         context=context, backbone=dict(backbone))
+        self.mask_id = codebook_size  # the absorbing state: one extra input token, never an output
+        self.backbone = build_backbone(backbone, vocab_size=codebook_size + 1, out_size=codebook_size,
+                                       grid=list(grid), num_classes=num_classes, context=context)
+        self.last_sample_stats: dict[str, int] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _mask(self, t: torch.Tensor, shape: tuple[int, ...], masking: str,
+              generator: torch.Generator | None) -> torch.Tensor:
+        """Which tokens are absorbed at times ``t [B]``: boolean [B, h, w]."""
+        b, n = shape[0], math.prod(shape[1:])
+        u = rand((b, n), generator, t.device)
+        ratio = (t.float() / self.params.timesteps)[:, None]
+        if masking == "random":
+            masked = u < ratio
+        else:  # exactly round(t/T * N) tokens: the smallest u's are masked
+            count = (ratio * n).round()
+            masked = u.argsort(1).argsort(1) < count
+        return masked.view(shape)
+
+    def _masked_ce(self, codes: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor | None,
+                   context: list[torch.Tensor] | None) -> torch.Tensor:
+        """Cross-entropy (nats) summed over the masked tokens, per sample [B]."""
+        x_t = torch.where(masked, torch.full_like(codes, self.mask_id), codes)
+        logits = self.backbone(x_t, labels=labels, context=context).float()
+        ce = F.cross_entropy(rearrange(logits, "b h w k -> b k h w"), codes, reduction="none")
+        return (ce * masked).flatten(1).sum(1)
+
+    def _probs(self, x: torch.Tensor, labels: torch.Tensor | None, context: list[torch.Tensor] | None,
+               temperature: float, windows: Windows | None) -> torch.Tensor:
+        """x0 distribution [B, H, W, K] at ``temperature`` (window-averaged on big grids)."""
+        if windows is None:
+            self._rows += x.shape[0]
+            logits = self.backbone(x, labels=labels, context=context).float()
+            return torch.softmax(logits / temperature, dim=-1)
+        n = windows.count
+        labels = labels.repeat_interleave(n) if labels is not None else None
+        context = [windows.split_coarse(c) for c in context] if context else None
+        xw = windows.split(x)
+        self._rows += xw.shape[0]
+        probs = torch.softmax(self.backbone(xw, labels=labels, context=context).float(), dim=-1)
+        # eq. 8: average the windows' probabilities at each position, then apply temperature.
+        return tempered(windows.merge(probs), temperature)
+
+    def _target_grid(self, grid: Any, init: torch.Tensor | None) -> tuple[int, int]:
+        target = tuple(init.shape[1:]) if init is not None else tuple(grid) if grid is not None else self.grid
+        if len(target) != 2 or target[0] < self.grid[0] or target[1] < self.grid[1]:
+            raise ValueError(f"cannot sample a {target} grid with a prior trained on {self.grid}: "
+                             f"grids must be at least the training grid")
+        return int(target[0]), int(target[1])
+
+    # -- the Prior interface -----------------------------------------------------------------
+
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
+             context: list[torch.Tensor] | None = None) -> StepOutput:
+        """Mask at a random t ~ U{1..T}, predict x0 at the masked tokens (eq. 6 / eq. 7 / MLM)."""
+        b, n, T = codes.shape[0], codes[0].numel(), self.params.timesteps
+        t = randint(T, (b,), None, codes.device) + 1
+        masked = self._mask(t, tuple(codes.shape), self.params.masking, None)
+        ce = self._masked_ce(codes, masked, labels, context)  # b, nats summed over masked tokens
+        # Normalisations of the authors' code: bits per token over all N tokens; p(t) = 1/T.
+        elbo = ce * T / t / (math.log(2) * n)
+        if self.params.loss_type == "elbo":
+            loss = elbo.mean()
+        elif self.params.loss_type == "reweighted_elbo":
+            loss = ((1 - t / T) * ce / (math.log(2) * n)).mean()
+        else:
+            loss = (ce / masked.flatten(1).sum(1).clamp_min(1)).mean()
+        count = masked.sum().clamp_min(1)
+        logs = {"elbo_bits_per_token": float(elbo.detach().mean()),
+                "masked_bits_per_token": float(ce.detach().sum() / count) / math.log(2),
+                "masked_fraction": float(masked.float().mean())}
+        return StepOutput(losses={"main": loss}, logs=logs)
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: torch.Tensor | None = None, context: list[torch.Tensor] | None = None,
+               init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, params: Params | None = None,
+               grid: tuple[int, int] | None = None, **overrides: Any) -> torch.Tensor:
+        """Unmask ``n`` grids in ``steps`` steps from all-masked (or inpaint ``init`` where ``mask``).
+
+        The schedule keeps round(N * (S - s) / S) positions masked after step s. An inpainting
+        sample with M masked positions joins at the step whose count first drops below M, so it
+        takes proportionally fewer steps; steps where no sample reveals anything are skipped.
+        """
+        sp = self.sampler_params(params, **overrides)
+        if sp.steps > self.params.timesteps:
+            raise ValueError(f"steps ({sp.steps}) cannot exceed the prior's timesteps T = {self.params.timesteps}")
+        device = self._device()
+        target = self._target_grid(grid, init)
+        windows = None if target == self.grid else Windows(target, self.grid, (sp.window_stride,) * 2)
+        labels = labels.to(device).long() if labels is not None else None
+        context = [c.to(device) for c in context] if context else None
+
+        x = torch.full((n, *target), self.mask_id, dtype=torch.long, device=device)
+        if init is not None:
+            mask = torch.ones_like(init, dtype=torch.bool) if mask is None else mask.to(device).bool()
+            x = torch.where(mask, x, init.to(device))
+        masked = rearrange(x == self.mask_id, "b h w -> b (h w)")
+        total, steps = masked.shape[1], sp.steps
+        count = masked.sum(1)  # M per sample
+        # Random reveal order per sample: rank 0 is revealed first; unmasked positions rank last.
+        keys = rand(tuple(masked.shape), generator, device).masked_fill(~masked, 2.0)
+        rank = keys.argsort(1).argsort(1)
+        schedule = [round(total * (steps - s) / steps) for s in range(steps + 1)]  # still masked
+
+        self._rows, forwards = 0, 0
+        for s in range(1, steps + 1):
+            before = count - torch.clamp(count, max=schedule[s - 1])  # revealed before this step
+            after = count - torch.clamp(count, max=schedule[s])
+            reveal = (rank >= before[:, None]) & (rank < after[:, None])  # b (h w)
+            active = reveal.any(1).nonzero().squeeze(1)
+            if len(active) == 0:
+                continue
+            probs = self._probs(x[active], labels[active] if labels is not None else None,
+                                [c[active] for c in context] if context else None, sp.temperature, windows)
+            chosen = reveal[active]
+            drawn = categorical(rearrange(probs, "b h w k -> b (h w) k")[chosen], generator)
+            flat = rearrange(x[active], "b h w -> b (h w)")
+            flat[chosen] = drawn
+            x[active] = flat.view(-1, *target)
+            forwards += 1
+        self.last_sample_stats = {"steps": forwards, "backbone_rows": self._rows,
+                                  "windows": windows.count if windows else 1}
+        return x
+
+    @torch.no_grad()
+    def nll(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
+            context: list[torch.Tensor] | None = None, generator: torch.Generator | None = None) -> NLLOutput:
+        """Monte-Carlo ELBO (eq. 6) in bits per token: an upper bound on the NLL.
+
+        One random masking per timestep t (independent masking w.p. t/T: the forward process
+        the ELBO is defined on, whatever ``masking`` trained the model); all T timesteps, or
+        ``nll_timesteps`` strata midpoints each weighted T/k.
+        """
+        T, n = self.params.timesteps, codes[0].numel()
+        k = min(self.params.nll_timesteps or T, T)
+        times = [math.floor((j + 0.5) * T / k) + 1 for j in range(k)]
+        total = torch.zeros(codes.shape[0], device=codes.device)
+        for t in times:
+            tt = torch.full((codes.shape[0],), t, device=codes.device)
+            masked = self._mask(tt, tuple(codes.shape), "random", generator)
+            total += self._masked_ce(codes, masked, labels, context) / t
+        bits = total * (T / k) / (math.log(2) * n)
+        return NLLOutput(bits_per_token=bits, kind="upper_bound")
