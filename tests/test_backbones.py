@@ -127,3 +127,134 @@ def test_rotary_axes_and_cache():
     q = torch.randn(1, 1, 25, 8, requires_grad=True)
     apply_rotary(q, made_in_inference).sum().backward()  # usable by autograd later
     assert q.grad is not None
+
+
+# --- hourglass --------------------------------------------------------------------------------
+
+HG = {"dim": 32, "depth": [1, 1, 1], "heads": 2, "head_dim": 8}
+
+
+@pytest.mark.parametrize("params, grid", [
+    (HG, (4, 4)),
+    (HG, (7, 5)),  # padded to 8x6, valley 4x3
+    ({**HG, "resampling": "1d"}, (7, 5)),  # width padded to 8, valley 7x2
+    ({**HG, "depth": [1, 1, 1, 1, 1], "shorten_factors": [4, 4]}, (7, 5)),  # 8x6 -> 4x3 -> 2x2
+    ({**HG, "depth": [0, 1, 2, 1, 0], "shorten_factors": [9, 4], "attention_resampling": False}, (6, 6)),
+])
+def test_hourglass_conformance(params, grid):
+    check_backbone("hourglass", params, grid=grid)
+    check_backbone("hourglass", params, grid=grid, context=[[5, 2, 2], [7, 3, 5]])
+
+
+def test_hourglass_is_bidirectional_and_refuses_causal():
+    bb = _build("hourglass", HG, grid=(4, 6)).eval()
+    tokens = torch.randint(0, 11, (1, 4, 6))
+    changed = tokens.clone()
+    changed[0, -1, -1] = (changed[0, -1, -1] + 1) % 11
+    with torch.no_grad():
+        a, b = bb(tokens), bb(changed)
+    assert not torch.allclose(a[0, 0, 0], b[0, 0, 0])  # the first position sees the last token
+    assert not bb.supports_causal and "transformer" in bb.causal_unsupported_reason
+    with pytest.raises(ValueError, match="cannot be causal"):
+        bb(tokens, causal=True)
+
+
+def test_autoregressive_prior_on_hourglass_is_a_validation_error(registry):
+    from genfw.config import validate_recipe
+    from genfw.errors import ConfigError
+    from genfw.hookspecs import hookimpl
+    from genfw.interfaces import Prior
+
+    class CausalPrior(Prior):
+        needs_causal = True
+
+    class _Plugin:
+        @hookimpl
+        def genfw_register(self, registry):
+            registry.register("prior", "_test_causal_prior", CausalPrior)
+
+    registry.add_plugin(_Plugin(), name="_test_causal_prior")
+    try:
+        recipe = {"name": "t", "data": {"name": "synthetic"}, "tokenizer": {"name": "pixels"},
+                  "prior": {"name": "_test_causal_prior", "backbone": {"name": "hourglass", "params": HG}}}
+        with pytest.raises(ConfigError, match="cannot be causal.*no causal masking.*transformer"):
+            validate_recipe(recipe, registry, num_levels=1)
+    finally:
+        registry.remove_plugin("_test_causal_prior")
+
+
+def _influence(fn, x: torch.Tensor) -> torch.Tensor:
+    """bool [out_h, out_w, in_h, in_w]: which input positions change each output position."""
+    out = fn(x)
+    result = torch.zeros(*out.shape[1:3], *x.shape[1:3], dtype=torch.bool)
+    for i in range(out.shape[1]):
+        for j in range(out.shape[2]):
+            (g,) = torch.autograd.grad(out[0, i, j].sum(), x, retain_graph=True)
+            result[i, j] = g[0].abs().sum(-1) > 0
+    return result
+
+
+@pytest.mark.parametrize("attention_resampling", [True, False])
+def test_2d_resampling_maps_a_patch_to_one_valley_token(attention_resampling):
+    level = _build("hourglass", {**HG, "attention_resampling": attention_resampling}).body
+    x = torch.randn(1, 4, 4, 32, requires_grad=True)
+    down = _influence(level.shorten, x)
+    assert down.shape == (2, 2, 4, 4)
+    expected = torch.zeros(2, 2, 4, 4, dtype=torch.bool)
+    expected[0, 0, :2, :2] = expected[0, 1, :2, 2:] = expected[1, 0, 2:, :2] = expected[1, 1, 2:, 2:] = True
+    assert torch.equal(down, expected), "a valley token must summarise exactly its 2x2 patch"
+    valley = torch.randn(1, 2, 2, 32, requires_grad=True)
+    up = _influence(lambda v: level.lengthen(v, torch.zeros(1, 4, 4, 32)), valley)
+    assert torch.equal(up, expected.permute(2, 3, 0, 1)), "each token must be lengthened from its own valley token"
+
+
+def test_1d_resampling_maps_consecutive_raster_tokens():
+    level = _build("hourglass", {**HG, "resampling": "1d"}, grid=(2, 8)).body
+    x = torch.randn(1, 2, 8, 32, requires_grad=True)
+    down = _influence(level.shorten, x)
+    assert down.shape == (2, 2, 2, 8)
+    for i in range(2):
+        for j in range(2):
+            sources = down[i, j].flatten().nonzero().flatten().tolist()
+            start = i * 8 + j * 4
+            assert sources == list(range(start, start + 4)), f"valley token {(i, j)} reads {sources}"
+
+
+def test_hourglass_rotary_per_level_grid():
+    bb = _build("hourglass", {**HG, "depth": [1, 1, 1, 1, 1], "shorten_factors": [4, 4]}, grid=(7, 5))
+    bb(torch.zeros(1, 7, 5, dtype=torch.long))
+    grids = {key[:2] for key in bb.rotary._cache}
+    assert grids == {(7, 5), (4, 3), (2, 2)}
+
+
+def test_hourglass_params_validation():
+    from genfw.config import validate_params
+    from genfw.errors import ConfigError
+
+    cls = _build("hourglass", HG).Params
+    with pytest.raises(ConfigError, match="2 \\* len\\(shorten_factors\\) \\+ 1"):
+        validate_params(cls, {"depth": [1, 1, 1], "shorten_factors": [4, 4]}, "params")
+    with pytest.raises(ConfigError, match="square"):
+        validate_params(cls, {"shorten_factors": [2]}, "params")
+    validate_params(cls, {"shorten_factors": [2], "resampling": "1d"}, "params")
+
+
+# paper configurations (megapixel-SUNDAE Table 3; Unleashing Transformers): vocab, grid, classes, params
+PAPER = {
+    "ffhq256": ("hourglass", {"depth": [3, 16, 3]}, 1024, (16, 16), 0),
+    "ffhq1024": ("hourglass", {"depth": [2, 12, 2]}, 8192, (32, 32), 0),
+    "celeba": ("hourglass", {"depth": [2, 12, 2]}, 1024, (16, 16), 0),
+    "mnist": ("hourglass", {"depth": [2, 8, 2]}, 256, (28, 28), 10),
+    "imagenet": ("hourglass", {"depth": [3, 14, 3], "heads": 12}, 1024, (16, 16), 1000),
+    "unleashing": ("transformer", {}, 1024, (16, 16), 0),
+}
+
+
+@pytest.mark.parametrize("config", sorted(PAPER))
+def test_paper_configurations_build(config):
+    name, params, codes, grid, classes = PAPER[config]
+    vocab = codes + 1 if name == "transformer" else codes  # absorbing diffusion's mask token
+    with torch.device("meta"):
+        bb = _build(name, params, grid=grid, vocab_size=vocab, out_size=codes, num_classes=classes)
+        out = bb(torch.zeros(2, *grid, dtype=torch.long, device="meta"))
+    assert out.shape == (2, *grid, codes)
