@@ -108,6 +108,10 @@ def check_tokenizer(component: str | type, params: dict[str, Any] | None = None,
                 if loss.requires_grad:
                     torch.autograd.backward(loss, inputs=groups[group], retain_graph=True)
             tok.eval()
+            # A training forward may update state (EMA codebooks, k-means init, code restarts):
+            # the round-trip compares against the model as it is now.
+            with torch.no_grad():
+                codes = tok.encode(images)
         loaded = _roundtrip(tok)
         with torch.no_grad():
             again = loaded.encode(images)

@@ -7,3 +7,11 @@ from genfw import hookimpl
 def genfw_register(registry):
     registry.register("tokenizer", "pixels", "genfw_vq.pixels:Pixels",
                       description="Each pixel value quantised to v levels is its code (no training)")
+    registry.register("tokenizer", "vqvae", "genfw_vq.vqvae:VQVAE",
+                      description="VQ-VAE: residual conv encoder/decoder, one code grid (EMA codebook)")
+    registry.register("tokenizer", "vqvae2", "genfw_vq.vqvae2:VQVAE2",
+                      description="Hierarchical VQ-VAE-2 with 2 or 3 levels (Razavi et al. 2019)")
+    registry.register("tokenizer", "vqgan", "genfw_vq.vqgan:VQGAN",
+                      description="VQ-GAN (taming-transformers names) with LPIPS, PatchGAN, DiffAugment")
+    registry.register("converter", "taming", "genfw_vq.convert:convert_taming",
+                      description="Convert a taming-transformers VQ-GAN .ckpt into a genfw vqgan checkpoint")

@@ -1,0 +1,63 @@
+"""What the VQ tokenizers share: construction arguments, image-size checks and codebook logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from genfw.errors import ConfigError
+from genfw.interfaces import Tokenizer
+from genfw.nn.quantizer import QuantizerOutput, VectorQuantizer
+
+
+def as_pair(resolution: Any) -> tuple[int, int]:
+    """``int`` or ``[H, W]`` -> (H, W)."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    h, w = resolution
+    return int(h), int(w)
+
+
+class VQTokenizer(Tokenizer):
+    """Base of the VQ tokenizers: stores ``channels``/``resolution`` and reports codebook health.
+
+    Subclasses keep their quantizers, coarsest level first, in ``self.quantizers()``.
+    """
+
+    def __init__(self, params=None, *, channels: int = 3, resolution: Any = (256, 256)) -> None:
+        h, w = as_pair(resolution)
+        super().__init__(params, channels=channels, resolution=[h, w])
+        if channels < 1:
+            raise ConfigError(f"{type(self).__name__}: channels must be >= 1, got {channels}")
+        self.channels, self.resolution = channels, (h, w)
+
+    def check_resolution(self, factor: int) -> None:
+        h, w = self.resolution
+        if h % factor or w % factor:
+            raise ConfigError(
+                f"{type(self).__name__}: image size {h}x{w} is not divisible by the total "
+                f"downsampling factor {factor}"
+            )
+
+    def quantizers(self) -> list[VectorQuantizer]:
+        raise NotImplementedError
+
+    @staticmethod
+    def quantizer_logs(outputs: list[QuantizerOutput]) -> dict[str, float]:
+        """Per-level codebook statistics of one training step, coarsest level first."""
+        logs: dict[str, float] = {}
+        for i, q in enumerate(outputs):
+            logs[f"level{i}/vq_loss"] = float(q.loss.detach())
+            for k, v in q.stats.items():
+                logs[f"level{i}/{k}"] = float(v)
+        return logs
+
+    @torch.no_grad()
+    def codebook_stats(self, codes: list[torch.Tensor]) -> dict[str, float]:
+        """Perplexity and usage over ``codes``, plus dead codes tracked during training."""
+        out = super().codebook_stats(codes)
+        for i, q in enumerate(self.quantizers()):
+            for k, v in q.health().items():
+                out[f"level{i}/{k}"] = v
+        return out
