@@ -170,6 +170,26 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 @command
+def eval(  # noqa: A001 - the command is called eval
+    run_dir: Annotated[str, typer.Argument(help="A run directory (made by genfw run)")],
+    set_: Sets = None,
+    device: Device = "auto",
+) -> None:
+    """(Re)compute a run's metrics: fidelity, class accuracy, reconstruction, NLL, speed."""
+    from genfw.config import apply_overrides, load_yaml, validate_recipe
+    from genfw.pipeline import Run
+
+    recipe_file = os.path.join(run_dir, "recipe.yaml")
+    if not os.path.exists(recipe_file):
+        raise GenfwError(f"{run_dir} is not a genfw run directory (no recipe.yaml)")
+    resolved = validate_recipe(apply_overrides(load_yaml(recipe_file), set_))
+    pipeline = Run(resolved, output_dir=run_dir, device=None if device == "auto" else device)
+    metrics = pipeline.run(["sample", "evaluate", "report"])
+    _print_metrics(metrics)
+    out.print(f"[green]✓[/green] metrics -> {pipeline.path('metrics.json')}")
+
+
+@command
 def inspect(path: Annotated[str, typer.Argument(help="A genfw .safetensors file (path or URL)")],
             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Print a checkpoint's metadata, parameter counts per component and a tensor summary."""

@@ -262,7 +262,9 @@ class Prior(Component, abc.ABC):
         else:
             base = dict(params)
         base.update({k: v for k, v in overrides.items() if v is not None})
-        return self.SamplerParams.model_validate(base)
+        from genfw.config import validate_params  # late: config imports the registry
+
+        return validate_params(self.SamplerParams, base, "sampler params")
 
     @property
     def codebook_size(self) -> int:

@@ -1,0 +1,128 @@
+"""The evaluate stage: every metric of a run, written to ``metrics.json``.
+
+* ``reconstruction`` — tokenizer MSE/PSNR and codebook usage on held-out images;
+* ``nll`` — each prior's held-out NLL in bits per token (exact or an upper bound, as labelled);
+* ``fidelity`` — FID, KID, precision/recall, density/coverage of the samples against real
+  images, with the classifier feature extractor (trained here on the recipe's labelled data)
+  or Inception from local weights; plus ``class_accuracy``, the fraction of class-conditional
+  samples the classifier assigns to the class they were asked for;
+* speed — sampling seconds per image, from the sample stage.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from genfw import io, metrics
+from genfw.data import AsTorchDataset, LatentDataset
+from genfw.progress import console
+from genfw.sampling import generate, sample_labels
+
+if TYPE_CHECKING:
+    from genfw.pipeline import Run
+
+
+def _stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[i] for i in indices]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+def _subset(indices: list[int], n: int, seed: int) -> list[int]:
+    if len(indices) <= n:
+        return list(indices)
+    g = torch.Generator().manual_seed(seed)
+    return sorted(indices[i] for i in torch.randperm(len(indices), generator=g)[:n].tolist())
+
+
+def evaluate_run(run: Run, tokenizer, priors) -> dict[str, Any]:
+    """Compute the recipe's ``evaluate.metrics`` for a run; returns a flat dict."""
+    spec = run.recipe.evaluate
+    device = run.device
+    out: dict[str, Any] = {}
+    train_idx, hold_idx = run._split()
+    hold_idx = hold_idx or train_idx[: spec.n_samples]
+
+    if "reconstruction" in spec.metrics:
+        loader = torch.utils.data.DataLoader(AsTorchDataset(run.dataset, hold_idx), batch_size=spec.batch_size)
+        for k, v in metrics.reconstruction(tokenizer, loader, device=device).items():
+            out[f"tokenizer/{k}"] = v
+
+    if "nll" in spec.metrics:
+        latents = LatentDataset(run.path("latents", "holdout")) if hold_idx else None
+        if latents is not None and len(latents):
+            loader = torch.utils.data.DataLoader(latents, batch_size=spec.batch_size)
+            for level, prior in enumerate(priors):
+                batches = ({"codes": codes[level], "labels": labels if prior.num_classes else None,
+                            "context": list(codes[:level]) or None} for codes, labels in loader)
+                g = torch.Generator(device=device).manual_seed(run.recipe.seed)
+                result = metrics.prior_nll(prior, batches, generator=g, device=device)
+                out |= {f"prior{level}/{k}": v for k, v in result.items()}
+
+    if "fidelity" in spec.metrics:
+        out |= _fidelity(run, tokenizer, priors, train_idx, hold_idx)
+
+    try:
+        timing = io.read_json(run.path("samples", "timing.json"))
+        out["sample/seconds_per_image"] = timing["seconds"] / max(1, timing["n"])
+        out["sample/images_per_second"] = timing["images_per_second"]
+        out["sample/device"] = timing.get("device", "")
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[int]) -> dict[str, Any]:
+    spec = run.recipe.evaluate
+    device = run.device
+    dataset = run.dataset
+    n = spec.n_samples
+    labelled = dataset.num_classes > 0
+    extractor = metrics.choose_extractor(spec.feature_extractor, has_labels=labelled,
+                                         resolution=tuple(dataset.resolution),
+                                         inception_weights_path=spec.inception_weights)
+    # Samples: the sample stage's codes, topped up with fresh samples when n_samples asks for more.
+    tensors, _ = _read_sample_codes(run)
+    codes = [tensors[f"codes.{i}"].long() for i in range(len(priors))]
+    sample_labels_ = tensors.get("labels")
+    with torch.inference_mode():
+        images = torch.cat([tokenizer.decode([c[i : i + spec.batch_size].to(device) for c in codes]).float().cpu()
+                            for i in range(0, codes[0].shape[0], spec.batch_size)])
+    if images.shape[0] < n:
+        extra_n = n - images.shape[0]
+        labels = sample_labels(extra_n, run.num_classes, run.recipe.sample.labels)
+        more = generate(tokenizer, priors, extra_n, labels=labels, seed=run.sample_seed() + 10_000,
+                        batch_size=run.recipe.sample.batch_size, sampler=run.resolved.sampler_params, device=device)
+        images = torch.cat([images, more.images])
+        if sample_labels_ is not None and labels is not None:
+            sample_labels_ = torch.cat([sample_labels_, labels])
+    images = images[:n]
+    sample_labels_ = sample_labels_[:n] if sample_labels_ is not None else None
+
+    reference_idx = _subset(hold_idx + train_idx, n, run.recipe.seed)
+    reference, _ = _stack(dataset, reference_idx)
+    out: dict[str, Any] = {}
+    if extractor == "classifier":
+        pool = _subset(train_idx, 20_000, run.recipe.seed + 1)
+        x, y = _stack(dataset, pool)
+        console.print(f"[dim]training the classifier feature extractor on {len(pool)} images[/dim]")
+        classifier = metrics.train_classifier(x, y, dataset.num_classes, steps=spec.classifier_steps,
+                                              seed=run.recipe.seed, device=device)
+        metrics.save_classifier(classifier, run.path("evaluate", "classifier.safetensors"))
+        if hold_idx:
+            hx, hy = _stack(dataset, hold_idx)
+            out["classifier/heldout_accuracy"] = metrics.classifier_accuracy(classifier, hx, hy)
+        if sample_labels_ is not None:
+            out["class_accuracy"] = metrics.classifier_accuracy(classifier, images, sample_labels_)
+        extractor = classifier
+    result = metrics.fidelity(images, reference, extractor, batch_size=spec.batch_size, device=device,
+                              inception_weights_path=spec.inception_weights)
+    out |= {f"fidelity/{k}": v for k, v in result.items()}
+    return out
+
+
+def _read_sample_codes(run: Run):
+    from genfw import checkpoint
+
+    return checkpoint.read(run.path("samples", "codes.safetensors"))
