@@ -190,6 +190,27 @@ def eval(  # noqa: A001 - the command is called eval
 
 
 @command
+def ablate(
+    grid: Annotated[str, typer.Argument(help="Ablation YAML: a base recipe plus variants and/or a grid of overrides")],
+    set_: Sets = None,
+    device: Device = "auto",
+) -> None:
+    """Run every combination of a grid (sharing common stages) and write a comparison table and plots."""
+    from genfw.ablate import run_ablation
+
+    results = run_ablation(grid, set_, device=None if device == "auto" else device)
+    table = Table(title="ablation")
+    keys = ["fidelity/fid", "class_accuracy", "prior0/nll_bits_per_token", "sample/seconds_per_image"]
+    table.add_column("combination")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, r in results.items():
+        m = r["metrics"]
+        table.add_row(name, *[f"{m[k]:.4g}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys])
+    out.print(table)
+
+
+@command
 def inspect(path: Annotated[str, typer.Argument(help="A genfw .safetensors file (path or URL)")],
             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Print a checkpoint's metadata, parameter counts per component and a tensor summary."""
