@@ -117,11 +117,17 @@ def test_rotary_axes_and_cache():
     rot = AxialRotary(8)
     t = rot(3, 4, "cpu", torch.float32)
     assert rot(3, 4, "cpu", torch.float32) is t  # cached, not recomputed
-    cos = t.cos.view(3, 4, 8)
-    # features 0 (and 4) turn with the row, 2 (and 6) with the column
+    cos = t.cos.view(3, 4, 4)  # one angle per feature pair
+    # pairs 0-1 turn with the row, pairs 2-3 with the column
     assert torch.allclose(cos[:, 0, 0], cos[:, 2, 0]) and not torch.allclose(cos[0, :, 0], cos[1, :, 0])
     assert torch.allclose(cos[0, :, 2], cos[1, :, 2]) and not torch.allclose(cos[0, 0, 2], cos[0, 1, 2])
-    torch.testing.assert_close(cos[..., :4], cos[..., 4:])
+    # the complex (fp32) and real (bf16 and strided inputs) formulas agree
+    x = torch.randn(2, 12, 8)
+    fast = apply_rotary(x, t)
+    slow = apply_rotary(x, t._replace(rot=None))
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(apply_rotary(x.bfloat16(), rot(3, 4, "cpu", torch.bfloat16)).float(), fast,
+                               atol=0.05, rtol=0.05)
     with torch.inference_mode():
         made_in_inference = rot(5, 5, "cpu", torch.float32)
     q = torch.randn(1, 1, 25, 8, requires_grad=True)

@@ -77,9 +77,16 @@ class SelfAttention(nn.Module):
         written there and the query attends to positions ``0..position``; ``rotary`` then holds
         that position's tables only.
         """
-        q, k, v = rearrange(self.qkv(x), "b n (three h e) -> three b h n e", three=3, h=self.heads)
+        # q, k, v stay in their [b, n, h, e] memory layout (transposed views): rotary then runs
+        # on contiguous memory and SDPA writes its output so that merging heads is a view.
+        qkv = rearrange(self.qkv(x), "b n (three h e) -> b n three h e", three=3, h=self.heads)
         if rotary is not None:
-            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+            qk = apply_rotary(qkv[:, :, :2], rotary.broadcast(1, 1))  # q and k of every head at once
+            q, k = qk.unbind(2)
+            v = qkv[:, :, 2]
+        else:
+            q, k, v = qkv.unbind(2)
+        q, k, v = (rearrange(t, "b n h e -> b h n e") for t in (q, k, v))
         if cache is not None:
             if x.shape[1] != 1:
                 raise ValueError("cached attention takes one token at a time")

@@ -10,9 +10,11 @@ half by the column position, with positions ``linspace(-1, 1, side)`` per axis a
 Unlike the authors' code (which rotates before splitting heads, so only the first head gets
 positions — see REFERENCE.md), the tables here are applied to every head.
 
-Layout ("rotate half"): feature ``j`` is paired with feature ``j + head_dim / 2``; the first
-``head_dim / 4`` pairs turn with the row, the remaining ``head_dim / 4`` with the column. That is
-a fixed permutation of the interleaved layout, which a learned q/k projection absorbs.
+Layout: features ``(2j, 2j + 1)`` form pair ``j``; the first ``head_dim / 4`` pairs turn with
+the row, the remaining ``head_dim / 4`` with the column (a fixed permutation of any other layout,
+which the learned q/k projection absorbs). In float32/float64 a pair is rotated as one complex
+multiplication (one pass over memory, one allocation); other dtypes (bf16/fp16, which have no
+complex type) take the equivalent real formula.
 """
 
 from __future__ import annotations
@@ -25,25 +27,41 @@ from torch import nn
 
 
 class RotaryTables(NamedTuple):
-    """Cosines and sines per position, each ``[n, head_dim]`` (n = h * w, raster order)."""
+    """Per position and feature pair, ``[n, head_dim / 2]`` each (n = h * w, raster order):
+    ``cos`` and ``sin`` of the angle, and ``rot = cos + i sin`` (None for dtypes without complex)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
+    rot: torch.Tensor | None
 
     def at(self, position: int) -> RotaryTables:
-        """The tables of one raster position, ``[1, head_dim]`` each."""
-        return RotaryTables(self.cos[position : position + 1], self.sin[position : position + 1])
+        """The tables of one raster position, ``[1, head_dim / 2]`` each."""
+        return RotaryTables(*(t if t is None else t[position : position + 1] for t in self))
+
+    def broadcast(self, *axes: int) -> RotaryTables:
+        """The tables with singleton axes inserted at ``axes`` (e.g. ``1, 1`` for ``[n, 1, 1, e/2]``)."""
+        tables = list(self)
+        for axis in axes:
+            tables = [t if t is None else t.unsqueeze(axis) for t in tables]
+        return RotaryTables(*tables)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last axis."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _complex_ok(x: torch.Tensor, tables: RotaryTables) -> bool:
+    # view_as_complex needs unit stride on the pair axis and even strides/offset elsewhere
+    return (tables.rot is not None and x.is_floating_point() and tables.rot.dtype == x.dtype.to_complex()
+            and x.stride(-1) == 1
+            and x.storage_offset() % 2 == 0 and all(st % 2 == 0 for st in x.stride()[:-1]))
 
 
 def apply_rotary(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
-    """Rotate ``x [..., n, head_dim]`` (any number of leading axes, e.g. batch and heads)."""
-    return x * tables.cos + rotate_half(x) * tables.sin
+    """Rotate ``x [..., head_dim]``; the tables must broadcast against ``[..., head_dim / 2]``
+    (``[n, e/2]`` for ``x [..., n, e]``). Pair (x1, x2) becomes (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    if _complex_ok(x, tables):
+        return torch.view_as_real(torch.view_as_complex(pairs) * tables.rot).flatten(-2)
+    x1, x2 = pairs.unbind(-1)
+    cos, sin = tables.cos.to(x.dtype), tables.sin.to(x.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
 
 
 class AxialRotary(nn.Module):
@@ -88,8 +106,11 @@ class AxialRotary(nn.Module):
         angles = torch.cat(
             (rows[:, None, :].expand(height, width, n_freq), cols[None, :, :].expand(height, width, n_freq)), dim=-1
         ).reshape(height * width, 2 * n_freq)
-        angles = torch.cat((angles, angles), dim=-1)  # feature j and j + head_dim/2 share an angle
-        return RotaryTables(angles.cos().to(device, dtype).contiguous(), angles.sin().to(device, dtype).contiguous())
+        cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+        rot = None
+        if dtype in (torch.float32, torch.float64):
+            rot = torch.polar(torch.ones_like(angles), angles).to(device, dtype.to_complex())
+        return RotaryTables(cos.contiguous(), sin.contiguous(), rot)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, max_freq={self.max_freq}"
