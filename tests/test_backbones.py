@@ -14,6 +14,16 @@ from genfw.testing import check_backbone
 TINY = {"dim": 32, "depth": 2, "heads": 2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: a second OpenMP thread buys nothing, and on a busy shared CPU every
+    # parallel region waits for a descheduled thread (measured: 5.5 s instead of 0.13 s per check).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _build(name: str, params: dict, grid=(4, 4), vocab_size=11, out_size=10, num_classes=0, context=()):
     return build("backbone", name, params, vocab_size=vocab_size, out_size=out_size, grid=list(grid),
                  num_classes=num_classes, context=[list(c) for c in context])
