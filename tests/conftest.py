@@ -3,11 +3,15 @@
 import os
 
 os.environ["GENFW_PLUGINS"] = "genfw"  # the allowlist: our distribution's entry points only
+os.environ["GENFW_PROGRESS"] = "0"
+# Tests use tiny models, where a second OpenMP thread costs more in synchronisation than it
+# gains (and the CPU may be shared); subprocesses (CLI tests) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
