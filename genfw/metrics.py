@@ -1,0 +1,637 @@
+"""Evaluation metrics for ``genfw eval``: fidelity, reconstruction, likelihood and speed.
+
+* :func:`fidelity` — FID (Heusel et al. 2017), KID (Binkowski et al. 2018), precision/recall
+  (Kynkaanniemi et al. 2019) and, for Inception only, the Inception score, all computed by
+  torch-fidelity on one set of features per image; density and coverage (Naeem et al. 2020,
+  eqs. 10b/10d of the Unleashing Transformers paper) on the same features, implemented here.
+* Feature extractors: :class:`Classifier`, a small CNN genfw trains on the recipe's labelled
+  images (:func:`train_classifier`) and registers with torch-fidelity as ``genfw-classifier``,
+  or torch-fidelity's ``inception-v3-compat`` with weights from a local file or the torch hub
+  cache — never downloaded (:func:`inception_weights`). :func:`choose_extractor` resolves
+  ``auto``. :func:`classifier_accuracy` measures that samples are of the requested class.
+* :func:`reconstruction` — tokenizer MSE, PSNR (:func:`psnr`) and codebook usage/perplexity.
+* :func:`prior_nll` — held-out negative log-likelihood in bits per token.
+* :func:`timed` — wall time of a call, synchronising CUDA, for sampling time per image.
+
+Images are float tensors ``[N, C, H, W]`` in [-1, 1]; for the feature extractors they are
+quantised to uint8 as a PNG would store them. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_fidelity
+from einops import rearrange
+from pydantic import Field
+from torch import nn
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+from genfw import checkpoint
+from genfw.errors import CheckpointError, ConfigError, DataError
+from genfw.interfaces import Params, Prior, Tokenizer
+
+CLASSIFIER_EXTRACTOR = "genfw-classifier"
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+EXTRACTOR_CHOICES = ("auto", "classifier", INCEPTION_EXTRACTOR)
+#: torch-fidelity's Inception weights: where they come from and the file name its cache uses.
+INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
+INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+#: ``auto`` prefers the classifier up to this image size: Inception at 299 px sees digits as blobs.
+SMALL_IMAGE_MAX = 64
+PSNR_MAX_DB = 100.0  # identical images would give +inf, which JSON cannot hold
+
+
+# --------------------------------------------------------------------------------------------
+# image helpers
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, C, H, W], rounded as a saved PNG would be."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class _UInt8Images(torch.utils.data.Dataset):
+    """A torch Dataset of uint8 images, as torch-fidelity's feature extraction expects."""
+
+    def __init__(self, images: torch.Tensor, channels: int | None = None) -> None:
+        self.images, self.channels = images, channels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = to_uint8(self.images[i].cpu())
+        if self.channels is not None and image.shape[0] != self.channels:
+            image = image.expand(self.channels, -1, -1)  # greyscale -> RGB for Inception
+        return image
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# the classifier feature extractor
+
+
+class ClassifierParams(Params):
+    """Shape of the classifier; stored in its safetensors metadata."""
+
+    channels: int = Field(ge=1, le=4, description="image channels")
+    num_classes: int = Field(ge=2, description="label classes")
+    input_size: tuple[int, int] = Field(description="images are resized to this [H, W] first")
+    width: int = Field(16, ge=4, le=512, description="channels of the first conv (x2, x4 after)")
+    feature_dim: int = Field(128, ge=8, le=4096, description="size of the penultimate features")
+
+
+class Classifier(nn.Module):
+    """A small CNN: images [B, C, H, W] in [-1, 1] -> (features [B, D], logits [B, K]).
+
+    The features (penultimate layer, scaled to unit RMS on the training images) play the role
+    Inception's pool3 plays in FID; the logits give the class accuracy of samples. No batch
+    statistics, so results do not depend on batch composition or size.
+    """
+
+    def __init__(self, params: ClassifierParams | dict) -> None:
+        super().__init__()
+        if not isinstance(params, ClassifierParams):
+            params = ClassifierParams.model_validate(params)
+        self.params = params
+        p = self.params
+        w = p.width
+        self.body = nn.Sequential(
+            nn.Conv2d(p.channels, w, 4, stride=2, padding=1), nn.SiLU(),  # H/2
+            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), nn.SiLU(),  # H/4
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(4),  # 4x4 keeps where strokes are, not just which
+        )
+        # A smooth activation keeps every feature alive, so feature covariances stay full rank.
+        self.features = nn.Sequential(nn.Linear(4 * w * 16, p.feature_dim), nn.SiLU())
+        self.head = nn.Linear(p.feature_dim, p.num_classes)
+        # Set after training so that features have unit RMS on the training images, the scale
+        # KID's kernel (x.y/d + 1)^3 assumes; otherwise its cubic term swamps everything.
+        self.register_buffer("feature_scale", torch.ones(()))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float()
+        if tuple(x.shape[-2:]) != tuple(self.params.input_size):
+            x = F.interpolate(x, size=tuple(self.params.input_size), mode="bilinear",
+                              antialias=True, align_corners=False)
+        h = rearrange(self.body(x), "b c h w -> b (c h w)")
+        features = self.features(h)
+        return features / self.feature_scale, self.head(features)
+
+
+def _random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` whole pixels, filling with its border."""
+    b, _, h, w = images.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator).float()
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, 0, 2] = shift[:, 0] * 2 / w  # whole pixels in normalised coordinates
+    theta[:, 1, 2] = shift[:, 1] * 2 / h
+    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="border", align_corners=False)
+
+
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    steps: int = 300,
+    seed: int = 0,
+    *,
+    batch_size: int = 64,
+    lr: float = 5e-3,
+    width: int = 16,
+    feature_dim: int = 128,
+    device: str | torch.device = "cpu",
+) -> Classifier:
+    """Train a :class:`Classifier` on labelled images [N, C, H, W] in [-1, 1] with Adam.
+
+    Unlabelled items (label < 0) are skipped. Images larger than 64 px are seen at 64 px.
+    Inputs are shifted by up to 2 px (at 32 px) so that slightly off-centre samples are still
+    recognised. Deterministic for a given seed; the global RNG is left untouched.
+    """
+    keep = labels >= 0
+    images, labels = images[keep], labels[keep].long()
+    if images.shape[0] < 2 or labels.unique().numel() < 2:
+        raise DataError("the classifier feature extractor needs labelled images of at least two classes")
+    if int(labels.max()) >= num_classes:
+        raise DataError(f"label {int(labels.max())} is out of range for {num_classes} classes")
+    h, w = images.shape[-2:]
+    scale = min(1.0, SMALL_IMAGE_MAX / max(h, w))
+    input_size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    params = ClassifierParams(channels=images.shape[1], num_classes=num_classes, input_size=input_size,
+                              width=width, feature_dim=feature_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Classifier(params).to(device)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # Linear decay to zero: the last steps settle the weights instead of bouncing.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
+    max_shift = max(1, round(max(input_size) / 16))
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=g)
+        x = images[idx].to(device).float()
+        x = _random_shift(x, max_shift, g)
+        _, logits = model(x)
+        loss = F.cross_entropy(logits, labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        sample = images[torch.randperm(images.shape[0], generator=g)[:1024]].to(device).float()
+        features = torch.cat([model(chunk)[0] for chunk in sample.split(256)])
+        model.feature_scale.copy_(features.pow(2).mean().sqrt().clamp_min(1e-6))
+    return model
+
+
+@torch.no_grad()
+def classify(model: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted class [N] of images [N, C, H, W] in [-1, 1], quantised to uint8 first."""
+    device = _module_device(model)
+    preds = []
+    with _eval_mode(model):
+        for chunk in images.split(batch_size):
+            x = to_uint8(chunk).to(device).float() / 127.5 - 1  # as the samples' PNGs would read
+            preds.append(model(x)[1].argmax(-1).cpu())
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def classifier_accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor,
+                        batch_size: int = 256) -> float:
+    """Fraction of images the classifier assigns to their label (e.g. the class samples were asked for)."""
+    if images.shape[0] == 0:
+        raise ValueError("classifier_accuracy needs at least one image")
+    return float((classify(model, images, batch_size) == labels.cpu().long()).double().mean())
+
+
+def save_classifier(model: Classifier, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """Save the classifier as safetensors (no pickle); ``extra`` is stored in the metadata."""
+    tensors = {k: v for k, v in model.state_dict().items()}
+    meta = {"type": "classifier", "classifier": model.params.model_dump(mode="json"), "extra": extra or {}}
+    checkpoint.save_tensors(path, tensors, meta)
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
+    """Load a classifier written by :func:`save_classifier`."""
+    tensors, meta = checkpoint.read(path)
+    if meta.get("type") != "classifier" or not isinstance(meta.get("classifier"), dict):
+        raise CheckpointError(f"{os.fspath(path)} holds genfw data of type '{meta.get('type')}', "
+                              "not a classifier")
+    try:
+        model = Classifier(ClassifierParams.model_validate(meta["classifier"]))
+        model.load_state_dict(tensors, strict=True)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{os.fspath(path)}: classifier does not match its metadata: "
+                              f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's weights: classifier-based FIDs compare only with equal fingerprints."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class ClassifierFeatureExtractor(FeatureExtractorBase):
+    """The :class:`Classifier` as a torch-fidelity feature extractor (``genfw-classifier``).
+
+    Takes uint8 images [B, C, H, W]; provides ``features`` (used for FID, KID, PRC) and
+    ``logits``. Built by torch-fidelity with either ``genfw_classifier=<Classifier>`` or
+    ``feature_extractor_weights_path=<file from save_classifier>``, so
+    ``torch_fidelity.calculate_metrics(feature_extractor="genfw-classifier", ...)`` works too.
+    """
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 genfw_classifier: Classifier | None = None, **kwargs: Any) -> None:
+        super().__init__(name, features_list)
+        if genfw_classifier is not None:
+            self.model = copy.deepcopy(genfw_classifier)  # torch-fidelity moves it; leave the caller's alone
+        elif feature_extractor_weights_path is not None:
+            self.model = load_classifier(feature_extractor_weights_path)
+        else:
+            raise ConfigError(f"feature extractor {name} needs genfw_classifier= "
+                              "or feature_extractor_weights_path=")
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> torch.Tensor:
+        return torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.dtype != torch.uint8 or x.dim() != 4:
+            raise ValueError(f"expected uint8 images [B, C, H, W], got {x.dtype} {tuple(x.shape)}")
+        features, logits = self.model(x.float() / 127.5 - 1)
+        out = {"features": features, "logits": logits}
+        return tuple(out[name] for name in self.features_list)
+
+
+def register_classifier_extractor() -> None:
+    """Register :class:`ClassifierFeatureExtractor` with torch-fidelity (idempotent)."""
+    if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(CLASSIFIER_EXTRACTOR, ClassifierFeatureExtractor)
+
+
+register_classifier_extractor()
+
+
+# --------------------------------------------------------------------------------------------
+# Inception weights (never downloaded) and the choice of extractor
+
+
+def inception_cache_path() -> Path:
+    """Where torch hub (hence torch-fidelity) caches the Inception weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+
+def find_inception_weights(path: str | os.PathLike | None = None) -> Path | None:
+    """The Inception weights file: ``path`` if given (it must exist), else the hub cache, else None."""
+    if path is not None:
+        p = Path(os.path.expanduser(os.fspath(path)))
+        if not p.is_file():
+            raise ConfigError(f"evaluate.inception_weights: file not found: {p}")
+        return p
+    cached = inception_cache_path()
+    return cached if cached.is_file() else None
+
+
+def inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """Like :func:`find_inception_weights` but a missing file is a ``ConfigError`` saying what to do."""
+    found = find_inception_weights(path)
+    if found is None:
+        raise ConfigError(
+            f"Inception weights not found (genfw never downloads them): download {INCEPTION_WEIGHTS_URL} "
+            f"to {inception_cache_path()} or set evaluate.inception_weights to its path, "
+            "or use evaluate.feature_extractor: classifier"
+        )
+    return found
+
+
+def choose_extractor(requested: str, *, has_labels: bool, resolution: int | tuple[int, int],
+                     inception_weights_path: str | os.PathLike | None = None) -> str:
+    """Resolve ``auto`` | ``classifier`` | ``inception-v3-compat`` to ``classifier`` or Inception.
+
+    ``auto`` picks the classifier when the data has labels and the images are small (<= 64 px)
+    or no Inception weights are found; Inception otherwise.
+    """
+    if requested not in EXTRACTOR_CHOICES:
+        raise ConfigError(f"evaluate.feature_extractor: unknown '{requested}'; "
+                          f"choose one of {', '.join(EXTRACTOR_CHOICES)}")
+    if requested == "classifier":
+        if not has_labels:
+            raise ConfigError("evaluate.feature_extractor: classifier needs a dataset with labels; "
+                              "use inception-v3-compat with local weights instead")
+        return "classifier"
+    if requested == INCEPTION_EXTRACTOR:
+        inception_weights(inception_weights_path)
+        return INCEPTION_EXTRACTOR
+    found = find_inception_weights(inception_weights_path)
+    small = max((resolution, resolution) if isinstance(resolution, int) else resolution) <= SMALL_IMAGE_MAX
+    if has_labels and (small or found is None):
+        return "classifier"
+    if found is not None:
+        return INCEPTION_EXTRACTOR
+    inception_weights(None)  # raises with instructions
+    raise AssertionError("unreachable")
+
+
+def _check_loadable_without_pickle(path: Path) -> None:
+    # torch-fidelity loads the file with weights_only=False; loading it first with the
+    # restricted unpickler rejects a file that would run code, and reports a corrupt one clearly.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is not plain weights
+        raise ConfigError(f"Inception weights {path} are not a plain PyTorch state dict "
+                          f"({type(e).__name__}); download {INCEPTION_WEIGHTS_URL} again") from None
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        raise ConfigError(f"{path} does not hold torch-fidelity's Inception weights "
+                          f"(expected {INCEPTION_WEIGHTS_FILE})")
+
+
+# --------------------------------------------------------------------------------------------
+# density and coverage (Naeem et al. 2020)
+
+
+def _kth_neighbour_distance(x: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """Distance of each row of x to its k-th nearest other row."""
+    out = [torch.cdist(part, x).kthvalue(k + 1, dim=1).values for part in x.split(chunk)]  # +1: itself
+    return torch.cat(out)
+
+
+def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5,
+                     chunk: int = 4096) -> dict[str, float]:
+    """Density and coverage of fake features [M, D] against real features [N, D].
+
+    With r_i the distance from real X_i to its k-th nearest other real point:
+    density = 1/(kM) sum_j sum_i 1[|Y_j - X_i| < r_i]; coverage = 1/N sum_i 1[min_j |Y_j - X_i| < r_i].
+    Strict inequalities as in Naeem et al.'s reference code: identical sets give exactly 1 and 1.
+    """
+    real, fake = real.double(), fake.double()
+    if real.shape[0] <= k:
+        raise ConfigError(f"density/coverage with k={k} need more than {k} reference images, "
+                          f"got {real.shape[0]}")
+    radii = _kth_neighbour_distance(real, k, chunk)  # [N]
+    inside = torch.zeros(fake.shape[0], dtype=torch.float64)  # per fake: how many real balls hold it
+    covered = torch.zeros(real.shape[0], dtype=torch.bool)
+    for start in range(0, real.shape[0], chunk):
+        d = torch.cdist(real[start : start + chunk], fake)  # [n, M]
+        hit = d < radii[start : start + chunk, None]
+        inside += hit.sum(0)
+        covered[start : start + chunk] = hit.any(1)
+    return {"density": float(inside.sum() / (k * fake.shape[0])), "coverage": float(covered.double().mean())}
+
+
+# --------------------------------------------------------------------------------------------
+# fidelity
+
+
+def _feature_extractor(extractor: Classifier | str, cuda: bool, weights_path: str | os.PathLike | None):
+    """(torch-fidelity extractor, feature layer, IS layer or None, channels to expand to, description)."""
+    if isinstance(extractor, Classifier):
+        fe = create_feature_extractor(CLASSIFIER_EXTRACTOR, ["features"], cuda=cuda,
+                                      genfw_classifier=extractor, verbose=False)
+        described = {"feature_extractor": CLASSIFIER_EXTRACTOR, "feature_extractor_id": fingerprint(extractor)}
+        return fe, "features", None, None, described
+    if extractor == INCEPTION_EXTRACTOR:
+        weights = inception_weights(weights_path)
+        _check_loadable_without_pickle(weights)
+        fe = create_feature_extractor(INCEPTION_EXTRACTOR, ["2048", "logits_unbiased"], cuda=cuda,
+                                      feature_extractor_weights_path=str(weights), verbose=False)
+        described = {"feature_extractor": INCEPTION_EXTRACTOR, "feature_extractor_id": weights.name}
+        return fe, "2048", "logits_unbiased", 3, described
+    raise ConfigError(f"unknown feature extractor {extractor!r}: pass a trained Classifier or "
+                      f"'{INCEPTION_EXTRACTOR}'")
+
+
+def fidelity(
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    extractor: Classifier | str,
+    *,
+    batch_size: int = 64,
+    kid_subset_size: int | None = None,
+    kid_subsets: int = 100,
+    prdc_k: int = 5,
+    device: str | torch.device = "cpu",
+    inception_weights_path: str | os.PathLike | None = None,
+    seed: int = 2020,
+) -> dict[str, Any]:
+    """FID, KID, precision/recall, density/coverage (and IS with Inception) of samples vs reference.
+
+    ``samples``/``reference``: [N, C, H, W] in [-1, 1]. ``extractor``: a trained
+    :class:`Classifier`, or ``"inception-v3-compat"`` (weights from ``inception_weights_path``
+    or the hub cache; never downloaded). Precision/recall and density/coverage use ``prdc_k``
+    neighbours; KID uses ``kid_subsets`` subsets of ``kid_subset_size`` (default
+    min(1000, N, M)). Returns the metrics with the counts and settings that produced them.
+    """
+    n, m = samples.shape[0], reference.shape[0]
+    if min(n, m) <= prdc_k:
+        raise ConfigError(f"fidelity metrics with k={prdc_k} neighbours need more than {prdc_k} samples and "
+                          f"reference images (got {n} and {m}): raise evaluate.n_samples")
+    if samples.shape[1:] != reference.shape[1:]:
+        raise ValueError(f"samples {tuple(samples.shape[1:])} and reference "
+                         f"{tuple(reference.shape[1:])} differ in shape")
+    cuda = torch.device(device).type == "cuda"
+    info: dict[str, Any] = {"num_samples": n, "num_reference": m, "batch_size": batch_size, "prdc_k": prdc_k}
+    # torch-fidelity moves its work to "the" GPU: make that the one asked for.
+    with torch.cuda.device(torch.device(device)) if cuda else contextlib.nullcontext():
+        fe, feature_layer, isc_layer, channels, described = _feature_extractor(extractor, cuda,
+                                                                               inception_weights_path)
+        info |= described
+
+        def features(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            # save_cpu_ram=True: no DataLoader worker processes (the data is already in memory).
+            return get_featuresdict_from_dataset(_UInt8Images(images.detach().cpu(), channels), fe,
+                                                 batch_size, cuda, save_cpu_ram=True, verbose=False)
+
+        fake, real = features(samples), features(reference)
+    f_fake, f_real = fake[feature_layer].float(), real[feature_layer].float()
+    info["feature_dim"] = int(f_fake.shape[1])
+
+    out: dict[str, Any] = {}
+    stats_fake, stats_real = fid_features_to_statistics(f_fake), fid_features_to_statistics(f_real)
+    out["fid"] = fid_statistics_to_metric(stats_fake, stats_real, False)[torch_fidelity.KEY_METRIC_FID]
+    subset = kid_subset_size or min(1000, n, m)
+    # float64: the cubic kernel of large float32 features loses KID to cancellation (we saw -6.7)
+    kid = kid_features_to_metric(f_fake.double(), f_real.double(), kid_subsets=kid_subsets,
+                                 kid_subset_size=subset, rng_seed=seed, verbose=False)
+    out["kid"] = kid[torch_fidelity.KEY_METRIC_KID_MEAN]
+    out["kid_std"] = kid[torch_fidelity.KEY_METRIC_KID_STD]
+    info |= {"kid_subsets": kid_subsets, "kid_subset_size": subset}
+    prc = prc_features_to_metric(f_fake, f_real, prc_neighborhood=prdc_k, save_cpu_ram=True, verbose=False)
+    out["precision"] = prc[torch_fidelity.KEY_METRIC_PRECISION]
+    out["recall"] = prc[torch_fidelity.KEY_METRIC_RECALL]
+    out |= density_coverage(f_real, f_fake, k=prdc_k)
+    if isc_layer is not None:
+        isc = isc_features_to_metric(fake[isc_layer], splits=min(10, n), shuffle=True, rng_seed=seed)
+        out["inception_score"] = isc[torch_fidelity.KEY_METRIC_ISC_MEAN]
+        out["inception_score_std"] = isc[torch_fidelity.KEY_METRIC_ISC_STD]
+    return {k: float(v) for k, v in out.items()} | info
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizers: reconstruction and codebook usage
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images [B, C, H, W] in [-1, 1] (peak-to-peak 2), capped at 100 dB.
+
+    Equal to the usual PSNR of the same images scaled to [0, 1] (or [0, 255] with peak 255).
+    """
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    peak = 2.0
+    return (10 * torch.log10(peak**2 / mse)).clamp(max=PSNR_MAX_DB)
+
+
+def _images_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return batch["images"]
+    return batch[0]  # (images, labels) as a DataLoader over an ImageDataset yields
+
+
+@torch.no_grad()
+def reconstruction(tokenizer: Tokenizer, images: Iterable[Any],
+                   device: str | torch.device | None = None) -> dict[str, float]:
+    """Reconstruction MSE and PSNR of a tokenizer, and its codebook usage/perplexity per level.
+
+    ``images`` yields batches: tensors [B, C, H, W] in [-1, 1], or ``(images, labels)``.
+    ``mse`` is over all pixels on the [-1, 1] scale; ``psnr`` the mean per-image PSNR
+    (:func:`psnr`); ``level{i}/usage`` and ``level{i}/perplexity`` come from
+    ``Tokenizer.codebook_stats`` over the codes of every image.
+    """
+    device = torch.device(device) if device is not None else _module_device(tokenizer)
+    sq_err, pixels, psnrs = 0.0, 0, []
+    codes_per_level: list[list[torch.Tensor]] = []
+    with _eval_mode(tokenizer):
+        for batch in images:
+            x = _images_of(batch).to(device).float()
+            codes = tokenizer.encode(x)
+            recon = tokenizer.decode(codes).float().clamp(-1, 1)
+            sq_err += float((recon - x).pow(2).sum())
+            pixels += x.numel()
+            psnrs.append(psnr(recon, x).cpu())
+            if not codes_per_level:
+                codes_per_level = [[] for _ in codes]
+            for store, c in zip(codes_per_level, codes, strict=True):
+                store.append(c.to("cpu", torch.int32))
+    if not pixels:
+        raise DataError("reconstruction metrics need at least one image")
+    all_codes = [torch.cat(store).long() for store in codes_per_level]
+    out = {"mse": sq_err / pixels, "psnr": float(torch.cat(psnrs).mean()),
+           "num_images": float(sum(p.shape[0] for p in psnrs))}
+    out |= tokenizer.codebook_stats(all_codes)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# priors: held-out likelihood
+
+
+@torch.no_grad()
+def prior_nll(prior: Prior, batches: Iterable[dict[str, Any]], generator: torch.Generator | None = None,
+              device: str | torch.device | None = None) -> dict[str, Any]:
+    """Mean held-out NLL in bits per token over every sample the batches yield.
+
+    Each batch is a dict with ``codes`` [B, h, w], optional ``labels`` [B] and ``context``
+    (coarser code grids), as :meth:`genfw.interfaces.Prior.nll` takes. ``nll_kind`` says
+    whether the prior's value is exact (autoregressive) or an upper bound (ELBO estimates).
+    """
+    device = torch.device(device) if device is not None else _module_device(prior)
+    values = []
+    kind = prior.nll_kind
+    with _eval_mode(prior):
+        for batch in batches:
+            labels = batch.get("labels")
+            context = batch.get("context")
+            result = prior.nll(
+                batch["codes"].to(device),
+                labels.to(device) if labels is not None else None,
+                [c.to(device) for c in context] if context else None,
+                generator=generator,
+            )
+            values.append(result.bits_per_token.detach().double().cpu())
+            kind = result.kind
+    if not values:
+        raise DataError("no held-out codes to evaluate the prior's likelihood on (latents.holdout is 0?)")
+    bits = torch.cat(values)
+    return {
+        "nll_bits_per_token": float(bits.mean()),
+        # standard error of the mean: how far another held-out draw could move the number
+        "nll_bits_per_token_sem": float(bits.std() / math.sqrt(bits.numel())) if bits.numel() > 1 else 0.0,
+        "nll_kind": kind,
+        "num_samples": int(bits.numel()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# speed
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """Call ``fn(*args, **kwargs)``; return (its result, wall seconds), waiting for CUDA work.
+
+    Divide by the number of images for sampling time per image.
+    """
+    _synchronize()
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    _synchronize()
+    return result, time.perf_counter() - start
