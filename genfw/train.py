@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -236,7 +237,11 @@ class Trainer:
                     self.scaler.unscale_(opt)
                     logs[f"grad_norm/{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.spec.grad_clip))
                 self.scaler.step(opt)
-            self.schedulers[name].step()
+            with warnings.catch_warnings():
+                # a group idle this step (e.g. a discriminator before disc_start) still follows
+                # the global schedule; PyTorch would warn that its optimizer did not step
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.schedulers[name].step()
         self.scaler.update()
         return logs
 
