@@ -13,8 +13,8 @@ An ablation file::
       prior.backbone.params.resampling: [2d, 1d]
 
 Every combination runs in ``output_dir/<combination>/``; tokenizer and latent stages with the
-same fingerprint are shared through ``output_dir/_shared/`` (one tokenizer and one latent dataset
-for all priors). The comparison is written as ``comparison.md``, ``comparison.csv`` and
+same fingerprint — tokenizer, latents and priors — are shared through ``output_dir/_shared/`` (one
+tokenizer and one latent dataset for all priors; one prior for all sampler settings). The comparison is written as ``comparison.md``, ``comparison.csv`` and
 ``comparison.png``.
 """
 
@@ -99,10 +99,16 @@ def _as_set(overrides: dict[str, Any]) -> list[str]:
 
 
 def _link_shared(run, shared: str) -> None:
-    """Point the run's tokenizer and latents folders at shared folders keyed by fingerprint."""
+    """Point the run's training stages at shared folders keyed by their fingerprint.
+
+    Combinations that agree on a stage's inputs (e.g. every sampler setting of one prior, or
+    every prior on one tokenizer) then compute it once.
+    """
     os.makedirs(run.dir, exist_ok=True)
-    for stage, fp in (("tokenizer", run._fp_tokenizer()), ("latents", run._fp_latents())):
-        target = os.path.join(shared, f"{stage}-{fp}")
+    stages = [("tokenizer", run._fp_tokenizer()), ("latents", run._fp_latents())]
+    stages += [(f"prior{i}", run._fp_prior(i)) for i in range(len(run.resolved.prior_specs))]
+    for stage, fp in stages:
+        target = os.path.abspath(os.path.join(shared, f"{stage}-{fp}"))
         os.makedirs(target, exist_ok=True)
         link = run.path(stage)
         if os.path.islink(link) and os.readlink(link) == target:
