@@ -58,3 +58,23 @@ def test_ablation_file_errors_are_clear(tmp_path):
     (tmp_path / "bad.yaml").write_text("base: x.yaml\n")
     result = CliRunner().invoke(app, ["ablate", str(tmp_path / "bad.yaml")])
     assert result.exit_code == 2 and "variants" in result.output
+
+
+def test_shipped_ablations_validate_every_combination():
+    from pathlib import Path
+
+    import pytest
+
+    from genfw.ablate import _as_set, combinations, load_ablation
+    from genfw.config import apply_overrides, load_yaml, validate_recipe
+
+    folder = Path(__file__).parents[1] / "recipes" / "ablations"
+    files = [p for p in sorted(folder.glob("*.yaml")) if p.name != "base_mnist.yaml"]
+    if not files:
+        pytest.fail("no ablation recipes shipped")
+    for path in files:
+        assert path.read_text().startswith(f"# genfw ablate recipes/ablations/{path.name}")
+        spec = load_ablation(str(path))
+        base = load_yaml(folder / spec["base"])
+        for _, overrides in combinations(spec):
+            validate_recipe(apply_overrides(base, list(spec.get("set") or []) + _as_set(overrides)))
