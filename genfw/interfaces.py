@@ -34,6 +34,19 @@ class NoParams(Params):
     """Params model of a component that takes none."""
 
 
+def _validated(model: type[Params], params: Any) -> Params:
+    """``params`` (None, a dict or a pydantic model) as an instance of ``model``; ConfigError if invalid."""
+    if isinstance(params, model):
+        return params
+    if params is None:
+        params = {}
+    elif isinstance(params, BaseModel):
+        params = params.model_dump()
+    from genfw.config import validate_params  # late: config imports the registry
+
+    return validate_params(model, params, "params")
+
+
 # --------------------------------------------------------------------------------------------
 # data types
 
@@ -83,13 +96,7 @@ class Component(nn.Module):
 
     def __init__(self, params: Params | dict | None = None, **construct: Any) -> None:
         super().__init__()
-        if params is None:
-            params = self.Params()
-        elif isinstance(params, dict):
-            params = self.Params.model_validate(params)
-        elif not isinstance(params, self.Params):
-            params = self.Params.model_validate(params.model_dump())
-        self.params = params
+        self.params = _validated(self.Params, params)
         self.construct = dict(construct)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -290,11 +297,7 @@ class ImageDataset(abc.ABC):
     Params: ClassVar[type[Params]] = NoParams
 
     def __init__(self, params: Params | dict | None = None) -> None:
-        if params is None:
-            params = self.Params()
-        elif isinstance(params, dict):
-            params = self.Params.model_validate(params)
-        self.params = params
+        self.params = _validated(self.Params, params)
 
     @property
     @abc.abstractmethod

@@ -1,0 +1,57 @@
+"""genfw.testing on every registered built-in component, parametrised over the registry.
+
+A new built-in component must add a tiny configuration here, or this test fails.
+"""
+
+import os
+
+import pytest
+import torch
+
+from genfw.registry import get_registry
+from genfw.testing import check_backbone, check_prior, check_tokenizer
+
+os.environ.setdefault("GENFW_PLUGINS", "genfw")
+
+TINY_BACKBONE = {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}}
+TINY = {
+    ("tokenizer", "pixels"): {"levels": 8},
+    ("tokenizer", "vqvae"): {"factor": 4, "hidden_channels": 16, "residual_channels": 8, "num_res_blocks": 1,
+                             "codebook_size": 16, "embed_dim": 8},
+    ("tokenizer", "vqvae2"): {"strides": [2, 2], "hidden_channels": 16, "residual_channels": 8,
+                              "num_res_blocks": 1, "codebook_size": 16, "embed_dim": 8},
+    ("tokenizer", "vqgan"): {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
+                             "z_channels": 8, "embed_dim": 8, "codebook_size": 16, "perceptual_weight": 0.0,
+                             "disc_layers": 2, "disc_ndf": 8},
+    ("backbone", "transformer"): {"dim": 16, "depth": 2, "heads": 2},
+    ("backbone", "hourglass"): {"dim": 16, "depth": [1, 1, 1], "heads": 2, "head_dim": 8},
+    ("prior", "sundae"): ({"unroll_steps": 2}, {"steps": 6, "min_steps": 2}),
+    ("prior", "absorbing"): ({"timesteps": 16, "nll_timesteps": 4}, {"steps": 8}),
+    ("prior", "autoregressive"): ({}, {}),
+    ("dataset", "synthetic"): {"size": 6, "resolution": 8},
+    ("dataset", "mnist"): {"limit": 20},
+    ("dataset", "folder"): None,  # covered by tests/test_data.py and the bad-input suite (needs files)
+}
+BUILTINS = [(e.kind, e.name) for e in get_registry().entries() if e.dist == "genfw" and e.kind != "converter"]
+
+
+def test_every_builtin_has_a_tiny_configuration():
+    assert set(BUILTINS) <= set(TINY), f"add a tiny config for {sorted(set(BUILTINS) - set(TINY))}"
+
+
+@pytest.mark.parametrize(("kind", "name"), BUILTINS, ids=lambda x: str(x))
+def test_builtin_conforms(kind, name):
+    config = TINY[(kind, name)]
+    if kind == "tokenizer":
+        check_tokenizer(name, config, channels=1, resolution=(16, 16))
+    elif kind == "backbone":
+        check_backbone(name, config)
+    elif kind == "prior":
+        params, sampler = config
+        check_prior(name, params, backbone=TINY_BACKBONE, sampler=sampler)
+    elif kind == "dataset" and config is not None:
+        data = get_registry().build("dataset", name, config)
+        image, label = data[0]
+        assert image.shape == (data.channels, *data.resolution) and image.dtype == torch.float32
+        assert -1.0 <= float(image.min()) and float(image.max()) <= 1.0
+        assert len(data) > 0 and (label == -1 or 0 <= label < data.num_classes)
