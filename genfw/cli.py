@@ -374,6 +374,37 @@ def convert(
     out.print(f"[green]✓[/green] {source} -> {output}")
 
 
+@command
+def bench(
+    source: Annotated[str, typer.Argument(metavar="RECIPE_OR_MODEL",
+                                          help="Recipe YAML (random weights), exported bundle or run directory")],
+    batch_size: Annotated[int, typer.Option(help="Images per forward / sampling chunk (B)")] = 4,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps (default: the recipe's or model's)")] = None,
+    device: Device = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")] = "auto",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the prior backbones")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the median is reported)")] = 3,
+    json_file: Annotated[str | None, typer.Option("--json", help="Write the JSON record here ('-' prints it)")] = None,
+    matmul_size: Annotated[int | None, typer.Option(help="Side of the square matmul measuring the peak "
+                                                         "(default 2048 on CPU, 8192 on CUDA)")] = None,
+    set_: Sets = None,
+) -> None:
+    """Measure sampling speed: forward ms, FLOP/s vs. this machine's matmul peak, images/s, memory."""
+    from genfw import io
+    from genfw.bench import bench as run_bench
+    from genfw.bench import print_table
+
+    result = run_bench(source, batch_size=batch_size, steps=steps, device=device, precision=precision,
+                       compile=compile_, repeats=repeats, overrides=set_, matmul_size=matmul_size)
+    if json_file == "-":
+        typer.echo(json.dumps(result, indent=2))  # plain: rich would wrap long lines
+        return
+    print_table(result, out)
+    if json_file:
+        io.write_json(json_file, result)
+        out.print(f"[green]✓[/green] JSON -> {json_file}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
