@@ -52,6 +52,11 @@ class Absorbing(Prior):
         window_stride: int = Field(1, ge=1, description=(
             "stride of the training-size windows when sampling a larger grid (eq. 8; the authors "
             "use 1, i.e. every window)"))
+        reveal_order: Literal["random", "raster"] = Field("random", description=(
+            "order in which masked positions are revealed: 'random' (a new order per sample, "
+            "the paper's sampler) or 'raster' (the authors' order for larger-than-training "
+            "grids: each new code is next to decided ones, so windows that cannot see each "
+            "other do not decide distant regions independently)"))
 
     def __init__(self, params: Params | dict | None = None, *, codebook_size: int, grid: list[int],
                  num_classes: int = 0, context: list[list[int]] | None = None,
@@ -64,7 +69,8 @@ class Absorbing(Prior):
         self.mask_id = codebook_size  # the absorbing state: one extra input token, never an output
         self.backbone = build_backbone(backbone, vocab_size=codebook_size + 1, out_size=codebook_size,
                                        grid=list(grid), num_classes=num_classes, context=context)
-        self.last_sample_stats: dict[str, int] = {}
+        self.last_sample_stats: dict[str, Any] = {}
+        self._rows = 0  # backbone rows evaluated by the current sample() call
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -165,8 +171,12 @@ class Absorbing(Prior):
         masked = rearrange(x == self.mask_id, "b h w -> b (h w)")
         total, steps = masked.shape[1], sp.steps
         count = masked.sum(1)  # M per sample
-        # Random reveal order per sample: rank 0 is revealed first; unmasked positions rank last.
-        keys = rand(tuple(masked.shape), generator, device).masked_fill(~masked, 2.0)
+        # Reveal order per sample: rank 0 is revealed first; unmasked positions rank last.
+        if sp.reveal_order == "random":
+            keys = rand(tuple(masked.shape), generator, device)
+        else:
+            keys = torch.linspace(0, 1, total, device=device).expand(n, total)
+        keys = keys.masked_fill(~masked, 2.0)
         rank = keys.argsort(1).argsort(1)
         schedule = [round(total * (steps - s) / steps) for s in range(steps + 1)]  # still masked
 
@@ -186,7 +196,7 @@ class Absorbing(Prior):
             flat[chosen] = drawn
             x[active] = flat.view(-1, *target)
             forwards += 1
-        self.last_sample_stats = {"steps": forwards, "backbone_rows": self._rows,
+        self.last_sample_stats = {"steps": forwards, "backbone_evaluations": self._rows,
                                   "windows": windows.count if windows else 1}
         return x
 

@@ -66,7 +66,7 @@ class Autoregressive(Prior):
             why = type(self.backbone).causal_unsupported_reason
             raise ConfigError(f"the autoregressive prior needs a causal backbone; '{backbone['name']}' "
                               f"cannot be causal" + (f" ({why})" if why else ""))
-        self.last_sample_stats: dict[str, int] = {}
+        self.last_sample_stats: dict[str, Any] = {}
 
     def _shifted(self, codes: torch.Tensor) -> torch.Tensor:
         """[B, h, w] -> the input grid [start, z_0, ..., z_{N-2}] in raster order."""
@@ -138,7 +138,7 @@ class Autoregressive(Prior):
                 logits = self.backbone(tokens, labels=labels, context=context, causal=True)
                 forwards += 1
                 draw(rearrange(logits, "b h w k -> b (h w) k")[:, i], i)
-        self.last_sample_stats = {"steps": forwards, "backbone_rows": forwards * n}
+        self.last_sample_stats = {"steps": forwards, "backbone_evaluations": forwards * n}
         return out.view(n, h, w)
 
     def _cache_dtype(self) -> torch.dtype:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.nn.sampling import Windows, categorical, rand, randint, tempered
@@ -53,7 +53,8 @@ class Sundae(Prior):
             "lower with many steps, Fig. 8; MNIST 1.0)"))
         sample_proportion_end: float = Field(0.5, gt=0, le=1, description=(
             "fraction of positions updated at the last step, linearly annealed"))
-        min_steps: int = Field(10, ge=0, description="steps before sample-wise self-stopping may freeze a sample")
+        min_steps: int = Field(10, ge=0, description=(
+            "steps run before sample-wise self-stopping may freeze a sample (paper code: 10)"))
         self_stopping: bool = Field(True, description=(
             "freeze a sample (and drop it from the batch) once a step leaves it unchanged"))
         guidance_scale: float = Field(1.0, description=(
@@ -62,12 +63,6 @@ class Sundae(Prior):
         window_stride: int = Field(1, ge=1, description=(
             "stride of the training-size windows when sampling a larger grid (eq. 8 of "
             "Unleashing Transformers; 1 = every window)"))
-
-        @model_validator(mode="after")
-        def _min_le_steps(self):
-            if self.min_steps > self.steps:
-                raise ValueError(f"min_steps ({self.min_steps}) exceeds steps ({self.steps})")
-            return self
 
     def __init__(self, params: Params | dict | None = None, *, codebook_size: int, grid: list[int],
                  num_classes: int = 0, context: list[list[int]] | None = None,
@@ -82,7 +77,7 @@ class Sundae(Prior):
         self.backbone = build_backbone(
             backbone, vocab_size=codebook_size, out_size=codebook_size, grid=list(grid),
             num_classes=num_classes + (self.null_class is not None), context=context)
-        self.last_sample_stats: dict[str, int] = {}
+        self.last_sample_stats: dict[str, Any] = {}
         self._rows = 0  # backbone rows evaluated by the current sample() call
 
     # -- helpers ---------------------------------------------------------------------------
@@ -197,13 +192,17 @@ class Sundae(Prior):
 
         self._rows, sample_steps, steps_run = 0, 0, 0
         active = torch.arange(n, device=device)  # samples not frozen yet
+        frozen_at = torch.full((n,), -1, dtype=torch.long, device=device)
         for step in range(sp.steps):
+            # Every sample's draws are made, the active ones used: what a sample becomes does not
+            # depend on which others were dropped, so self-stopping changes no sample's path.
+            u_token, u_update = rand((2, n, *target), generator, device)
             xa = x[active]
             probs = self._probs(xa, labels[active] if labels is not None else None,
                                 [c[active] for c in context] if context else None,
                                 temperatures[step], sp.guidance_scale, windows)
-            proposal = categorical(probs, generator)
-            update = rand(tuple(xa.shape), generator, device) < proportions[step]
+            proposal = categorical(probs, generator, uniform=u_token[active])
+            update = u_update[active] < proportions[step]
             if mask is not None:
                 update &= mask[active]
             new = torch.where(update, proposal, xa)
@@ -212,11 +211,15 @@ class Sundae(Prior):
             steps_run += 1
             if sp.self_stopping and step + 1 >= sp.min_steps:
                 changed = (new != xa).flatten(1).any(1)
+                frozen_at[active[~changed]] = step
                 active = active[changed]
                 if len(active) == 0:
                     break
+        # backbone_evaluations counts rows fed to the backbone (windows and guidance included);
+        # frozen_at: the step after which each sample stopped changing (-1: ran to the end).
         self.last_sample_stats = {"steps": steps_run, "sample_steps": sample_steps,
-                                  "backbone_rows": self._rows, "windows": windows.count if windows else 1}
+                                  "backbone_evaluations": self._rows, "windows": windows.count if windows else 1,
+                                  "frozen_at": frozen_at.tolist()}
         return x
 
     @torch.no_grad()
