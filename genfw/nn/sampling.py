@@ -28,15 +28,19 @@ def randint(high: int, shape: tuple[int, ...], generator: torch.Generator | None
     return torch.randint(high, shape, generator=generator, device=where).to(device)
 
 
-def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def categorical(probs: torch.Tensor, generator: torch.Generator | None,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of ``probs [..., K]`` (unnormalised is fine) by inverting the CDF.
 
     One uniform number per draw, so the random stream consumed depends only on the number of
     draws, never on the values: two code paths that compute the same probabilities (cached and
-    uncached decoding) draw the same tokens from the same seed.
+    uncached decoding) draw the same tokens from the same seed. ``uniform`` (``probs.shape[:-1]``,
+    in [0, 1)) supplies those numbers instead of ``generator``.
     """
     cdf = probs.float().cumsum(-1)
-    u = rand((*probs.shape[:-1], 1), generator, probs.device) * cdf[..., -1:]
+    if uniform is None:
+        uniform = rand(tuple(probs.shape[:-1]), generator, probs.device)
+    u = uniform.to(probs.device)[..., None] * cdf[..., -1:]
     # side="right": the first index whose CDF exceeds u, which never has zero probability.
     index = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True)
     return index.squeeze(-1).clamp_max(probs.shape[-1] - 1)
