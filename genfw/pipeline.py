@@ -142,13 +142,18 @@ class Run:
         return self.registry.build("tokenizer", spec.name, self.resolved.tokenizer_params,
                                    channels=self.dataset.channels, resolution=list(self.resolution))
 
-    def prior_construct(self, tokenizer: Tokenizer, level: int, spec: PriorSpec) -> dict[str, Any]:
+    def prior_construct(self, tokenizer: Tokenizer, level: int, spec: PriorSpec,
+                        resolution: tuple[int, int] | None = None, num_classes: int | None = None) -> dict[str, Any]:
         levels = tokenizer.levels
-        grids = tokenizer.grid_shapes(*self.resolution)
+        grids = tokenizer.grid_shapes(*(resolution or self.resolution))
+        if num_classes is None:
+            num_classes = self.num_classes
+        elif not self.recipe.class_conditional:
+            num_classes = 0
         return {
             "codebook_size": levels[level].codebook_size,
             "grid": list(grids[level]),
-            "num_classes": self.num_classes,
+            "num_classes": num_classes,
             "context": [[levels[j].codebook_size, *grids[j]] for j in range(level)],
             "backbone": spec.backbone.model_dump(),
         }
@@ -168,8 +173,8 @@ class Run:
             return prior
         return self.registry.build("prior", spec.name, self.resolved.prior_params[level], **construct)
 
-    def check_compatible(self, tokenizer: Tokenizer) -> None:
-        h, w = self.resolution
+    def check_compatible(self, tokenizer: Tokenizer, resolution: tuple[int, int] | None = None) -> None:
+        h, w = resolution or self.resolution
         for i, lv in enumerate(tokenizer.levels):
             if h % lv.factor or w % lv.factor:
                 raise ConfigError(
@@ -182,18 +187,24 @@ class Run:
     def plan(self) -> dict[str, Any]:
         """Stages, parameter counts and the FLOPs of one prior forward, built on the meta device."""
         info: dict[str, Any] = {"output_dir": self.dir, "device": str(self.device), "stages": list(STAGES)}
-        channels, resolution = self.dataset.channels, self.resolution
+        # Describe the data without reading it: a plan works before the dataset is on disk.
+        data = self.registry.build("dataset", self.recipe.data.name, self.resolved.data_params)
+        channels, resolution = data.channels, tuple(data.resolution)
+        try:
+            num_classes = data.num_classes
+        except GenfwError:  # class names come from files that are not there yet
+            num_classes = 0
         with torch.device("meta"):
             tok = self.registry.build("tokenizer", self.recipe.tokenizer.name, self.resolved.tokenizer_params,
                                       channels=channels, resolution=list(resolution))
-            self.check_compatible(tok)
+            self.check_compatible(tok, resolution)
             info["tokenizer"] = {"name": self.recipe.tokenizer.name, "parameters": count_parameters(tok),
                                  "levels": [{"codebook_size": lv.codebook_size, "grid": list(g)}
                                             for lv, g in zip(tok.levels, tok.grid_shapes(*resolution))]}
             priors = []
             for i, spec in enumerate(self.resolved.prior_specs):
-                prior = self.registry.build("prior", spec.name, self.resolved.prior_params[i],
-                                            **self.prior_construct(tok, i, spec))
+                construct = self.prior_construct(tok, i, spec, resolution, num_classes)
+                prior = self.registry.build("prior", spec.name, self.resolved.prior_params[i], **construct)
                 priors.append({"level": i, "name": spec.name, "backbone": spec.backbone.name,
                                "parameters": count_parameters(prior),
                                "forward_flops": prior_forward_flops(prior)})
