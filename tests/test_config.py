@@ -84,3 +84,9 @@ def test_required_plugin_versions(registry):
         validate_recipe(dict(BASE, plugins={"genfw-maskgit": ">=1"}))
     with pytest.raises(ConfigError, match="needs genfw>=99"):
         validate_recipe(dict(BASE, plugins={"genfw": ">=99"}))
+
+
+def test_sampler_params_do_not_accept_training_params():
+    # a nested `class SamplerParams(Params)` would silently inherit the prior's own Params
+    with pytest.raises(ConfigError, match="sample.params.unroll_steps: unknown key"):
+        validate_recipe(apply_overrides(BASE, ["sample.params.unroll_steps=2"]))

@@ -24,6 +24,7 @@ from einops import rearrange
 from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
+from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
 from genfw.nn.sampling import Windows, categorical, rand, randint, tempered
 from genfw.registry import build_backbone
 
@@ -45,7 +46,7 @@ class Absorbing(Prior):
             "timesteps used by nll(): None = all T (the authors' evaluation), k < T = k evenly "
             "spaced strata, each weighted T/k (cheaper, still unbiased for the ELBO)"))
 
-    class SamplerParams(Params):
+    class SamplerParams(BaseParams):
         steps: int = Field(256, ge=1, description=(
             "S <= T denoising steps; S < T skips steps by revealing more tokens per step (Table 3)"))
         temperature: float = Field(1.0, gt=0, description="tau applied to the x0 distribution (FID runs: 0.9)")

@@ -23,6 +23,7 @@ from pydantic import Field
 
 from genfw.errors import ConfigError
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
+from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
 from genfw.nn.sampling import categorical, filter_logits
 from genfw.registry import build_backbone
 
@@ -42,7 +43,7 @@ class Autoregressive(Prior):
     class Params(Params):
         """No options: the architecture lives in the backbone's params."""
 
-    class SamplerParams(Params):
+    class SamplerParams(BaseParams):
         temperature: float = Field(1.0, gt=0, description="logits are divided by this before sampling")
         top_k: int | None = Field(None, ge=1, description="sample only among the k most likely codes (None = all)")
         top_p: float | None = Field(None, gt=0, le=1, description=(

@@ -24,6 +24,7 @@ from einops import rearrange
 from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
+from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
 from genfw.nn.sampling import Windows, categorical, rand, randint, tempered
 from genfw.registry import build_backbone
 
@@ -42,7 +43,7 @@ class Sundae(Prior):
             "probability of training on the null class instead of the label, which enables "
             "classifier-free guidance (0 = off; the backbone then has no null class)"))
 
-    class SamplerParams(Params):
+    class SamplerParams(BaseParams):
         steps: int = Field(100, ge=1, description="T: maximum number of denoising steps (paper: 100 for FFHQ1024)")
         temperature: float = Field(1.0, gt=0, description="tau at the first step (paper sec. 3.4: about 1.0)")
         temperature_end: float = Field(0.7, gt=0, description=(
