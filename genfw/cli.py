@@ -311,10 +311,10 @@ def sample(
                       device=dev, precision=precision, grid=_parse_size(size))
     write_samples(out_dir, result.images, labels, extra.get("class_names") or [])
     if grid:
+        import io as _io
+
         from genfw import io
         from genfw.data import make_grid
-
-        import io as _io
         buf = _io.BytesIO()
         make_grid(result.images).save(buf, format="PNG")
         io.write_bytes(grid, buf.getvalue())

@@ -29,7 +29,15 @@ import yaml
 
 from genfw import checkpoint, io
 from genfw.config import PriorSpec, ResolvedRecipe
-from genfw.data import AsTorchDataset, FlipDoubled, LatentDataset, LatentWriter, make_grid, split_indices, to_pil
+from genfw.data import (
+    AsTorchDataset,
+    FlipDoubled,
+    LatentDataset,
+    LatentWriter,
+    make_grid,
+    split_indices,
+    to_pil,
+)
 from genfw.errors import CheckpointError, ConfigError, DataError, GenfwError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.progress import console, progress_bar

@@ -26,7 +26,6 @@ from pydantic import Field
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
 from genfw.nn.sampling import Windows, categorical, rand, randint, tempered
-from genfw.registry import build_backbone
 
 
 class Absorbing(Prior):
@@ -59,17 +58,10 @@ class Absorbing(Prior):
             "grids: each new code is next to decided ones, so windows that cannot see each "
             "other do not decide distant regions independently)"))
 
-    def __init__(self, params: Params | dict | None = None, *, codebook_size: int, grid: list[int],
-                 num_classes: int = 0, context: list[list[int]] | None = None,
-                 backbone: dict[str, Any]) -> None:
-        if hasattr(backbone, "model_dump"):
-            backbone = backbone.model_dump()
-        context = [list(c) for c in (context or [])]
-        super().__init__(params, codebook_size=codebook_size, grid=list(grid), num_classes=num_classes,
-                         context=context, backbone=dict(backbone))
-        self.mask_id = codebook_size  # the absorbing state: one extra input token, never an output
-        self.backbone = build_backbone(backbone, vocab_size=codebook_size + 1, out_size=codebook_size,
-                                       grid=list(grid), num_classes=num_classes, context=context)
+    def __init__(self, params: Params | dict | None = None, **construct: Any) -> None:
+        super().__init__(params, **construct)  # codebook_size, grid, num_classes, context, backbone
+        self.mask_id = self.codebook_size  # the absorbing state: one extra input token, never an output
+        self.backbone = self.make_backbone(vocab_size=self.codebook_size + 1)
         self.last_sample_stats: dict[str, Any] = {}
         self._rows = 0  # backbone rows evaluated by the current sample() call
 

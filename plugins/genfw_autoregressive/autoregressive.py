@@ -25,7 +25,6 @@ from genfw.errors import ConfigError
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
 from genfw.nn.sampling import categorical, filter_logits
-from genfw.registry import build_backbone
 
 
 class Autoregressive(Prior):
@@ -52,20 +51,13 @@ class Autoregressive(Prior):
             "decode one token per step with the key/value cache; False recomputes the prefix "
             "each step (same samples, quadratic cost)"))
 
-    def __init__(self, params: Params | dict | None = None, *, codebook_size: int, grid: list[int],
-                 num_classes: int = 0, context: list[list[int]] | None = None,
-                 backbone: dict[str, Any]) -> None:
-        if hasattr(backbone, "model_dump"):
-            backbone = backbone.model_dump()
-        context = [list(c) for c in (context or [])]
-        super().__init__(params, codebook_size=codebook_size, grid=list(grid), num_classes=num_classes,
-                         context=context, backbone=dict(backbone))
-        self.start_id = codebook_size
-        self.backbone = build_backbone(backbone, vocab_size=codebook_size + 1, out_size=codebook_size,
-                                       grid=list(grid), num_classes=num_classes, context=context)
+    def __init__(self, params: Params | dict | None = None, **construct: Any) -> None:
+        super().__init__(params, **construct)  # codebook_size, grid, num_classes, context, backbone
+        self.start_id = self.codebook_size
+        self.backbone = self.make_backbone(vocab_size=self.codebook_size + 1)
         if not self.backbone.supports_causal:
             why = type(self.backbone).causal_unsupported_reason
-            raise ConfigError(f"the autoregressive prior needs a causal backbone; '{backbone['name']}' "
+            raise ConfigError(f"the autoregressive prior needs a causal backbone; '{self.construct['backbone']['name']}' "
                               f"cannot be causal" + (f" ({why})" if why else ""))
         self.last_sample_stats: dict[str, Any] = {}
 

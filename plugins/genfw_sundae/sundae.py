@@ -26,7 +26,6 @@ from pydantic import Field
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
 from genfw.nn.sampling import Windows, categorical, rand, randint, tempered
-from genfw.registry import build_backbone
 
 
 class Sundae(Prior):
@@ -65,19 +64,12 @@ class Sundae(Prior):
             "stride of the training-size windows when sampling a larger grid (eq. 8 of "
             "Unleashing Transformers; 1 = every window)"))
 
-    def __init__(self, params: Params | dict | None = None, *, codebook_size: int, grid: list[int],
-                 num_classes: int = 0, context: list[list[int]] | None = None,
-                 backbone: dict[str, Any]) -> None:
-        if hasattr(backbone, "model_dump"):
-            backbone = backbone.model_dump()
-        context = [list(c) for c in (context or [])]
-        super().__init__(params, codebook_size=codebook_size, grid=list(grid), num_classes=num_classes,
-                         context=context, backbone=dict(backbone))
+    def __init__(self, params: Params | dict | None = None, **construct: Any) -> None:
+        super().__init__(params, **construct)  # codebook_size, grid, num_classes, context, backbone
         # Classifier-free guidance needs a learned "no label" embedding: class index num_classes.
-        self.null_class = num_classes if num_classes and self.params.label_drop > 0 else None
-        self.backbone = build_backbone(
-            backbone, vocab_size=codebook_size, out_size=codebook_size, grid=list(grid),
-            num_classes=num_classes + (self.null_class is not None), context=context)
+        self.null_class = self.num_classes if self.num_classes and self.params.label_drop > 0 else None
+        self.backbone = self.make_backbone(vocab_size=self.codebook_size,
+                                           num_classes=self.num_classes + (self.null_class is not None))
         self.last_sample_stats: dict[str, Any] = {}
         self._rows = 0  # backbone rows evaluated by the current sample() call
 
