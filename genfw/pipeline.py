@@ -275,6 +275,7 @@ class Run:
             self._tokenizer = checkpoint.load(model_path, device=self.device)
             return self._tokenizer
         t0 = time.perf_counter()
+        torch.manual_seed(self.recipe.seed)  # initial weights depend on the recipe's seed only
         tokenizer = self.build_tokenizer()
         self.check_compatible(tokenizer)
         if type(tokenizer).trainable and not self.recipe.tokenizer.checkpoint and self.recipe.train.tokenizer.steps > 0:
@@ -337,6 +338,7 @@ class Run:
                 priors.append(checkpoint.load(model_path, device=self.device))
                 continue
             t0 = time.perf_counter()
+            torch.manual_seed(self.recipe.seed + 1000 + level)  # initial weights from the seed only
             prior = self.build_prior(tokenizer, level)
             if not self.resolved.prior_specs[level].checkpoint and self.recipe.train.prior.steps > 0:
                 latents = LatentDataset(self.path("latents", "train"))
