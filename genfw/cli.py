@@ -154,7 +154,8 @@ def run(
         _print_plan(pipeline.plan())
         return
     metrics = pipeline.run(stages.split(",") if stages else None)
-    out.print(f"[green]✓[/green] run finished: {pipeline.dir}")
+    if dist.is_main():
+        out.print(f"[green]✓[/green] run finished: {pipeline.dir}")
     if metrics:
         _print_metrics(metrics)
 

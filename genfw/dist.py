@@ -46,3 +46,26 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         td.all_reduce(t)
         t /= world_size()
     return t
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank."""
+    if is_initialized():
+        for t in list(module.parameters()) + list(module.buffers()):
+            td.broadcast(t.data, src=0)
+
+
+def average_gradients(params) -> None:
+    """All-reduce and average the gradients of ``params`` (one flat buffer per call)."""
+    if not is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    td.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

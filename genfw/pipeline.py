@@ -9,6 +9,9 @@
     samples/             one PNG per sample (label in the name), grid.png, codes.safetensors
     metrics.json, report.md, curves.png
 
+Under ``torchrun`` every rank trains (data parallel, see genfw.train); rank 0 alone writes
+files, extracts latents, samples, evaluates and reports, with barriers between stages.
+
 Each stage writes ``stage.json`` with a fingerprint of its inputs (its part of the recipe and the
 fingerprints of the stages it reads). A finished stage with an unchanged fingerprint is reused;
 an unfinished one resumes (training continues from its last checkpoint).
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from genfw import checkpoint, io
+from genfw import checkpoint, dist, io
 from genfw.config import PriorSpec, ResolvedRecipe
 from genfw.data import (
     AsTorchDataset,
@@ -87,6 +90,7 @@ class Run:
         self._tokenizer: Tokenizer | None = None
         self._priors: list[Prior] | None = None
         self.timings: dict[str, float] = {}
+        self._collective = True  # whether every rank takes part in the current stage
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -103,7 +107,21 @@ class Run:
             return None
 
     def _begin(self, stage: str, fp: str) -> bool:
-        """True when the stage must run; clears outputs made from different inputs."""
+        """True when the stage must run; clears outputs made from different inputs.
+
+        Under torchrun rank 0 decides and prepares the folder; the other ranks read its decision.
+        """
+        if not dist.is_main():
+            dist.barrier()
+            state = self._stage_state(stage)
+            return not (state is not None and state.fingerprint == fp and state.complete)
+        try:
+            return self._begin_main(stage, fp)
+        finally:
+            if self._collective:
+                dist.barrier()
+
+    def _begin_main(self, stage: str, fp: str) -> bool:
         state = self._stage_state(stage)
         if state is not None and state.fingerprint == fp and state.complete:
             console.print(f"[green]✓[/green] {stage}: unchanged, reused")
@@ -117,7 +135,17 @@ class Run:
 
     def _finish(self, stage: str, fp: str, seconds: float) -> None:
         self.timings[stage] = seconds
-        io.write_json(self._stage_file(stage), StageState(fp, True, seconds).__dict__)
+        if dist.is_main():
+            io.write_json(self._stage_file(stage), StageState(fp, True, seconds).__dict__)
+        if self._collective:
+            dist.barrier()
+
+    def _save_model(self, module, path: str):
+        """Rank 0 writes the model; every rank then loads exactly what is on disk."""
+        if dist.is_main():
+            checkpoint.save(path, module)
+        dist.barrier()
+        return checkpoint.load(path, device=self.device)
 
     @property
     def dataset(self):
@@ -223,6 +251,15 @@ class Run:
     # -- stages -------------------------------------------------------------------------------
 
     def prepare_dir(self) -> None:
+        if not dist.is_main():
+            dist.barrier()
+            return
+        try:
+            self._prepare_dir()
+        finally:
+            dist.barrier()
+
+    def _prepare_dir(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
         recipe_file = self.path("recipe.yaml")
         if os.path.exists(recipe_file):
@@ -250,6 +287,9 @@ class Run:
         priors = self.stage_priors(tokenizer, run="prior" in wanted) if any(
             s in wanted for s in ("prior", "sample", "evaluate")) else None
         result: dict[str, Any] = {}
+        if not dist.is_main():  # sampling, evaluation and the report run on rank 0
+            return result
+        self._collective = False  # the other ranks have left: no more barriers
         if "sample" in wanted or "evaluate" in wanted:
             self.stage_sample(tokenizer, priors)
         if "evaluate" in wanted:
@@ -285,8 +325,7 @@ class Run:
                               seed=self.recipe.seed, device=self.device, prepare=lambda b: b[0],
                               description=f"tokenizer ({self.recipe.tokenizer.name})")
             tokenizer = trainer.fit()
-        checkpoint.save(model_path, tokenizer)
-        self._tokenizer = checkpoint.load(model_path, device=self.device)  # exactly what is on disk
+        self._tokenizer = self._save_model(tokenizer, model_path)
         self._finish("tokenizer", fp, time.perf_counter() - t0)
         return self._tokenizer
 
@@ -299,6 +338,9 @@ class Run:
         if not self._begin("latents", fp):
             return
         t0 = time.perf_counter()
+        if not dist.is_main():  # rank 0 extracts the latents; the others wait for them
+            self._finish("latents", fp, 0.0)
+            return
         spec = self.recipe.latents
         train_idx, hold_idx = self._split()
         tokenizer.eval().to(self.device)
@@ -353,8 +395,7 @@ class Run:
                                   device=self.device, prepare=prepare,
                                   description=f"prior {level} ({self.resolved.prior_specs[level].name})")
                 prior = trainer.fit()
-            checkpoint.save(model_path, prior)
-            priors.append(checkpoint.load(model_path, device=self.device))
+            priors.append(self._save_model(prior, model_path))
             self._finish(stage, fp, time.perf_counter() - t0)
         self._priors = priors
         return priors

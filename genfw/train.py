@@ -6,6 +6,10 @@ Each group has its own AdamW optimizer and warm-up/cosine schedule; per step and
 ``param_groups()``, the trainer back-propagates each group's loss into that group's parameters
 only and steps its optimizer.
 
+Under ``torchrun`` every rank trains on its slice of each global batch and gradients are
+averaged across ranks before each optimizer step (data parallelism, with the same result as
+one process on the global batch); rank 0 alone writes checkpoints and logs.
+
 Everything needed to continue — weights, optimizers, schedulers, EMA, step, RNG states, the
 position in the data — is saved without pickle in ``train_state.safetensors`` every
 ``checkpoint_every`` steps, at the end, and on Ctrl-C; running again resumes, and on CPU with
@@ -133,6 +137,8 @@ class Trainer:
         self.ema = (AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(spec.ema_decay), use_buffers=True)
                     if spec.ema_decay else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and spec.precision == "fp16")
+        if dist.is_initialized():
+            dist.broadcast_module(self.module)  # every rank starts from rank 0's weights
         self.step = 0
         self._stop_requested = False
 
@@ -233,6 +239,10 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             if loss is not None and loss.requires_grad:
                 self.scaler.scale(loss).backward(inputs=params, retain_graph=True)
+                if dist.is_initialized():
+                    # Data parallel: each rank holds a slice of the global batch; the mean of
+                    # the slices' gradients is the global batch's gradient.
+                    dist.average_gradients(params)
                 if self.spec.grad_clip:
                     self.scaler.unscale_(opt)
                     logs[f"grad_norm/{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.spec.grad_clip))
