@@ -312,7 +312,7 @@ def test_odd_image_modes_load(tmp_path, mode):
     arr[:, 5:] = 255
     base = Image.fromarray(arr)
     if mode == "I;16":
-        img = Image.fromarray((arr.astype(np.uint16) * 257))
+        img = Image.fromarray(arr.astype(np.uint16) * 257)
     elif mode == "P":
         img = base.convert("RGB").convert("P")
     else:
