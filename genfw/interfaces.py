@@ -23,6 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from genfw.errors import ConfigError
+
 
 class Params(BaseModel):
     """Base of every component's params model: unknown keys are errors, values are validated."""
@@ -257,18 +259,20 @@ class Prior(Component, abc.ABC):
         """Per-sample negative log-likelihood (bits per token); exact or an upper bound."""
 
     def __init__(self, params: Params | dict | None = None, *, codebook_size: int, grid: list[int],
-                 num_classes: int = 0, context: list[list[int]] | None = None, backbone: Any,
+                 num_classes: int = 0, context: list[list[int]] | None = None, backbone: Any = None,
                  **construct: Any) -> None:
         if hasattr(backbone, "model_dump"):
             backbone = backbone.model_dump()
         super().__init__(params, codebook_size=int(codebook_size), grid=[int(g) for g in grid],
                          num_classes=int(num_classes or 0), context=[[int(v) for v in c] for c in (context or [])],
-                         backbone=dict(backbone), **construct)
+                         backbone=dict(backbone) if backbone is not None else None, **construct)
 
     def make_backbone(self, vocab_size: int, out_size: int | None = None, num_classes: int | None = None) -> Backbone:
         """Build this prior's backbone (from its ``backbone`` spec) with the vocabulary it needs."""
         from genfw.registry import build_backbone  # late: the registry imports this module
 
+        if self.construct.get("backbone") is None:
+            raise ConfigError(f"{type(self).__name__} was built without a backbone spec")
         return build_backbone(self.construct["backbone"], vocab_size=vocab_size,
                               out_size=self.codebook_size if out_size is None else out_size,
                               grid=list(self.grid), num_classes=self.num_classes if num_classes is None else num_classes,
