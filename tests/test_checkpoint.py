@@ -185,3 +185,21 @@ def test_no_pickle_based_loading_in_source():
                 if not (safe and rel in ALLOWED_TORCH_LOAD):
                     offenders.append(f"{rel}:{node.lineno} calls torch.load")
     assert not offenders, offenders
+
+
+def test_hostile_sizes_in_metadata_fail_before_allocating(tmp_path, prior):
+    """A header claiming a 100000x100000 grid must be rejected by the meta-device build."""
+    path = tmp_path / "p.safetensors"
+    genfw.save(path, prior)
+    _edit_meta(path, lambda m: m["components"][0]["construct"].__setitem__("grid", [100000, 100000]))
+    code = (
+        "import resource, genfw, genfw.checkpoint, genfw_sundae.sundae, genfw_transformer.transformer\n"
+        "from genfw.errors import CheckpointError\n"
+        "size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
+        "limit = size + (2 << 30)  # 2 GiB more than the imports need: a real build (640 GB) would fail\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+        f"try:\n    genfw.load({str(path)!r})\nexcept CheckpointError as e:\n    print('rejected:', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rejected:" in result.stdout and "shape" in result.stdout
