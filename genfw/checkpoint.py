@@ -34,6 +34,13 @@ from genfw.registry import Registry, component_name, get_registry
 
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # a header larger than this is not one of ours
+# Sizes a header may claim. Far beyond any real model; they stop a hostile file from making a
+# component that holds no tensor of that size (e.g. a grid for a backbone without learned
+# positions) allocate it later, and bound what construction may add beyond the file's tensors.
+MAX_GRID_TOKENS = 1 << 22  # 2048 x 2048 codes
+MAX_SIDE = 1 << 16  # pixels
+MAX_COUNT = 1 << 24  # codebook entries, classes, channels
+MAX_EXTRA_BYTES = 1 << 30  # non-persistent buffers beyond twice the tensors in the file
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -147,7 +154,8 @@ def read_header(data: bytes, source: str = "file") -> tuple[dict[str, Any], dict
         except Exception:  # noqa: BLE001
             raise CheckpointError(f"{source}: corrupt header entry for tensor '{key}'") from None
         if end > body or start > end:
-            raise CheckpointError(f"{source} is truncated: tensor '{key}' lies beyond the end of the file")
+            raise CheckpointError(f"{source} is truncated: tensor '{key}' lies beyond the end of the file "
+                                  "(copy or download it again)")
         if dtype not in _DTYPES:
             raise CheckpointError(f"{source}: tensor '{key}' has unsupported dtype {dtype}")
         numel = 1
@@ -224,11 +232,13 @@ def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor], sour
         msg = str(e).splitlines()
         raise CheckpointError(f"{source}: params of {comp['kind']} '{comp['name']}' are invalid: "
                               f"{' '.join(msg[:3])}") from None
+    _check_sizes(comp, source)
     # A first build on the meta device checks shapes against the file without allocating.
     try:
         with torch.device("meta"):
             probe = cls(params, **comp["construct"])
         _check_state(probe.state_dict(), state, comp, source)
+        _check_bytes(probe, state, comp, source)
         del probe
     except CheckpointError:
         raise
@@ -245,6 +255,53 @@ def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor], sour
     module.load_state_dict(state, strict=True)
     module.eval()
     return module
+
+
+def _check_sizes(comp: dict[str, Any], source: str) -> None:
+    """Bound the standard construction sizes (grid, resolution, codebook...) before any build."""
+    construct = comp["construct"]
+    if not isinstance(construct, dict):
+        raise CheckpointError(f"{source}: construct of {comp['kind']} '{comp['name']}' is not a mapping")
+
+    def ints(key: str, value: Any, limit: int) -> list[int]:
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise CheckpointError(f"{source}: {comp['kind']} '{comp['name']}' has an invalid {key} {value!r}")
+        if any(v < 0 or v > limit for v in values):
+            raise CheckpointError(f"{source}: {comp['kind']} '{comp['name']}' claims {key} {value}, beyond genfw's "
+                                  f"limit of {limit}: the file is corrupt or hostile")
+        return values
+
+    def grid(key: str, value: Any) -> None:
+        h, w = (ints(key, value, MAX_GRID_TOKENS) + [1])[:2]
+        if h * w > MAX_GRID_TOKENS:
+            raise CheckpointError(f"{source}: {comp['kind']} '{comp['name']}' claims a {key} of shape {h}x{w} ({h * w} "
+                                  f"tokens), beyond genfw's limit of {MAX_GRID_TOKENS} tokens: the file is corrupt or hostile")
+
+    for key in ("codebook_size", "num_classes", "channels"):
+        if construct.get(key) is not None:
+            ints(key, construct[key], MAX_COUNT)
+    if construct.get("resolution") is not None:
+        ints("resolution", construct["resolution"], MAX_SIDE)
+    if construct.get("grid") is not None:
+        grid("grid", construct["grid"])
+    for item in construct.get("context") or []:
+        if not isinstance(item, list) or len(item) != 3:
+            raise CheckpointError(f"{source}: {comp['kind']} '{comp['name']}' has an invalid context entry {item!r}")
+        ints("context codebook_size", item[0], MAX_COUNT)
+        grid("context grid", item[1:])
+
+
+def _check_bytes(probe: nn.Module, state: dict[str, torch.Tensor], comp, source) -> None:
+    """What the real build would allocate (known from the meta build) must be in proportion to the file."""
+    tensors = {id(t): t for t in [*probe.parameters(), *probe.buffers()]}
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    have = sum(t.numel() * t.element_size() for t in state.values())
+    if need > 2 * have + MAX_EXTRA_BYTES:
+        raise CheckpointError(
+            f"{source}: building {comp['kind']} '{comp['name']}' from its metadata would allocate {need / 2**30:.1f} GiB "
+            f"for {have / 2**20:.1f} MiB of tensors in the file: the file is corrupt or hostile"
+        )
 
 
 def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], comp, source) -> None:

@@ -122,9 +122,12 @@ class ImageFolder(ImageDataset):
                 raise DataError(f"dataset path does not exist: {path}")
             if not fs.isdir(root):
                 raise DataError(f"dataset path is not a folder: {path}")
+            if io.is_local(path) and not os.access(root, os.R_OK | os.X_OK):
+                raise PermissionError(root)  # a local walk would skip the folder silently
             files = sorted(f for f in fs.find(root) if f.lower().endswith(IMAGE_SUFFIXES))
         except PermissionError:
-            raise DataError(f"dataset path is not readable (permission denied): {path}") from None
+            raise DataError(f"dataset path is not readable (permission denied): {path}: fix its permissions "
+                            "(chmod -R a+rX) or run as a user who can read it") from None
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {path}")
         if self.params.limit:
@@ -163,6 +166,9 @@ class ImageFolder(ImageDataset):
                 tensor = to_tensor(img, self.resolution, self.channels)
         except DataError:
             raise
+        except PermissionError:
+            raise DataError(f"image file is not readable (permission denied): {name}: fix its permissions "
+                            "(chmod a+r) or remove it") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise DataError(f"corrupt or unreadable image {name}: {e}: remove or replace it") from None
         return tensor, labels[index]

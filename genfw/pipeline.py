@@ -500,7 +500,8 @@ def load_run_models(run_dir: str, device: torch.device | str = "cpu") -> tuple[T
     """Tokenizer, priors and extras (class names, sampler defaults) from a run directory."""
     tok_path = os.path.join(run_dir, "tokenizer", "model.safetensors")
     if not os.path.exists(tok_path):
-        raise CheckpointError(f"{run_dir} is not a finished genfw run directory (no tokenizer/model.safetensors)")
+        raise CheckpointError(f"{run_dir} is not a finished genfw run directory (no tokenizer/model.safetensors): "
+                              "give the folder `genfw run` wrote, after its tokenizer and prior stages")
     tokenizer = checkpoint.load(tok_path, device=device)
     priors = []
     for level in range(len(tokenizer.levels)):

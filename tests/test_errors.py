@@ -6,11 +6,16 @@ docs/errors.md lists the same cases with their messages; keep the two in sync.
 import errno
 import hashlib
 import json
+import os
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -18,6 +23,8 @@ from typer.testing import CliRunner
 import genfw
 from genfw import io as genfw_io
 from genfw.cli import app
+from genfw.errors import CheckpointError
+from genfw.registry import build
 
 TINY = {
     "name": "tiny",
@@ -74,9 +81,9 @@ def finished(tmp_path_factory):
     return root
 
 
-# Each case: (id, setup(tmp, finished) -> (argv, protected paths), expected message fragment, exit code)
+# Each case: (id, setup(tmp, finished, monkeypatch) -> (argv, protected paths), message fragment, exit code)
 def _recipe_case(recipe_or_text, *extra):
-    def setup(tmp, fin):
+    def setup(tmp, fin, mp):
         path = tmp / "r.yaml"
         if isinstance(recipe_or_text, str):
             path.write_text(recipe_or_text)
@@ -87,14 +94,14 @@ def _recipe_case(recipe_or_text, *extra):
 
 
 def _run_case(make_recipe, *extra):
-    def setup(tmp, fin):
+    def setup(tmp, fin, mp):
         path = write_recipe(tmp, make_recipe(tmp))
         return ["run", str(path), "--output-dir", str(tmp / "run"), *extra], []
     return setup
 
 
 def _ckpt_case(corrupt):
-    def setup(tmp, fin):
+    def setup(tmp, fin, mp):
         path = tmp / "p.safetensors"
         path.write_bytes((fin / "prior.safetensors").read_bytes())
         corrupt(path)
@@ -137,7 +144,7 @@ def _mixed_recipe(tmp):
 
 
 def _files_case(make_folder, **params):
-    def setup(tmp, fin):
+    def setup(tmp, fin, mp):
         folder = make_folder(tmp / "data")
         path = write_recipe(tmp, folder_recipe(folder, **params))
         return ["run", str(path), "--output-dir", str(tmp / "run")], []
@@ -162,26 +169,67 @@ def empty_folder(folder):
     return folder
 
 
-def _other_recipe_run(tmp, fin):
+def _other_recipe_run(tmp, fin, mp):
     other = write_recipe(tmp, {**TINY, "name": "other"})
     return ["run", str(other), "--output-dir", str(fin / "run")], [fin / "run" / "prior0" / "model.safetensors"]
 
 
-def _mask_case(tmp, fin):
+def _mask_case(tmp, fin, mp):
     sample = sorted((fin / "run" / "samples").glob("00000_*.png"))[0]
     Image.fromarray(np.zeros((3, 7), dtype=np.uint8)).save(tmp / "mask.png")
     return ["inpaint", str(fin / "bundle.safetensors"), "--image", str(sample), "--mask", str(tmp / "mask.png")], []
 
 
-def _empty_mask_case(tmp, fin):
+def _empty_mask_case(tmp, fin, mp):
     sample = sorted((fin / "run" / "samples").glob("00000_*.png"))[0]
     Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp / "mask.png")
     return ["inpaint", str(fin / "bundle.safetensors"), "--image", str(sample), "--mask", str(tmp / "mask.png")], []
 
 
+def _codebook_mismatch(tmp, fin, mp):
+    """A tokenizer checkpoint with 8 codes and a prior checkpoint trained for 4."""
+    tok, prior = tmp / "tok.safetensors", tmp / "prior.safetensors"
+    genfw.save(tok, build("tokenizer", "pixels", {"levels": 8}, channels=1, resolution=[4, 4]))
+    prior.write_bytes((fin / "prior.safetensors").read_bytes())
+    recipe = {**TINY, "tokenizer": {"name": "pixels", "checkpoint": str(tok)},
+              "prior": {**TINY["prior"], "checkpoint": str(prior)}}
+    return ["run", str(write_recipe(tmp, recipe)), "--output-dir", str(tmp / "run")], [tok, prior]
+
+
+def _hostile_grid(tmp, fin, mp):
+    """A backbone without learned positions: only the bound on sizes stops a 10^10-token grid."""
+    path = tmp / "p.safetensors"
+    genfw.save(path, build("prior", "sundae", {}, codebook_size=4, grid=[4, 4], num_classes=0, context=[],
+                           backbone={"name": "hourglass", "params": {"dim": 16, "depth": [1, 1, 1], "heads": 2}}))
+    edit_meta(path, lambda m: m["components"][0]["construct"].__setitem__("grid", [100000, 100000]))
+    return ["sample", str(path)], [path]
+
+
+def _unreadable_folder(tmp, fin, mp):
+    folder = images_folder(tmp / "data")
+    real = os.access
+    mp.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == folder else real(p, mode, **kw))
+    return ["run", str(write_recipe(tmp, folder_recipe(folder))), "--output-dir", str(tmp / "run")], []
+
+
+def _unreadable_image(tmp, fin, mp):
+    folder = images_folder(tmp / "data")
+    import fsspec.implementations.local as local
+
+    real = local.LocalFileSystem._open
+
+    def deny(self, path, mode="rb", **kw):
+        if path.endswith("1.png"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(self, path, mode, **kw)
+
+    mp.setattr(local.LocalFileSystem, "_open", deny)
+    return ["run", str(write_recipe(tmp, folder_recipe(folder))), "--output-dir", str(tmp / "run")], []
+
+
 CASES = [
     ("malformed-yaml", _recipe_case("name: x\nprior: [unclosed\n"), "malformed YAML at line", 2),
-    ("recipe-missing", lambda tmp, fin: (["validate", str(tmp / "nope.yaml")], []), "recipe not found", 2),
+    ("recipe-missing", lambda tmp, fin, mp: (["validate", str(tmp / "nope.yaml")], []), "recipe not found", 2),
     ("recipe-not-mapping", _recipe_case("- just\n- a list\n"), "must be a YAML mapping", 2),
     ("missing-section", _recipe_case({k: v for k, v in TINY.items() if k != "tokenizer"}),
      "tokenizer: required key missing", 2),
@@ -199,6 +247,8 @@ CASES = [
     ("ar-on-2d-hourglass", _run_case(_mixed_recipe), "needs a causal backbone", 2),
     ("dataset-missing", _run_case(lambda tmp: folder_recipe(tmp / "nowhere")), "dataset path does not exist", 1),
     ("dataset-empty", _files_case(empty_folder), "no images", 1),
+    ("dataset-unreadable", _unreadable_folder, "dataset path is not readable (permission denied)", 1),
+    ("image-unreadable", _unreadable_image, "image file is not readable (permission denied)", 1),
     ("corrupt-image", _files_case(corrupt_image), "corrupt or unreadable image", 1),
     ("zero-byte-image", _files_case(zero_byte), "zero-byte", 1),
     ("resolution-not-divisible", _run_case(lambda tmp: {**folder_recipe(images_folder(tmp / "d"), resolution=10),
@@ -210,19 +260,21 @@ CASES = [
     ("checkpoint-shapes-mismatch", _ckpt_case(wrong_shapes), "has shape", 1),
     ("checkpoint-newer-format", _ckpt_case(newer), "newer than this genfw", 1),
     ("checkpoint-needs-plugin", _ckpt_case(foreign_plugin), "pip install genfw-maskgit", 1),
-    ("model-is-not-a-bundle", lambda tmp, fin: (["sample", str(fin / "prior.safetensors")], []),
+    ("checkpoint-hostile-sizes", _hostile_grid, "beyond genfw's limit", 1),
+    ("codebook-mismatch", _codebook_mismatch, "has codebook_size 4 but tokenizer level 0 needs 8", 2),
+    ("model-is-not-a-bundle", lambda tmp, fin, mp: (["sample", str(fin / "prior.safetensors")], []),
      "not a pipeline bundle", 1),
     ("run-dir-of-other-recipe", _other_recipe_run, "belongs to recipe 'tiny'", 2),
-    ("label-out-of-range", lambda tmp, fin: (["sample", str(fin / "bundle.safetensors"), "--label", "7",
+    ("label-out-of-range", lambda tmp, fin, mp: (["sample", str(fin / "bundle.safetensors"), "--label", "7",
                                               "--out", str(tmp / "s")], []), "out of range", 2),
     ("inpaint-mask-wrong-size", _mask_case, "mask", 2),
     ("inpaint-mask-empty", _empty_mask_case, "selects no pixels", 2),
-    ("unknown-stage", lambda tmp, fin: (["run", str(write_recipe(tmp, TINY)), "--stages", "train",
+    ("unknown-stage", lambda tmp, fin, mp: (["run", str(write_recipe(tmp, TINY)), "--stages", "train",
                                          "--output-dir", str(tmp / "run")], []),
      "unknown stage", 2),
-    ("cuda-unavailable", lambda tmp, fin: (["sample", str(fin / "bundle.safetensors"), "--device", "cuda"], []),
+    ("cuda-unavailable", lambda tmp, fin, mp: (["sample", str(fin / "bundle.safetensors"), "--device", "cuda"], []),
      "CUDA is not available", 2),
-    ("not-a-run-dir", lambda tmp, fin: (["export", str(tmp), "-o", str(tmp / "x.safetensors")], []),
+    ("not-a-run-dir", lambda tmp, fin, mp: (["export", str(tmp), "-o", str(tmp / "x.safetensors")], []),
      "not a finished genfw run directory", 1),
 ]
 
@@ -232,11 +284,11 @@ def _digest(paths):
 
 
 @pytest.mark.parametrize(("setup", "fragment", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(setup, fragment, code, tmp_path, finished):
-    argv, protected = setup(tmp_path, finished)
+def test_bad_input(setup, fragment, code, tmp_path, finished, monkeypatch):
+    argv, protected = setup(tmp_path, finished, monkeypatch)
     before = _digest(protected)
     result = CliRunner().invoke(app, argv)
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert result.exit_code == code, result.output
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert fragment in lines[0], lines[0]
@@ -244,14 +296,87 @@ def test_bad_input(setup, fragment, code, tmp_path, finished):
     assert _digest(protected) == before, "a file that existed before was changed"
 
 
+# The same through a real process: what a user sees on stderr, nothing else, and the exit code.
+SUBPROCESS_CASES = ["malformed-yaml", "checkpoint-not-safetensors", "dataset-missing", "codebook-mismatch"]
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
+def test_bad_input_in_a_real_process(case, tmp_path, finished, monkeypatch):
+    _, setup, fragment, code = next(c for c in CASES if c[0] == case)
+    argv, protected = setup(tmp_path, finished, monkeypatch)
+    before = _digest(protected)
+    env = {**os.environ, "GENFW_PLUGINS": "genfw", "GENFW_PROGRESS": "0"}
+    result = subprocess.run([sys.executable, "-m", "genfw", *argv], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert _digest(protected) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode (the monkeypatched "
+                                                "dataset-unreadable and image-unreadable cases cover it)")
+def test_chmod_000_dataset(tmp_path):
+    folder = images_folder(tmp_path / "data")
+    recipe = write_recipe(tmp_path, folder_recipe(folder))
+    folder.chmod(0)
+    try:
+        result = CliRunner().invoke(app, ["run", str(recipe), "--output-dir", str(tmp_path / "run")])
+    finally:
+        folder.chmod(0o755)
+    assert result.exit_code == 1 and "not readable (permission denied)" in result.stderr, result.output
+
+
+class HugeBuffer(torch.nn.Module):
+    """A component whose non-persistent buffer (not in any file) is sized by its metadata."""
+
+    class Params(genfw.interfaces.Params):
+        pass
+
+    kind = "prior"
+
+    def __init__(self, params=None, size: int = 4):
+        super().__init__()
+        self.params, self.construct = params or self.Params(), {"size": size}
+        self.weight = torch.nn.Parameter(torch.zeros(4))
+        self.register_buffer("table", torch.zeros(size), persistent=False)
+
+
+def test_metadata_cannot_make_construction_allocate(tmp_path):
+    """A size only a non-persistent buffer uses is caught by the meta build's byte count."""
+    from genfw.hookspecs import hookimpl
+    from genfw.registry import Registry
+
+    class Plugin:
+        @hookimpl
+        def genfw_register(self, registry):
+            registry.register("prior", "huge", HugeBuffer)
+
+    registry = Registry()
+    registry.add_plugin(Plugin(), "huge")
+    path = tmp_path / "h.safetensors"
+    module = HugeBuffer()
+    module._genfw_name = "huge"
+    genfw.save(path, module)
+    assert torch.equal(genfw.checkpoint.load(path, registry).weight, module.weight)
+    edit_meta(path, lambda m: m["components"][0]["construct"].__setitem__("size", 1 << 40))  # 4 TiB
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="would allocate 4096.0 GiB"):  # not a failed 4 TiB allocation
+        genfw.checkpoint.load(path, registry)
+    assert time.perf_counter() - t0 < 5
+
+
 def test_table_has_at_least_25_distinct_cases():
     assert len({c[0] for c in CASES}) == len(CASES) >= 25
 
 
-def test_docs_list_every_case():
+def test_docs_list_every_case_with_its_message_and_exit_code():
     doc = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
-    missing = [c[0] for c in CASES if f"`{c[0]}`" not in doc]
-    assert not missing, f"docs/errors.md lacks {missing}"
+    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines() if line.startswith("| `")}
+    for case_id, _, fragment, code in CASES:
+        assert case_id in rows, f"docs/errors.md lacks {case_id}"
+        assert fragment in rows[case_id] and rows[case_id].rstrip().endswith(f"| {code} |"), rows[case_id]
 
 
 def test_disk_full_keeps_the_old_file(tmp_path, finished, monkeypatch):

@@ -37,7 +37,7 @@ class VQTokenizer(Tokenizer):
         if h % factor or w % factor:
             raise ConfigError(
                 f"{type(self).__name__}: image size {h}x{w} is not divisible by the total "
-                f"downsampling factor {factor}"
+                f"downsampling factor {factor}: choose a data.params.resolution divisible by {factor}"
             )
 
     def quantizers(self) -> list[VectorQuantizer]:
