@@ -154,7 +154,9 @@ def run(
         _print_plan(pipeline.plan())
         return
     metrics = pipeline.run(stages.split(",") if stages else None)
-    if dist.is_main():
+    main = dist.is_main()
+    dist.destroy()  # under torchrun; the other ranks left the pipeline after training
+    if main:
         out.print(f"[green]✓[/green] run finished: {pipeline.dir}")
     if metrics:
         _print_metrics(metrics)

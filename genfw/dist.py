@@ -35,6 +35,12 @@ def init_from_env() -> bool:
     return True
 
 
+def destroy() -> None:
+    """Leave the process group (at the end of a ``torchrun`` command)."""
+    if is_initialized():
+        td.destroy_process_group()
+
+
 def barrier() -> None:
     if is_initialized():
         td.barrier()
@@ -55,17 +61,51 @@ def broadcast_module(module: torch.nn.Module) -> None:
             td.broadcast(t.data, src=0)
 
 
+BUCKET_ELEMENTS = 1 << 25  # gradients are averaged in flat buckets of at most this many elements
+
+
 def average_gradients(params) -> None:
-    """All-reduce and average the gradients of ``params`` (one flat buffer per call)."""
+    """Average the gradients of ``params`` over ranks, as one process would see the global batch.
+
+    A parameter can have a gradient on some ranks and none on others (a data-dependent branch
+    was taken only there): it gets the average with zeros standing in for the missing ones, and
+    keeps ``grad = None`` only when no rank has a gradient, so every rank's optimizer takes the
+    same step. Gradients travel in flat buckets, with one flag per parameter in the first.
+    """
     if not is_initialized():
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    params = [p for p in params if p.requires_grad]
+    if not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    td.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    world = world_size()
+    device, dtype = params[0].device, params[0].dtype
+    for p in params[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    flags = torch.tensor([float(p.grad is not None) for p in params], device=device, dtype=dtype)
+    buckets: list[list[torch.nn.Parameter]] = [[]]
+    size = 0
+    for p in params:
+        if buckets[-1] and size + p.numel() > BUCKET_ELEMENTS:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel()
+    index = {id(p): i for i, p in enumerate(params)}
+    for b, bucket in enumerate(buckets):
+        parts = [p.grad.reshape(-1).to(dtype) if p.grad is not None
+                 else torch.zeros(p.numel(), device=device, dtype=dtype) for p in bucket]
+        flat = torch.cat(([flags] if b == 0 else []) + parts)
+        td.all_reduce(flat)
+        if b == 0:
+            flags, flat = flat[: len(params)], flat[len(params) :]
+        flat /= world
+        offset = 0
+        for p in bucket:
+            g = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if flags[index[id(p)]] == 0:
+                continue  # no rank has a gradient for it
+            if p.grad is None:
+                p.grad = g.to(p.dtype).clone()
+            else:
+                p.grad.copy_(g)

@@ -33,7 +33,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from genfw import checkpoint, dist, io
 from genfw.config import TrainSpec
-from genfw.errors import TrainingError
+from genfw.errors import ConfigError, TrainingError
 from genfw.progress import progress_bar
 
 STATE_FILE = "train_state.safetensors"
@@ -124,6 +124,12 @@ class Trainer:
         self.module, self.dataset, self.spec = module, dataset, spec
         self.out_dir, self.seed, self.device = os.fspath(out_dir), seed, torch.device(device)
         self.prepare, self.collate_fn, self.description, self.on_step = prepare, collate_fn, description, on_step
+        world = dist.world_size()
+        if spec.batch_size % world:
+            raise ConfigError(
+                f"{description}: batch_size {spec.batch_size} is not divisible by the {world} processes of this "
+                f"torchrun: every process must get an equal share of the global batch (use a multiple of {world})"
+            )
         self.module.to(self.device)
         self.groups = {k: v for k, v in module.param_groups().items() if v}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -215,6 +221,9 @@ class Trainer:
         import json
 
         os.makedirs(self.out_dir, exist_ok=True)
+        # The one file not written through genfw.io: an append-only log, one JSON line per
+        # record. A crash can at worst cut its last line, which the report skips; resuming
+        # never reads it.
         with open(os.path.join(self.out_dir, LOG_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
 

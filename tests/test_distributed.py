@@ -11,9 +11,12 @@ import torch.distributed as td
 import torch.multiprocessing as mp
 import yaml
 from torch import nn
+from typer.testing import CliRunner
 
 from genfw import checkpoint
+from genfw.cli import app
 from genfw.config import TrainSpec
+from genfw.errors import ConfigError
 from genfw.interfaces import Component, StepOutput
 from genfw.train import Trainer
 
@@ -21,16 +24,25 @@ SPEC = TrainSpec(steps=12, batch_size=8, lr=0.05, checkpoint_every=3, log_every=
 
 
 class Net(Component):
-    """A deterministic little regression net (no randomness in the loss)."""
+    """A deterministic little regression net (no randomness in the loss).
+
+    ``rare`` only takes part for targets above 0.8, so on some steps one rank has a gradient
+    for it and the other has none: the averaging must still agree with one process.
+    """
 
     def __init__(self, params=None, **construct):
         super().__init__(params, **construct)
         torch.manual_seed(0)
         self.body = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.rare = nn.Parameter(torch.zeros(()))
 
     def training_step(self, batch, step):
         x, y = batch
-        return StepOutput({"main": (self.body(x).squeeze(-1) - y).pow(2).mean()})
+        pred = self.body(x).squeeze(-1)
+        hit = y > 0.8
+        if hit.any():
+            pred = pred + torch.where(hit, self.rare, torch.zeros(()))
+        return StepOutput({"main": (pred - y).pow(2).mean()})
 
 
 def data():
@@ -45,13 +57,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str, steps_list: list[int]) -> None:
+def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[int]]]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GENFW_PROGRESS="0")
     torch.set_num_threads(1)
     td.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for steps in steps_list:  # several fits = interrupted and resumed
-            Trainer(Net(), data(), SPEC.model_copy(update={"steps": steps}), out).fit()
+        for out, steps_list in jobs:
+            for steps in steps_list:  # several fits into one folder = interrupted and resumed
+                Trainer(Net(), data(), SPEC.model_copy(update={"steps": steps}), out).fit()
+        try:
+            Trainer(Net(), data(), SPEC.model_copy(update={"batch_size": 7}), jobs[0][0] + "-odd")
+            raise AssertionError("an odd global batch was accepted")
+        except ConfigError as e:
+            assert "not divisible by the 2 processes" in str(e)
     finally:
         td.destroy_process_group()
 
@@ -65,40 +83,52 @@ def _weights(out: str) -> dict:
 def test_two_gloo_processes_match_one_process_and_resume(tmp_path):
     single = str(tmp_path / "single")
     Trainer(Net(), data(), SPEC, single).fit()
-
-    straight = str(tmp_path / "ddp")
-    mp.spawn(_worker, args=(2, _free_port(), straight, [SPEC.steps]), nprocs=2, join=True)
-    resumed = str(tmp_path / "ddp-resumed")
-    mp.spawn(_worker, args=(2, _free_port(), resumed, [6]), nprocs=2, join=True)
-    mp.spawn(_worker, args=(2, _free_port(), resumed, [SPEC.steps]), nprocs=2, join=True)
+    straight, resumed = str(tmp_path / "ddp"), str(tmp_path / "ddp-resumed")
+    mp.spawn(_worker, args=(2, _free_port(), [(straight, [SPEC.steps]), (resumed, [5, SPEC.steps])]),
+             nprocs=2, join=True)
 
     one, two, again = _weights(single), _weights(straight), _weights(resumed)
+    assert float(one["rare"]) != 0.0, "the rarely used parameter never trained: the test proves nothing"
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5), k  # same global batch: same training
         assert torch.equal(two[k], again[k]), k  # a resumed distributed run continues exactly
 
 
+RECIPE = {
+    "name": "ddp",
+    "seed": 3,
+    "data": {"name": "synthetic", "params": {"size": 24, "resolution": 4, "num_classes": 2}},
+    "tokenizer": {"name": "pixels", "params": {"levels": 4}},
+    # autoregressive: a loss without random draws, so two ranks can match one process
+    "prior": {"name": "autoregressive",
+              "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2, "dropout": 0.0}}},
+    "train": {"prior": {"steps": 6, "batch_size": 4, "lr": 0.003}},
+    "latents": {"holdout": 0.25},
+    "sample": {"n": 2, "batch_size": 2},
+    "evaluate": {"metrics": ["nll"]},
+}
+
+
 @pytest.mark.slow
-def test_torchrun_runs_the_pipeline(tmp_path):
-    recipe = {
-        "name": "ddp",
-        "data": {"name": "synthetic", "params": {"size": 24, "resolution": 4, "num_classes": 2}},
-        "tokenizer": {"name": "pixels", "params": {"levels": 4}},
-        "prior": {"name": "sundae", "params": {"unroll_steps": 2},
-                  "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}}},
-        "train": {"prior": {"steps": 4, "batch_size": 4}},
-        "latents": {"holdout": 0.25},
-        "sample": {"n": 2, "batch_size": 2, "params": {"steps": 2, "min_steps": 1}},
-        "evaluate": {"metrics": ["nll"]},
-    }
+def test_torchrun_trains_the_prior_like_one_process(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(RECIPE))
     env = {**os.environ, "GENFW_PLUGINS": "genfw", "GENFW_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "genfw", "run", str(path), "--output-dir", str(tmp_path / "run")]
+           "-m", "genfw", "run", str(path), "--output-dir", str(tmp_path / "ddp")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert (tmp_path / "run" / "prior0" / "model.safetensors").exists()
-    assert (tmp_path / "run" / "metrics.json").exists() and (tmp_path / "run" / "samples" / "grid.png").exists()
+    assert (tmp_path / "ddp" / "metrics.json").exists() and (tmp_path / "ddp" / "samples" / "grid.png").exists()
+    assert result.stdout.count("run finished") == 1  # rank 0 alone reports
+
+    single = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(tmp_path / "one"),
+                                      "--stages", "tokenizer,latents,prior"])
+    assert single.exit_code == 0, single.output
+    a, _ = checkpoint.read(tmp_path / "one" / "prior0" / "model.safetensors")
+    b, _ = checkpoint.read(tmp_path / "ddp" / "prior0" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 0 and "unchanged, reused" in again.stdout + again.stderr
+    assert again.returncode == 0 and "prior0: unchanged, reused" in again.stdout + again.stderr
