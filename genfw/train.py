@@ -222,10 +222,14 @@ class Trainer:
 
         os.makedirs(self.out_dir, exist_ok=True)
         # The one file not written through genfw.io: an append-only log, one JSON line per
-        # record. A crash can at worst cut its last line, which the report skips; resuming
-        # never reads it.
-        with open(os.path.join(self.out_dir, LOG_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        # record. A crash can at worst cut its last line, which the report skips (and which is
+        # ended here, so that it does not swallow the next record); resuming never reads it.
+        with open(os.path.join(self.out_dir, LOG_FILE), "ab+") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps(record) + "\n").encode())
 
     def _train_step(self, batch: Any) -> dict[str, float]:
         with autocast_context(self.device, self.spec.precision):
