@@ -429,23 +429,57 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert checkpoint.unpack(meta["tree"], tensors)["step"] == 4
 
 
-@pytest.mark.parametrize("mode", ["CMYK", "I;16", "RGBA", "LA", "P"])
-def test_odd_image_modes_load(tmp_path, mode):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
+def _half(mode):
+    """A 6x10 image, black on the left half and white on the right, in ``mode``."""
     arr = np.zeros((6, 10), dtype=np.uint8)
     arr[:, 5:] = 255
-    base = Image.fromarray(arr)
     if mode == "I;16":
-        img = Image.fromarray(arr.astype(np.uint16) * 257)
-    elif mode == "P":
-        img = base.convert("RGB").convert("P")
-    else:
-        img = base.convert(mode)
-    img.save(folder / ("x.jpg" if mode == "CMYK" else "x.png"))  # PNG cannot hold CMYK
+        return Image.fromarray(arr.astype(np.uint16) * 257)  # 16-bit: white is 65535
+    if mode == "P":
+        return Image.fromarray(arr).convert("RGB").convert("P")
+    return Image.fromarray(arr).convert(mode)
+
+
+def _transparent():
+    """RGBA: the left half fully transparent black, which must come out white (over white)."""
+    arr = np.zeros((6, 10, 4), dtype=np.uint8)
+    arr[:, 5:] = 255
+    return Image.fromarray(arr, "RGBA")
+
+
+def _odd_size():
+    """A 7x13 RGB image for a 6x10 recipe: resized on the short side and centre-cropped."""
+    arr = np.zeros((7, 13, 3), dtype=np.uint8)
+    arr[:, 7:] = 255
+    return Image.fromarray(arr)
+
+
+# Not errors: these must load, with the right values. (name, image, file suffix, channels,
+# expected value at the left and the right edge of the first row)
+ODD_IMAGES = [
+    ("CMYK", lambda: _half("CMYK"), "jpg", 1, (-1, 1)),  # PNG cannot hold CMYK
+    ("16-bit", lambda: _half("I;16"), "png", 1, (-1, 1)),
+    # 16-bit mid-grey must stay mid-grey (a plain 8-bit conversion clips it to white)
+    ("16-bit-grey", lambda: Image.fromarray(np.full((6, 10), 128 * 257, dtype=np.uint16)), "png", 1, (0, 0)),
+    ("RGBA", lambda: _half("RGBA"), "png", 1, (-1, 1)),
+    ("LA", lambda: _half("LA"), "png", 1, (-1, 1)),
+    ("palette", lambda: _half("P"), "png", 1, (-1, 1)),
+    ("alpha-over-white", _transparent, "png", 1, (1, 1)),
+    ("grey-as-RGB", lambda: _half("L"), "png", 3, (-1, 1)),
+    ("odd-size", _odd_size, "png", 3, (-1, 1)),
+]
+
+
+@pytest.mark.parametrize(("make", "suffix", "channels", "edges"), [c[1:] for c in ODD_IMAGES],
+                         ids=[c[0] for c in ODD_IMAGES])
+def test_odd_images_load(tmp_path, make, suffix, channels, edges):
     from genfw.data import ImageFolder
 
-    data = ImageFolder({"path": str(folder), "resolution": [6, 10], "channels": 1})
-    image, _ = data[0]
-    assert image.shape == (1, 6, 10)
-    assert float(image[0, 0, 0]) < -0.9 and float(image[0, 0, 9]) > 0.9
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    make().save(folder / f"x.{suffix}")
+    image, _ = ImageFolder({"path": str(folder), "resolution": [6, 10], "channels": channels})[0]
+    assert image.shape == (channels, 6, 10)
+    left, right = image[:, 0, 0], image[:, 0, 9]
+    assert torch.allclose(left, torch.full_like(left, float(edges[0])), atol=0.1), left
+    assert torch.allclose(right, torch.full_like(right, float(edges[1])), atol=0.1), right
