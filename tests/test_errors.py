@@ -297,7 +297,7 @@ def test_bad_input(setup, fragment, code, tmp_path, finished, monkeypatch):
 
 
 # The same through a real process: what a user sees on stderr, nothing else, and the exit code.
-SUBPROCESS_CASES = ["malformed-yaml", "checkpoint-not-safetensors", "dataset-missing", "codebook-mismatch"]
+SUBPROCESS_CASES = ["malformed-yaml", "checkpoint-not-safetensors", "codebook-mismatch"]
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
