@@ -18,14 +18,16 @@ def read_log(path: str) -> list[dict[str, Any]]:
     """Records of a trainer's ``log.jsonl`` (missing file -> empty)."""
     if not os.path.exists(path):
         return []
-    out = []
+    by_step: dict[Any, dict[str, Any]] = {}
     with open(path) as f:
         for line in f:
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-    return out
+            # a resumed run logs the steps after its last checkpoint again: keep the latest
+            by_step[record.get("step")] = record
+    return list(by_step.values())
 
 
 def plot_curves(logs: dict[str, list[dict[str, Any]]], target: str) -> bool:
