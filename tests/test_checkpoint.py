@@ -2,13 +2,13 @@
 
 import ast
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import edit_meta
 
 import genfw
 from genfw import checkpoint
@@ -88,22 +88,12 @@ def test_corrupted_header(tmp_path, prior):
         genfw.load(path)
 
 
-def _edit_meta(path: Path, edit) -> None:
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    meta = json.loads(header["__metadata__"]["genfw"])
-    edit(meta)
-    header["__metadata__"]["genfw"] = json.dumps(meta)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 def test_edited_metadata_not_matching_tensors(tmp_path, prior):
     path = tmp_path / "p.safetensors"
     genfw.save(path, prior)
-    _edit_meta(path, lambda m: m["components"][0]["construct"].__setitem__("codebook_size", 99))
+    edit_meta(path, lambda m: m["components"][0]["construct"].__setitem__("codebook_size", 99))
     with pytest.raises(CheckpointError, match="shape") as e:
         genfw.load(path)
     _one_line(e.value)
@@ -112,7 +102,7 @@ def test_edited_metadata_not_matching_tensors(tmp_path, prior):
 def test_newer_format_and_missing_plugin(tmp_path, prior):
     path = tmp_path / "p.safetensors"
     genfw.save(path, prior)
-    _edit_meta(path, lambda m: m.__setitem__("format_version", 99))
+    edit_meta(path, lambda m: m.__setitem__("format_version", 99))
     with pytest.raises(CheckpointError, match="newer"):
         genfw.load(path)
     genfw.save(path, prior)
@@ -120,7 +110,7 @@ def test_newer_format_and_missing_plugin(tmp_path, prior):
     def foreign(m):
         m["components"][0].update(name="maskgit", dist="genfw-maskgit", version="0.3")
 
-    _edit_meta(path, foreign)
+    edit_meta(path, foreign)
     with pytest.raises(PluginError, match="pip install genfw-maskgit"):
         genfw.load(path)
 
@@ -128,7 +118,7 @@ def test_newer_format_and_missing_plugin(tmp_path, prior):
 def test_metadata_cannot_name_import_paths(tmp_path, prior):
     path = tmp_path / "p.safetensors"
     genfw.save(path, prior)
-    _edit_meta(path, lambda m: m["components"][0].update(name="os:system"))
+    edit_meta(path, lambda m: m["components"][0].update(name="os:system"))
     with pytest.raises(PluginError, match="unknown prior 'os:system'|needs prior 'os:system'"):
         genfw.load(path)
 
@@ -191,7 +181,7 @@ def test_hostile_sizes_in_metadata_fail_before_allocating(tmp_path, prior):
     """A header claiming a 100000x100000 grid must be rejected by the meta-device build."""
     path = tmp_path / "p.safetensors"
     genfw.save(path, prior)
-    _edit_meta(path, lambda m: m["components"][0]["construct"].__setitem__("grid", [100000, 100000]))
+    edit_meta(path, lambda m: m["components"][0]["construct"].__setitem__("grid", [100000, 100000]))
     code = (
         "import resource, genfw, genfw.checkpoint, genfw_sundae.sundae, genfw_transformer.transformer\n"
         "from genfw.errors import CheckpointError\n"

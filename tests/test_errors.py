@@ -5,9 +5,7 @@ docs/errors.md lists the same cases with their messages; keep the two in sync.
 
 import errno
 import hashlib
-import json
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import edit_meta
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -56,16 +55,6 @@ def folder_recipe(path: Path, **params) -> dict:
     return {**TINY, "data": {"name": "folder", "params": {"path": str(path), "resolution": 4, "channels": 1, **params}}}
 
 
-def edit_meta(path: Path, edit) -> None:
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    meta = json.loads(header["__metadata__"]["genfw"])
-    edit(meta)
-    header["__metadata__"]["genfw"] = json.dumps(meta)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,15 @@ def _cut(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, window: tuple[
     return rearrange(windows, "b nh nw h w ... -> (b nh nw) h w ...")
 
 
+def target_grid(train_grid: tuple[int, int], grid=None, init: torch.Tensor | None = None) -> tuple[int, int]:
+    """The grid to sample: ``init``'s, else ``grid``, else the training grid; never smaller."""
+    target = tuple(init.shape[1:]) if init is not None else tuple(grid) if grid is not None else tuple(train_grid)
+    if len(target) != 2 or target[0] < train_grid[0] or target[1] < train_grid[1]:
+        raise ValueError(f"cannot sample a {target} grid with a prior trained on {tuple(train_grid)}: "
+                         f"grids must be at least the training grid")
+    return int(target[0]), int(target[1])
+
+
 @dataclass
 class Windows:
     """Training-size windows over a larger grid, all processed as one batch.

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
-from genfw.nn.sampling import Windows, categorical, rand, randint, tempered
+from genfw.nn.sampling import Windows, categorical, rand, randint, target_grid, tempered
 
 
 class Absorbing(Prior):
@@ -107,13 +107,6 @@ class Absorbing(Prior):
         # eq. 8: average the windows' probabilities at each position, then apply temperature.
         return tempered(windows.merge(probs), temperature)
 
-    def _target_grid(self, grid: Any, init: torch.Tensor | None) -> tuple[int, int]:
-        target = tuple(init.shape[1:]) if init is not None else tuple(grid) if grid is not None else self.grid
-        if len(target) != 2 or target[0] < self.grid[0] or target[1] < self.grid[1]:
-            raise ValueError(f"cannot sample a {target} grid with a prior trained on {self.grid}: "
-                             f"grids must be at least the training grid")
-        return int(target[0]), int(target[1])
-
     # -- the Prior interface -----------------------------------------------------------------
 
     def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
@@ -152,7 +145,7 @@ class Absorbing(Prior):
         if sp.steps > self.params.timesteps:
             raise ValueError(f"steps ({sp.steps}) cannot exceed the prior's timesteps T = {self.params.timesteps}")
         device = self._device()
-        target = self._target_grid(grid, init)
+        target = target_grid(self.grid, grid, init)
         windows = None if target == self.grid else Windows(target, self.grid, (sp.window_stride,) * 2)
         labels = labels.to(device).long() if labels is not None else None
         context = [c.to(device) for c in context] if context else None

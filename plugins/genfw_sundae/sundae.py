@@ -25,7 +25,7 @@ from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
-from genfw.nn.sampling import Windows, categorical, rand, randint, tempered
+from genfw.nn.sampling import Windows, categorical, rand, randint, target_grid, tempered
 
 
 class Sundae(Prior):
@@ -109,13 +109,6 @@ class Sundae(Prior):
         # eq. 8: average the windows' probabilities at each position, then apply temperature.
         return tempered(windows.merge(probs), temperature)
 
-    def _target_grid(self, grid: Any, init: torch.Tensor | None) -> tuple[int, int]:
-        target = tuple(init.shape[1:]) if init is not None else tuple(grid) if grid is not None else self.grid
-        if len(target) != 2 or target[0] < self.grid[0] or target[1] < self.grid[1]:
-            raise ValueError(f"cannot sample a {target} grid with a prior trained on {self.grid}: "
-                             f"grids must be at least the training grid")
-        return int(target[0]), int(target[1])
-
     def _unroll(self, codes: torch.Tensor, labels: torch.Tensor | None, context: list[torch.Tensor] | None,
                 generator: torch.Generator | None) -> list[torch.Tensor]:
         """eq. 5 corruption, then ``unroll_steps`` denoising steps; the logits of each."""
@@ -169,7 +162,7 @@ class Sundae(Prior):
         """
         sp = self.sampler_params(params, **overrides)
         device, k = self._device(), self.codebook_size
-        target = self._target_grid(grid, init)
+        target = target_grid(self.grid, grid, init)
         windows = None if target == self.grid else Windows(target, self.grid, (sp.window_stride,) * 2)
         labels = self._labels(labels, n, device)
         context = [c.to(device) for c in context] if context else None
