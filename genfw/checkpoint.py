@@ -223,36 +223,56 @@ def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor], sour
         if key not in comp:
             raise CheckpointError(f"{source}: component metadata lacks '{key}'")
     entry = _entry_or_error(registry, comp, source)
-    cls = entry.load()
     prefix = comp["prefix"]
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return build_checked(comp["kind"], comp["name"], comp["params"], comp["construct"], state, source,
+                         registry=registry, entry=entry)
+
+
+def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], state: dict[str, torch.Tensor],
+                  source: str, *, fresh: Any = (), registry: Registry | None = None, entry: Any = None) -> nn.Module:
+    """Build a registered component whose weights come from a file, checking before allocating.
+
+    The one path for ``genfw.load`` and converters: params validated -> construction sizes bounded ->
+    a build on the ``meta`` device whose tensor names and shapes must match ``state`` and whose
+    size must be in proportion to it -> the real build -> ``load_state_dict(strict=True)``.
+    Only shapes of ``state`` are looked at before the checks pass (memory-mapped tensors stay
+    unread). Names in ``fresh`` may be absent from ``state``: they keep their freshly built values.
+    """
+    registry = registry or get_registry()
+    entry = entry or registry.get(kind, name)
+    cls = entry.load()
+    comp = {"kind": kind, "name": name, "construct": construct}
     try:
-        params = cls.Params.model_validate(comp["params"])
+        params = cls.Params.model_validate(params.model_dump() if hasattr(params, "model_dump") else params)
     except Exception as e:  # noqa: BLE001
         msg = str(e).splitlines()
-        raise CheckpointError(f"{source}: params of {comp['kind']} '{comp['name']}' are invalid: "
-                              f"{' '.join(msg[:3])}") from None
+        raise CheckpointError(f"{source}: params of {kind} '{name}' are invalid: {' '.join(msg[:3])}") from None
     _check_sizes(comp, source)
+    fresh = set(fresh)
     # A first build on the meta device checks shapes against the file without allocating.
     try:
         with torch.device("meta"):
-            probe = cls(params, **comp["construct"])
-        _check_state(probe.state_dict(), state, comp, source)
+            probe = cls(params, **construct)
+        expected = probe.state_dict()
+        _check_state(expected, {**{k: expected[k] for k in fresh if k in expected}, **state}, comp, source)
         _check_bytes(probe, state, comp, source)
-        del probe
+        del probe, expected
     except CheckpointError:
         raise
     except Exception:  # noqa: BLE001 - some modules cannot be built on meta; the strict load still checks
         pass
     try:
-        module = cls(params, **comp["construct"])
+        module = cls(params, **construct)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{source}: cannot build {comp['kind']} '{comp['name']}' from its metadata: "
+        raise CheckpointError(f"{source}: cannot build {kind} '{name}' from its metadata: "
                               f"{type(e).__name__}: {e}") from None
     module._genfw_name = entry.name
     module._genfw_dist, module._genfw_version = entry.dist, entry.version
-    _check_state(module.state_dict(), state, comp, source)
-    module.load_state_dict(state, strict=True)
+    own = module.state_dict()
+    full = {**{k: own[k] for k in fresh if k in own}, **state}
+    _check_state(own, full, comp, source)
+    module.load_state_dict(full, strict=True)
     module.eval()
     return module
 

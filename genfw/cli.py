@@ -365,16 +365,62 @@ def export(
 
 @command
 def convert(
-    source_format: Annotated[str, typer.Argument(metavar="FORMAT", help="Converter name, e.g. taming")],
+    source_format: Annotated[str, typer.Argument(metavar="FORMAT",
+                                                 help="Converter name: taming, unleashing, sundae, vqvae2 (genfw plugins)")],
     source: Annotated[str, typer.Argument(help="Checkpoint to convert (your own file)")],
     output: Annotated[str, typer.Option("-o", "--output", help="genfw .safetensors to write")],
+    config: Annotated[str | None, typer.Option(help="Hyper-parameters the file lacks (JSON/TOML/YAML: the authors' "
+                                                    "hparams or config file)")] = None,
+    preset: Annotated[str | None, typer.Option(help="Named hyper-parameters of a released model (see docs/converting.md)")] = None,
+    set_: Sets = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists")] = False,
 ) -> None:
-    """Convert a foreign checkpoint (e.g. taming-transformers VQ-GAN) into a genfw model file."""
+    """Convert a foreign checkpoint (taming VQ-GAN, Unleashing, SUNDAE, VQ-VAE-2) into a genfw model file."""
+    import inspect
+
+    import yaml
+
     from genfw.registry import get_registry
 
+    if os.path.exists(output) and not overwrite:
+        raise GenfwError(f"{output} exists: pass --overwrite to replace it, or choose another -o")
     converter = get_registry().load("converter", source_format)
-    converter(source, output)
+    options: dict[str, Any] = {}
+    if config is not None:
+        options["config"] = config
+    if preset is not None:
+        options["preset"] = preset
+    if set_:
+        options["overrides"] = {}
+        for item in set_:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise GenfwError(f"--set expects key=value, got '{item}'")
+            options["overrides"][key.strip()] = yaml.safe_load(value)
+    accepted = inspect.signature(converter).parameters
+    extra = [k for k in options if k not in accepted]
+    if extra:
+        flags = ", ".join("--set" if k == "overrides" else f"--{k}" for k in extra)
+        raise GenfwError(f"converter '{source_format}' takes no {flags}")
+    converter(source, output, **options)
     out.print(f"[green]✓[/green] {source} -> {output}")
+
+
+@command
+def assemble(
+    output: Annotated[str, typer.Option("-o", "--output", help="Bundle file to write")],
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer model file (e.g. from genfw convert)")],
+    prior: Annotated[list[str], typer.Option(help="Prior model file, coarsest level first (repeat per level)")],
+    sampler: Annotated[list[str] | None, typer.Option(help="Sampler default key=value (e.g. steps=100), stored in the bundle")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists")] = False,
+) -> None:
+    """Assemble a bundle (for sample, inpaint, bench) from a tokenizer file and prior files."""
+    from genfw.bundle import assemble as assemble_bundle
+
+    if os.path.exists(output) and not overwrite:
+        raise GenfwError(f"{output} exists: pass --overwrite to replace it, or choose another -o")
+    assemble_bundle(output, tokenizer, prior, sampler or [])
+    out.print(f"[green]✓[/green] bundle -> {output}")
 
 
 @command

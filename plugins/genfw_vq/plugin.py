@@ -15,3 +15,5 @@ def genfw_register(registry):
                       description="VQ-GAN (taming-transformers names) with LPIPS, PatchGAN, DiffAugment")
     registry.register("converter", "taming", "genfw_vq.convert:convert_taming",
                       description="Convert a taming-transformers VQ-GAN .ckpt into a genfw vqgan checkpoint")
+    registry.register("converter", "vqvae2", "genfw_vq.convert_vqvae2:convert_vqvae2",
+                      description="Convert a rosinality/vq-vae-2-pytorch vqvae_NNN.pt into a genfw vqvae2 tokenizer")

@@ -1,0 +1,176 @@
+"""What the converters of other projects' checkpoints share (the converters themselves are plugins).
+
+A converter reads the foreign file with :func:`read_torch_file` (``torch.load(weights_only=True)``:
+tensors and plain containers only, never code), names every tensor it uses or drops through a
+:class:`KeyMap` (a tensor neither used nor dropped is an error; dropped ones are listed in the
+output's metadata), and builds the genfw component with :func:`genfw.checkpoint.build_checked`,
+which bounds the construction sizes and checks a ``meta``-device build against the tensors' shapes
+before allocating anything. Hyper-parameters that the file does not hold come from a small
+JSON/TOML/YAML file (:func:`read_config`). See docs/converting.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genfw import checkpoint
+from genfw.errors import CheckpointError, ConfigError
+
+MAX_CONFIG_BYTES = 1 << 20  # a hyper-parameter file larger than this is not one
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """Load a user's own ``.pt``/``.th``/``.ckpt`` safely: tensors and plain containers only.
+
+    Memory-mapped when the file is in torch's zip format, so tensors are read only when used.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # noqa: BLE001 - turned into one clear line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read {path} safely (weights_only): {first}. If it holds Python objects besides "
+            "tensors, save just its weights where it was written: "
+            "torch.save(torch.load(ckpt)['state_dict'], 'weights.pt'), and convert that"
+        ) from None
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A hyper-parameter file (``.json``, ``.toml``, ``.yaml``/``.yml``) as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"hyper-parameter file not found: {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not a hyper-parameter file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"{path}: hyper-parameter files are .json, .toml or .yaml, not '{suffix}'")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is not valid {suffix[1:].upper()}: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a mapping of hyper-parameters")
+    return data
+
+
+def tensor_dict(obj: Any, source: str, what: str) -> dict[str, torch.Tensor]:
+    """``obj`` as a flat ``{name: tensor}`` state dict (a leading ``module.`` of DataParallel stripped)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source} does not hold a {what} state dict (it holds a {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: entries {bad[:3]} of the {what} state dict are not named tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+class KeyMap:
+    """Explicit key mapping from a foreign state dict to a genfw one.
+
+    ``take`` / ``put`` use tensors, ``drop`` names those left out on purpose; ``finish`` fails on
+    any tensor neither used nor dropped, so a file of another layout cannot half-convert.
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor], source: str, fmt: str) -> None:
+        self.state, self.source, self.fmt = state, source, fmt
+        self.used: set[str] = set()
+        self.dropped: list[str] = []
+        self.out: dict[str, torch.Tensor] = {}
+        self.origin: dict[str, str] = {}  # genfw key -> foreign key(s), for messages
+
+    def has(self, key: str) -> bool:
+        return key in self.state
+
+    def take(self, key: str, ndim: int | None = None) -> torch.Tensor:
+        """The tensor ``key``; one-line error when the file lacks it (or it has the wrong rank)."""
+        if key not in self.state:
+            raise CheckpointError(f"{self.source}: not a complete {self.fmt} checkpoint: it lacks '{key}'")
+        t = self.state[key]
+        if ndim is not None and t.ndim != ndim:
+            raise CheckpointError(f"{self.source}: tensor '{key}' has shape {tuple(t.shape)}, expected {ndim} dimensions")
+        self.used.add(key)
+        return t
+
+    def put(self, ours: str, tensor: torch.Tensor, theirs: str) -> None:
+        self.out[ours] = tensor
+        self.origin[ours] = theirs
+
+    def copy(self, theirs: str, ours: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``ours`` = ``theirs`` (through ``fn``)."""
+        t = self.take(theirs)
+        self.put(ours, fn(t) if fn else t, theirs)
+
+    def copy_prefix(self, theirs: str, ours: str, names: Iterable[str] = ("weight", "bias")) -> None:
+        for n in names:
+            self.copy(f"{theirs}.{n}", f"{ours}.{n}")
+
+    def drop(self, predicate: Callable[[str], bool] | str) -> None:
+        """Leave out the tensors whose name starts with ``predicate`` (a prefix) or satisfies it."""
+        test = (lambda k: k.startswith(predicate)) if isinstance(predicate, str) else predicate
+        for k in self.state:
+            if k not in self.used and k not in self.dropped and test(k):
+                self.dropped.append(k)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The genfw state dict; fails on tensors neither used nor dropped."""
+        unknown = [k for k in self.state if k not in self.used and k not in self.dropped]
+        if unknown:
+            raise CheckpointError(f"{self.source}: tensors that a {self.fmt} checkpoint does not have: "
+                                  f"{unknown[:4]}{'...' if len(unknown) > 4 else ''} (is it another kind of file?)")
+        return self.out
+
+
+def build(kind: str, name: str, params: dict[str, Any], construct: dict[str, Any], keys: KeyMap,
+          *, fresh: Iterable[str] = ()) -> torch.nn.Module:
+    """Build the genfw component from ``keys``' mapped tensors, checked before allocating.
+
+    A shape mismatch names the foreign tensor and the hyper-parameters that predicted another shape.
+    """
+    state = keys.finish()
+    try:
+        return checkpoint.build_checked(kind, name, params, construct, state, keys.source, fresh=fresh)
+    except CheckpointError as e:
+        msg = str(e)
+        for ours, theirs in sorted(keys.origin.items(), key=lambda kv: -len(kv[0])):
+            if f"'{ours}'" in msg:
+                msg = msg.replace(f"'{ours}'", f"'{theirs}' (genfw '{ours}')", 1)
+                break
+        msg = msg.replace("but the metadata describes", "but the hyper-parameters given describe")
+        msg = msg.replace("do not match the metadata of", "do not match the hyper-parameters given for")
+        raise CheckpointError(msg) from None
+
+
+def save(out: str | os.PathLike, module: torch.nn.Module, fmt: str, source: str, keys: KeyMap,
+         extra: dict[str, Any] | None = None) -> None:
+    """Write the converted component, recording where it came from and what was left out."""
+    checkpoint.save(out, module, extra={"converted_from": fmt, "source": os.path.basename(source),
+                                        "dropped": keys.dropped, **(extra or {})})

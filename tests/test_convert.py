@@ -1,0 +1,147 @@
+"""Converters of the papers' own checkpoints, against the authors' code's outputs on fixed inputs.
+
+The fixtures (``../shared/converters/``) are tiny random-weight checkpoints written by the
+authors' code, with that code's outputs (codes, logits, decoded images). A converted genfw model
+must give the same codes exactly and logits / images within 1e-4 (float32, CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import genfw
+from genfw.cli import app
+from genfw.errors import GenfwError
+
+FIXTURES = Path(__file__).parents[1] / ".." / "shared" / "converters"
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(),
+                                reason=f"converter fixtures not found at {FIXTURES} (../shared is absent)")
+ATOL = 1e-4
+runner = CliRunner()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def one_line_error(args: list[str], *fragments: str) -> str:
+    code, text = cli(*args)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert code != 0, text
+    assert len(lines) == 1 and lines[0].startswith("error:"), text
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# VQ-VAE-2 (rosinality/vq-vae-2-pytorch)
+
+RV = FIXTURES / "rv"
+
+
+@pytest.fixture(scope="module")
+def vqvae2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rv") / "vqvae2.safetensors"
+    code, text = cli("convert", "vqvae2", str(RV / "vqvae_001.pt"), "-o", str(out),
+                     "--config", str(RV / "vqvae_config.json"), "--set", "resolution=32")
+    assert code == 0, text
+    return genfw.load(out), out
+
+
+def test_vqvae2_matches_reference(vqvae2):
+    model, _ = vqvae2
+    ref = load_file(RV / "reference.safetensors")
+    with torch.no_grad():
+        top, bottom = model.encode(ref["images"])
+        assert torch.equal(top, ref["id_t"]) and torch.equal(bottom, ref["id_b"])
+        outs = model._quantize_all(ref["images"])
+        assert max_diff(outs[1].quantized, ref["quant_t"]) < ATOL
+        assert max_diff(outs[0].quantized, ref["quant_b"]) < ATOL
+        decoded = model.decode([ref["id_t"], ref["id_b"]])
+        assert max_diff(decoded, ref["decoded"]) < ATOL
+        assert max_diff(model.decode([ref["random_id_t"], ref["random_id_b"]]), ref["random_decoded"]) < ATOL
+        assert max_diff(model(ref["images"])[0], ref["forward_out"]) < ATOL
+    # the EMA state came along (training can continue): embedding == ema_sum / smoothed count
+    q = model.quantize[1]
+    total = q.ema_count.sum()
+    smoothed = (q.ema_count + q.ema_eps) / (total + q.codebook_size * q.ema_eps) * total
+    assert max_diff(q.ema_sum / smoothed[:, None], q.embedding.weight) < 1e-5
+
+
+def test_vqvae2_shapes_alone_suffice(tmp_path):
+    """Without --config every constructor argument is read off the tensors."""
+    out = tmp_path / "m.safetensors"
+    from genfw_vq.convert_vqvae2 import convert_vqvae2
+
+    model = convert_vqvae2(RV / "vqvae_001.pt", out, overrides={"resolution": 32})
+    assert model.params.hidden_channels == 32 and model.params.residual_channels == 16
+    assert model.params.codebook_size == 32 and model.params.embed_dim == 16
+    meta = json.loads(load_file_meta(out))
+    assert meta["extra"]["converted_from"] == "rosinality/vq-vae-2-pytorch"
+    assert sorted(meta["extra"]["dropped"]) == []
+
+
+def load_file_meta(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata()["genfw"]
+
+
+def test_vqvae2_bad_files(tmp_path):
+    state = torch.load(RV / "vqvae_001.pt", map_location="cpu", weights_only=True)
+    out = str(tmp_path / "o.safetensors")
+    # a missing tensor
+    partial = dict(state)
+    del partial["dec.blocks.5.weight"]
+    torch.save(partial, tmp_path / "partial.pt")
+    one_line_error(["convert", "vqvae2", str(tmp_path / "partial.pt"), "-o", out], "lacks", "dec.blocks.5.weight")
+    # an extra tensor
+    torch.save({**state, "extra.weight": torch.zeros(2)}, tmp_path / "extra.pt")
+    one_line_error(["convert", "vqvae2", str(tmp_path / "extra.pt"), "-o", out], "extra.weight")
+    # a wrong shape
+    bad = dict(state)
+    bad["upsample_t.weight"] = torch.zeros(16, 16, 3, 3)
+    torch.save(bad, tmp_path / "shape.pt")
+    one_line_error(["convert", "vqvae2", str(tmp_path / "shape.pt"), "-o", out], "upsample_t.weight", "(16, 16, 3, 3)")
+    # hyper-parameters that do not match the tensors
+    one_line_error(["convert", "vqvae2", str(RV / "vqvae_001.pt"), "-o", out, "--set", "channel=64"],
+                   "enc_b.blocks.0.weight")
+    one_line_error(["convert", "vqvae2", str(RV / "vqvae_001.pt"), "-o", out, "--set", "n_res_block=2"],
+                   "hyper-parameters", "missing")
+    one_line_error(["convert", "vqvae2", str(RV / "vqvae_001.pt"), "-o", out, "--set", "chanel=64"], "chanel")
+    # another project's file
+    one_line_error(["convert", "vqvae2", str(FIXTURES / "ut" / "absorbing_ema_2000.th"), "-o", out],
+                   "not a rosinality VQ-VAE-2 checkpoint")
+    assert not Path(out).exists()
+
+
+def test_convert_refuses_to_overwrite(tmp_path, vqvae2):
+    _, converted = vqvae2
+    target = tmp_path / "mine.safetensors"
+    shutil.copy(converted, target)
+    before = target.read_bytes()
+    one_line_error(["convert", "vqvae2", str(RV / "vqvae_001.pt"), "-o", str(target)], "exists", "--overwrite")
+    assert target.read_bytes() == before
+    one_line_error(["convert", "taming", str(RV / "vqvae_001.pt"), "-o", str(tmp_path / "x.safetensors"),
+                    "--preset", "ffhq"], "takes no --preset")
+
+
+def test_errors_are_genfw_errors():
+    from genfw_vq.convert_vqvae2 import convert_vqvae2
+
+    with pytest.raises(GenfwError, match="not found"):
+        convert_vqvae2(RV / "nope.pt", "x.safetensors")
