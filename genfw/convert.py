@@ -81,10 +81,40 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def hyper_parameters(config: str | None, preset: str | None, overrides: dict[str, Any] | None,
+                     presets: dict[str, dict[str, Any]], used: set[str], what: str) -> dict[str, Any]:
+    """Hyper-parameters a file lacks: a named preset, then a config file, then ``--set`` overrides.
+
+    Only the names in ``used`` are read from a config file (the authors' files hold training
+    settings too); an override of another name is an error.
+    """
+    h: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError(f"unknown {what} preset '{preset}'; presets: {', '.join(presets)}")
+        h.update(presets[preset])
+    if config is not None:
+        h.update(read_config(config))  # UT's H holds training fields too; only `used` ones are read
+    bad = sorted(set(overrides or {}) - used)
+    if bad:
+        raise ConfigError(f"--set {bad[0]}: not a hyper-parameter the {what} converter uses ({', '.join(sorted(used))})")
+    h.update(overrides or {})
+    if config is None and preset is None:
+        raise ConfigError(f"the {what} file holds no hyper-parameters: pass --config HPARAMS.json (the H it was "
+                          f"trained with) or --preset {'|'.join(presets)}")
+    missing = sorted(k for k in used if k not in h and k != "dataset")
+    if missing:
+        raise ConfigError(f"the {what} hyper-parameters lack {missing[:5]}")
+    return h
+
+
 def tensor_dict(obj: Any, source: str, what: str) -> dict[str, torch.Tensor]:
     """``obj`` as a flat ``{name: tensor}`` state dict (a leading ``module.`` of DataParallel stripped)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source} does not hold a {what} state dict (it holds a {type(obj).__name__})")
+    if isinstance(obj.get("state_dict"), dict):
+        raise CheckpointError(f"{source} is a PyTorch Lightning checkpoint (it holds a state_dict), not a {what} "
+                              "state dict (taming-transformers .ckpt files convert with genfw convert taming)")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{source}: entries {bad[:3]} of the {what} state dict are not named tensors")
@@ -144,8 +174,9 @@ class KeyMap:
         """The genfw state dict; fails on tensors neither used nor dropped."""
         unknown = [k for k in self.state if k not in self.used and k not in self.dropped]
         if unknown:
-            raise CheckpointError(f"{self.source}: tensors that a {self.fmt} checkpoint does not have: "
-                                  f"{unknown[:4]}{'...' if len(unknown) > 4 else ''} (is it another kind of file?)")
+            raise CheckpointError(f"{self.source}: tensors with no place in the {self.fmt} model described: "
+                                  f"{unknown[:4]}{'...' if len(unknown) > 4 else ''} (another kind of file, or "
+                                  "hyper-parameters that do not match it?)")
         return self.out
 
 

@@ -145,3 +145,85 @@ def test_errors_are_genfw_errors():
 
     with pytest.raises(GenfwError, match="not found"):
         convert_vqvae2(RV / "nope.pt", "x.safetensors")
+
+
+# --------------------------------------------------------------------------------------------
+# Unleashing Transformers (samb-t/unleashing-transformers): VQ-GAN and absorbing prior
+
+UT = FIXTURES / "ut"
+
+
+@pytest.fixture(scope="module")
+def ut_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ut")
+    for name, src, cfg in (("tok", "vqgan_ema_1000.th", "vqgan_hparams.json"),
+                           ("prior", "absorbing_ema_2000.th", "absorbing_hparams.json")):
+        code, text = cli("convert", "unleashing", str(UT / src), "-o", str(d / f"{name}.safetensors"),
+                         "--config", str(UT / cfg))
+        assert code == 0, text
+    return genfw.load(d / "tok.safetensors"), genfw.load(d / "prior.safetensors"), d
+
+
+def test_unleashing_vqgan_matches_reference(ut_models):
+    tok, _, d = ut_models
+    ref = load_file(UT / "vqgan_reference.safetensors")
+    assert tok.params.unit_range and not tok.params.quant_convs
+    with torch.no_grad():
+        images = ref["images"] * 2 - 1  # theirs are in [0, 1], genfw's in [-1, 1]
+        (codes,) = tok.encode(images)
+        assert torch.equal(codes, ref["codes_grid"])
+        recon = (tok(images)[0] + 1) / 2
+        assert max_diff(recon, ref["recon"]) < ATOL
+        grids = ref["decode_codes"].view(-1, 4, 4)
+        decoded = (tok.decode_latents(tok.quantize.lookup(grids)) + 1) / 2
+        assert max_diff(decoded, ref["decoded"]) < ATOL
+    meta = json.loads(load_file_meta(d / "tok.safetensors"))["extra"]
+    assert any(k.startswith("perceptual.net.") for k in meta["dropped"])
+    assert any(k.startswith("ae.generator.logsigma.") for k in meta["dropped"])
+    assert not any(k.startswith("disc.") for k in meta["dropped"])  # the discriminator is kept
+
+
+def test_unleashing_prior_matches_reference(ut_models):
+    _, prior, d = ut_models
+    ref = load_file(UT / "absorbing_reference.safetensors")
+    assert prior.mask_id == 32 and prior.params.timesteps == 256
+    with torch.no_grad():
+        logits = prior.backbone(ref["tokens"].view(-1, 4, 4))
+    assert max_diff(logits.reshape(4, 16, 32), ref["logits"]) < ATOL
+    meta = json.loads(load_file_meta(d / "prior.safetensors"))["extra"]
+    assert sorted(meta["dropped"]) == ["Lt_count", "Lt_history", "_denoise_fn.start_tok", "loss_history"]
+    assert meta["sampler"] == {"steps": 256, "temperature": 1.0}
+
+
+def test_unleashing_bad_files(tmp_path):
+    out = str(tmp_path / "o.safetensors")
+    cfg = str(UT / "absorbing_hparams.json")
+    state = torch.load(UT / "absorbing_ema_2000.th", map_location="cpu", weights_only=True)
+    partial = {k: v for k, v in state.items() if k != "_denoise_fn.blocks.1.attn.key.weight"}
+    torch.save(partial, tmp_path / "partial.th")
+    one_line_error(["convert", "unleashing", str(tmp_path / "partial.th"), "-o", out, "--config", cfg],
+                   "lacks", "_denoise_fn.blocks.1.attn.key.weight")
+    bad = dict(state)
+    bad["_denoise_fn.head.weight"] = torch.zeros(31, 64)
+    torch.save(bad, tmp_path / "shape.th")
+    one_line_error(["convert", "unleashing", str(tmp_path / "shape.th"), "-o", out, "--config", cfg],
+                   "_denoise_fn.head.weight", "(31, 64)", "(32, 64)")
+    # hyper-parameters that do not match the tensors
+    one_line_error(["convert", "unleashing", str(UT / "absorbing_ema_2000.th"), "-o", out, "--config", cfg,
+                    "--set", "bert_n_emb=128"], "_denoise_fn.", "64)", "128)", "hyper-parameters")
+    one_line_error(["convert", "unleashing", str(UT / "absorbing_ema_2000.th"), "-o", out, "--config", cfg,
+                    "--set", "bert_n_layers=1"], "no place", "_denoise_fn.blocks.1.")
+    one_line_error(["convert", "unleashing", str(UT / "absorbing_ema_2000.th"), "-o", out],
+                   "--config", "--preset")
+    one_line_error(["convert", "unleashing", str(UT / "vqgan_ema_1000.th"), "-o", out,
+                    "--config", str(UT / "vqgan_hparams.json"), "--set", "nf=64"], "ae.encoder.blocks.0.weight")
+    # a taming-transformers file given to the unleashing converter
+    taming = {"state_dict": {"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3),
+                             "quantize.embedding.weight": torch.zeros(32, 16)}}
+    torch.save(taming["state_dict"], tmp_path / "taming.ckpt")
+    one_line_error(["convert", "unleashing", str(tmp_path / "taming.ckpt"), "-o", out, "--config", cfg],
+                   "not an Unleashing Transformers checkpoint", "genfw convert taming")
+    torch.save(taming, tmp_path / "taming_full.ckpt")
+    one_line_error(["convert", "unleashing", str(tmp_path / "taming_full.ckpt"), "-o", out, "--config", cfg],
+                   "Lightning", "genfw convert taming")
+    assert not Path(out).exists()

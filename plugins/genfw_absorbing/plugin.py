@@ -7,3 +7,5 @@ from genfw import hookimpl
 def genfw_register(registry):
     registry.register("prior", "absorbing", "genfw_absorbing.absorbing:Absorbing",
                       description="Absorbing-state discrete diffusion (Unleashing Transformers)")
+    registry.register("converter", "unleashing", "genfw_absorbing.convert_unleashing:convert_unleashing",
+                      description="Convert Unleashing Transformers absorbing_<step>.th (prior) or vqgan_<step>.th files")

@@ -17,3 +17,5 @@ def genfw_register(registry):
                       description="Convert a taming-transformers VQ-GAN .ckpt into a genfw vqgan checkpoint")
     registry.register("converter", "vqvae2", "genfw_vq.convert_vqvae2:convert_vqvae2",
                       description="Convert a rosinality/vq-vae-2-pytorch vqvae_NNN.pt into a genfw vqvae2 tokenizer")
+    registry.register("converter", "unleashing-vqgan", "genfw_vq.convert_unleashing:convert_unleashing_vqgan",
+                      description="Convert an Unleashing Transformers vqgan_<step>.th into a genfw vqgan tokenizer")

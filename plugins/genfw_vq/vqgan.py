@@ -100,8 +100,10 @@ class Encoder(nn.Module):
     """taming's Encoder (double_z = False): conv_in, down levels, mid (res-attn-res), conv_out."""
 
     def __init__(self, *, in_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int,
-                 attn_resolutions: list[int], dropout: float, resolution: int, z_channels: int) -> None:
+                 attn_resolutions: list[int], dropout: float, resolution: int, z_channels: int,
+                 out_activation: bool = True) -> None:
         super().__init__()
+        self.out_activation = out_activation
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         in_mult = [1, *ch_mult]
         res = resolution
@@ -136,15 +138,18 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.norm_out(h)
+        return self.conv_out(F.silu(h) if self.out_activation else h)
 
 
 class Decoder(nn.Module):
     """taming's Decoder: conv_in, mid, up levels (num_res_blocks + 1 blocks each), conv_out."""
 
     def __init__(self, *, out_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int,
-                 attn_resolutions: list[int], dropout: float, resolution: int, z_channels: int) -> None:
+                 attn_resolutions: list[int], dropout: float, resolution: int, z_channels: int,
+                 out_activation: bool = True, blocks_per_level: int | None = None) -> None:
         super().__init__()
+        self.out_activation = out_activation
         n = len(ch_mult)
         width = ch * ch_mult[-1]
         res = resolution // 2 ** (n - 1)
@@ -157,7 +162,7 @@ class Decoder(nn.Module):
         for i in reversed(range(n)):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
+            for _ in range(num_res_blocks + 1 if blocks_per_level is None else blocks_per_level):
                 level.block.append(ResnetBlock(width, ch * ch_mult[i], dropout))
                 width = ch * ch_mult[i]
                 if res in attn_resolutions:
@@ -180,7 +185,8 @@ class Decoder(nn.Module):
                     h = level.attn[j](h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.norm_out(h)
+        return self.conv_out(F.silu(h) if self.out_activation else h)
 
 
 class VQGAN(VQTokenizer):
@@ -209,6 +215,16 @@ class VQGAN(VQTokenizer):
         perceptual_weights: str | None = Field(
             None, description="local .pth/.safetensors with LPIPS-VGG16 weights (else the torch hub cache)"
         )
+        # Architecture variants, for converted models (genfw convert unleashing); defaults are taming's.
+        quant_convs: bool = Field(True, description=(
+            "1x1 convs between encoder, codebook and decoder (taming); False: the encoder outputs codewords "
+            "directly (Unleashing Transformers; needs z_channels == embed_dim)"))
+        decoder_res_blocks: int | None = Field(None, ge=1, description=(
+            "residual blocks per decoder level (None: num_res_blocks + 1, as taming; Unleashing: num_res_blocks)"))
+        out_activation: bool = Field(True, description=(
+            "swish between the last GroupNorm and conv of encoder and decoder (taming); Unleashing has none"))
+        unit_range: bool = Field(False, description=(
+            "the networks work on images in [0, 1] (Unleashing Transformers); genfw's [-1, 1] images are mapped in and out"))
 
         @model_validator(mode="after")
         def _group_norm_widths(self):
@@ -216,6 +232,8 @@ class VQGAN(VQTokenizer):
             if self.ch % GROUPS or bad:
                 raise ValueError(f"ch and ch * ch_mult must be multiples of {GROUPS} (GroupNorm groups); got widths "
                                  f"{[self.ch, *bad]}")
+            if not self.quant_convs and self.z_channels != self.embed_dim:
+                raise ValueError(f"quant_convs: false needs z_channels == embed_dim, got {self.z_channels} and {self.embed_dim}")
             return self
 
     def __init__(self, params=None, *, channels: int = 3, resolution=(256, 256)) -> None:
@@ -225,15 +243,16 @@ class VQGAN(VQTokenizer):
         arch = dict(ch=p.ch, ch_mult=list(p.ch_mult), num_res_blocks=p.num_res_blocks,
                     attn_resolutions=list(p.attn_resolutions), dropout=p.dropout,
                     resolution=self.resolution[0], z_channels=p.z_channels)
-        self.encoder = Encoder(in_channels=channels, **arch)
-        self.decoder = Decoder(out_channels=channels, **arch)
+        self.encoder = Encoder(in_channels=channels, out_activation=p.out_activation, **arch)
+        self.decoder = Decoder(out_channels=channels, out_activation=p.out_activation,
+                               blocks_per_level=p.decoder_res_blocks, **arch)
         self.loss = VQGANLoss(channels, disc_start=p.disc_start, disc_weight=p.disc_weight,
                               codebook_weight=p.codebook_weight, perceptual_weight=p.perceptual_weight,
                               lambda_max=p.lambda_max, diffaug=p.diffaug, disc_layers=p.disc_layers,
                               disc_ndf=p.disc_ndf, perceptual_weights=p.perceptual_weights)
         self.quantize = VectorQuantizer.from_params(p)
-        self.quant_conv = nn.Conv2d(p.z_channels, p.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(p.embed_dim, p.z_channels, 1)
+        self.quant_conv = nn.Conv2d(p.z_channels, p.embed_dim, 1) if p.quant_convs else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(p.embed_dim, p.z_channels, 1) if p.quant_convs else nn.Identity()
 
     @property
     def factor(self) -> int:
@@ -257,17 +276,26 @@ class VQGAN(VQTokenizer):
         """The decoder's last weight, where the adaptive weight compares gradients."""
         return self.decoder.conv_out.weight
 
+    def _latents(self, images: torch.Tensor) -> torch.Tensor:
+        """images in [-1, 1] -> quantizer inputs."""
+        return self.quant_conv(self.encoder(images * 0.5 + 0.5 if self.params.unit_range else images))
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Codewords ``[b, D, h, w]`` -> images in genfw's [-1, 1] scale, not clamped."""
+        out = self.decoder(self.post_quant_conv(z))
+        return out * 2 - 1 if self.params.unit_range else out
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         """images -> (reconstruction, quantizer output)."""
-        q = self.quantize(self.quant_conv(self.encoder(images)))
-        return self.decoder(self.post_quant_conv(q.quantized)), q
+        q = self.quantize(self._latents(images))
+        return self.decode_latents(q.quantized), q
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [self.quantize(self.quant_conv(self.encoder(images))).codes]
+        return [self.quantize(self._latents(images)).codes]
 
     def decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
         (grid,) = codes
-        return self.decoder(self.post_quant_conv(self.quantize.lookup(grid))).clamp(-1, 1)
+        return self.decode_latents(self.quantize.lookup(grid)).clamp(-1, 1)
 
     def training_step(self, images: torch.Tensor, step: int) -> StepOutput:
         recon, q = self(images)
