@@ -227,3 +227,66 @@ def test_unleashing_bad_files(tmp_path):
     one_line_error(["convert", "unleashing", str(tmp_path / "taming_full.ckpt"), "-o", out, "--config", cfg],
                    "Lightning", "genfw convert taming")
     assert not Path(out).exists()
+
+
+# --------------------------------------------------------------------------------------------
+# megapixel-SUNDAE (vvvm23/sundae-vqgan)
+
+SV = FIXTURES / "sv"
+
+
+@pytest.fixture(scope="module")
+def sundae(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sv") / "prior.safetensors"
+    code, text = cli("convert", "sundae", str(SV / "checkpoint-0000002.pt"), "-o", str(out),
+                     "--config", str(SV / "config.toml"))
+    assert code == 0, text
+    return genfw.load(out), out
+
+
+def test_sundae_matches_reference(sundae):
+    prior, out = sundae
+    ref = load_file(SV / "reference.safetensors")
+    bp = prior.backbone.params
+    assert (bp.rotary_heads, bp.resampling_groups, bp.valley_rotary_max_freq) == ("first", "raster", 4.0)
+    with torch.no_grad():
+        logits = prior.backbone(ref["tokens"].view(-1, 8, 8))
+    assert max_diff(logits.reshape(4, 64, 32), ref["logits"]) < ATOL
+    meta = json.loads(load_file_meta(out))["extra"]
+    assert {"opt", "lr_scheduler", "scaler"} <= set(meta["dropped"])
+    assert sum(k.endswith("rotary_pos_emb.freqs") for k in meta["dropped"]) == 5
+    assert meta["sampler"]["steps"] == 10 and meta["sampler"]["temperature"] == 0.8
+
+
+def test_sundae_authors_behaviour_matters(sundae):
+    """Each explicit param changes the logits: with genfw's defaults they would not match."""
+    prior, _ = sundae
+    ref = load_file(SV / "reference.safetensors")
+    tokens = ref["tokens"].view(-1, 8, 8)
+    for change in ({"rotary_heads": "all"}, {"resampling_groups": "patch"}, {"valley_rotary_max_freq": 16.0}):
+        params = prior.backbone.params.model_copy(update=change)
+        other = type(prior.backbone)(params, **prior.backbone.construct)
+        other.load_state_dict(prior.backbone.state_dict())
+        with torch.no_grad():
+            assert max_diff(other.eval()(tokens).reshape(4, 64, 32), ref["logits"]) > 1e-3, change
+
+
+def test_sundae_bad_files(tmp_path):
+    out = str(tmp_path / "o.safetensors")
+    cfg = str(SV / "config.toml")
+    ckpt = torch.load(SV / "checkpoint-0000002.pt", map_location="cpu", weights_only=True)
+    net = ckpt["net"]
+    torch.save({"net": {k: v for k, v in net.items() if k != "transformer.norm_out.bias"}}, tmp_path / "partial.pt")
+    one_line_error(["convert", "sundae", str(tmp_path / "partial.pt"), "-o", out, "--config", cfg],
+                   "lacks", "transformer.norm_out.bias")
+    torch.save({"net": {**net, "to_logits.weight": torch.zeros(33, 64)}}, tmp_path / "shape.pt")
+    one_line_error(["convert", "sundae", str(tmp_path / "shape.pt"), "-o", out, "--config", cfg],
+                   "to_logits.weight", "(33, 64)", "(32, 64)")
+    one_line_error(["convert", "sundae", str(SV / "checkpoint-0000002.pt"), "-o", out, "--config", cfg,
+                    "--set", "net.nb_heads=8"], "hyper-parameters", "to_q")
+    one_line_error(["convert", "sundae", str(SV / "checkpoint-0000002.pt"), "-o", out, "--config", cfg,
+                    "--set", "data.sequence_length=256", "--set", "vqgan.latent_shape=[16,16]"], "rotary", "freqs")
+    one_line_error(["convert", "sundae", str(SV / "checkpoint-0000002.pt"), "-o", out], "--config")
+    one_line_error(["convert", "sundae", str(UT / "absorbing_ema_2000.th"), "-o", out, "--config", cfg],
+                   "genfw convert unleashing")
+    assert not Path(out).exists()

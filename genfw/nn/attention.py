@@ -63,9 +63,13 @@ class MLP(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with fused qkv, optional rotary positions and KV cache."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float = 0.0, qkv_bias: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float = 0.0, qkv_bias: bool = False,
+                 rotary_heads: int | None = None) -> None:
         super().__init__()
         self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
+        # None: rotary positions on every head; n: on the first n heads only (the megapixel-SUNDAE
+        # code rotates the first head_dim features before splitting heads, i.e. head 0 alone)
+        self.rotary_heads = rotary_heads
         self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(heads * head_dim, dim)
 
@@ -81,7 +85,11 @@ class SelfAttention(nn.Module):
         # on contiguous memory and SDPA writes its output so that merging heads is a view.
         qkv = rearrange(self.qkv(x), "b n (three h e) -> b n three h e", three=3, h=self.heads)
         if rotary is not None:
-            qk = apply_rotary(qkv[:, :, :2], rotary.broadcast(1, 1))  # q and k of every head at once
+            if self.rotary_heads is None:
+                qk = apply_rotary(qkv[:, :, :2], rotary.broadcast(1, 1))  # q and k of every head at once
+            else:
+                r = self.rotary_heads
+                qk = torch.cat((apply_rotary(qkv[:, :, :2, :r], rotary.broadcast(1, 1)), qkv[:, :, :2, r:]), dim=3)
             q, k = qk.unbind(2)
             v = qkv[:, :, 2]
         else:
@@ -122,10 +130,10 @@ class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``, dropout on both branches."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 qkv_bias: bool = False, norm_eps: float = 1e-5) -> None:
+                 qkv_bias: bool = False, norm_eps: float = 1e-5, rotary_heads: int | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = SelfAttention(dim, heads, head_dim, dropout=dropout, qkv_bias=qkv_bias)
+        self.attn = SelfAttention(dim, heads, head_dim, dropout=dropout, qkv_bias=qkv_bias, rotary_heads=rotary_heads)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.drop = nn.Dropout(dropout)
@@ -138,13 +146,16 @@ class TransformerBlock(nn.Module):
 
 
 class CrossBlock(nn.Module):
-    """Pre-norm cross-attention block: ``x + attn(norm(x), norm(context))``, then the MLP."""
+    """Pre-norm cross-attention block: ``x + attn(norm(x), norm(context))``, then the MLP.
+
+    ``context_norm=False`` attends to the raw context (the megapixel-SUNDAE code's resampling layers).
+    """
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 qkv_bias: bool = False, norm_eps: float = 1e-5) -> None:
+                 qkv_bias: bool = False, norm_eps: float = 1e-5, context_norm: bool = True) -> None:
         super().__init__()
         self.norm_q = nn.LayerNorm(dim, eps=norm_eps)
-        self.norm_context = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm_context = nn.LayerNorm(dim, eps=norm_eps) if context_norm else nn.Identity()
         self.attn = CrossAttention(dim, heads, head_dim, dropout=dropout, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))

@@ -64,6 +64,22 @@ class HourglassParams(Params):
     )
     qkv_bias: bool = Field(False, description="bias in the q/k/v projections")
     norm_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon")
+    # The megapixel-SUNDAE code's behaviour, for converted models (genfw convert sundae); the
+    # defaults are genfw's (see the module docstring for why it differs).
+    rotary_heads: Literal["all", "first"] = Field(
+        "all", description="heads that get rotary positions: all, or the first only (the authors' code)"
+    )
+    resampling_groups: Literal["patch", "raster"] = Field(
+        "patch", description="tokens each valley token attends to when resampling: its 2D patch, or k "
+                             "raster-consecutive tokens (the authors' code)"
+    )
+    valley_rotary_max_freq: float | None = Field(
+        None, gt=0, description="rotary max_freq of the innermost valley layers (None: rotary_max_freq; the "
+                                "authors' code uses int(sqrt(valley tokens)) there and 16 elsewhere)"
+    )
+    resampling_context_norm: bool = Field(
+        True, description="LayerNorm on the attended tokens in the resampling attention (the authors' code: none)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HourglassParams:
@@ -85,8 +101,10 @@ class HourglassParams(Params):
 
 
 def _blocks(p: HourglassParams, n: int) -> nn.ModuleList:
+    rotary_heads = 1 if p.rotary_heads == "first" else None
     return nn.ModuleList(
-        TransformerBlock(p.dim, p.heads, p.head_dim, p.mlp_ratio, p.dropout, p.qkv_bias, p.norm_eps) for _ in range(n)
+        TransformerBlock(p.dim, p.heads, p.head_dim, p.mlp_ratio, p.dropout, p.qkv_bias, p.norm_eps, rotary_heads)
+        for _ in range(n)
     )
 
 
@@ -119,7 +137,8 @@ class HourglassLevel(nn.Module):
         self.patch = (math.isqrt(k), math.isqrt(k)) if p.resampling == "2d" else (1, k)
         self.down = nn.Linear(p.dim * k, p.dim)
         self.up = nn.Linear(p.dim, p.dim * k)
-        attn = (p.dim, p.heads, p.head_dim, p.mlp_ratio, p.dropout, p.qkv_bias, p.norm_eps)
+        self.raster_groups = p.resampling_groups == "raster"
+        attn = (p.dim, p.heads, p.head_dim, p.mlp_ratio, p.dropout, p.qkv_bias, p.norm_eps, p.resampling_context_norm)
         self.down_attention = CrossBlock(*attn) if p.attention_resampling else None
         self.up_attention = CrossBlock(*attn) if p.attention_resampling else None
         self.inner = HourglassLevel(p, depth[1:-1], shorten_factors[1:])
@@ -141,7 +160,7 @@ class HourglassLevel(nn.Module):
         if self.down_attention is None:
             return valley
         b, h, w, _ = valley.shape
-        group = rearrange(x, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=ph, p2=pw)
+        group = self._groups(x)
         pooled = self.down_attention(rearrange(valley, "b h w d -> (b h w) 1 d"), group)
         return rearrange(pooled, "(b h w) 1 d -> b h w d", b=b, h=h, w=w)
 
@@ -152,18 +171,26 @@ class HourglassLevel(nn.Module):
         if self.up_attention is None:
             return x
         b, h, w, _ = valley.shape
-        group = rearrange(x, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=ph, p2=pw)
-        group = self.up_attention(group, rearrange(valley, "b h w d -> (b h w) 1 d"))
+        group = self.up_attention(self._groups(x), rearrange(valley, "b h w d -> (b h w) 1 d"))
+        if self.raster_groups:
+            return group.reshape(x.shape)
         return rearrange(group, "(b h w) (p1 p2) d -> b (h p1) (w p2) d", b=b, h=h, w=w, p1=ph, p2=pw)
 
-    def forward(self, x: torch.Tensor, rotary: AxialRotary) -> torch.Tensor:
-        """``[b, h, w, d]`` -> ``[b, h, w, d]``."""
-        x = _run(self.pre, x, rotary)
+    def _groups(self, x: torch.Tensor) -> torch.Tensor:
+        """Padded grid ``[b, H, W, d]`` -> the tokens of each valley position ``[(b h w), k, d]``."""
+        ph, pw = self.patch
+        if self.raster_groups:  # valley token n (raster order) <-> tokens n*k .. n*k+k-1 of the raster sequence
+            return x.reshape(-1, ph * pw, x.shape[-1])
+        return rearrange(x, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=ph, p2=pw)
+
+    def forward(self, x: torch.Tensor, rotary: AxialRotary, valley_rotary: AxialRotary | None = None) -> torch.Tensor:
+        """``[b, h, w, d]`` -> ``[b, h, w, d]``; ``valley_rotary`` (if given) serves the innermost layers."""
         if self.inner is None:
-            return x
+            return _run(self.pre, x, valley_rotary or rotary)
+        x = _run(self.pre, x, rotary)
         _, h, w, _ = x.shape
         residual = self.pad(x)
-        valley = self.inner(self.shorten(residual), rotary)
+        valley = self.inner(self.shorten(residual), rotary, valley_rotary)
         x = self.lengthen(valley, residual)[:, :h, :w]
         return _run(self.post, x, rotary)
 
@@ -186,6 +213,8 @@ class Hourglass(Backbone):
         self.embed = GridEmbedding(vocab_size, p.dim, num_classes, context)
         self.drop = nn.Dropout(p.dropout)
         self.rotary = AxialRotary(p.head_dim, p.rotary_max_freq)
+        self.valley_rotary = (AxialRotary(p.head_dim, p.valley_rotary_max_freq)
+                              if p.valley_rotary_max_freq is not None and p.shorten_factors else None)
         self.body = HourglassLevel(p, p.depth, p.shorten_factors)
         self.norm = nn.LayerNorm(p.dim, eps=p.norm_eps)
         self.head = nn.Linear(p.dim, out_size)
@@ -197,4 +226,4 @@ class Hourglass(Backbone):
         if causal:
             raise ValueError(f"hourglass cannot be causal: {self.causal_unsupported_reason}")
         x = self.drop(self.embed(tokens, labels, context))
-        return self.head(self.norm(self.body(x, self.rotary)))
+        return self.head(self.norm(self.body(x, self.rotary, self.valley_rotary)))
