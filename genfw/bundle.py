@@ -4,6 +4,8 @@ A bundle is what ``genfw export`` writes from a run directory: one file with the
 prior per code level (coarsest first) and sampler defaults. ``genfw assemble`` builds the same
 from a tokenizer file and prior files, after checking that they fit together: one prior per
 level, each with its level's codebook size and context, and a grid the tokenizer produces.
+Sampler defaults recorded in the prior files (converters store the authors' sampling settings)
+go into the bundle, under any given on the command line.
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ def check_fit(tokenizer: Tokenizer, priors: Sequence[Prior], names: Sequence[str
                                   f"{grids[i][0]}x{grids[i][1]} grid of tokenizer level {i}")
 
 
-def parse_sampler(items: Sequence[str], priors: Sequence[Prior]) -> dict[str, Any]:
-    """``key=value`` items -> sampler defaults, each key known to at least one prior's sampler."""
+def parse_sampler(items: Sequence[str], priors: Sequence[Prior], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``key=value`` items over ``defaults`` -> sampler defaults, each key known to a prior's sampler."""
     known = set().union(*(p.SamplerParams.model_fields for p in priors)) if priors else set()
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k in known}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -75,7 +77,11 @@ def assemble(output: str | os.PathLike, tokenizer_path: str, prior_paths: Sequen
     tokenizer = _load(tokenizer_path, Tokenizer, "tokenizer")
     priors = [_load(p, Prior, "prior") for p in prior_paths]
     check_fit(tokenizer, priors, list(prior_paths))
-    defaults = parse_sampler(sampler, priors)
+    # Sampler settings a converter recorded (the authors' sampling config), then the command line's.
+    recorded: dict[str, Any] = {}
+    for path in prior_paths:
+        recorded.update(checkpoint.read(path)[1].get("extra", {}).get("sampler") or {})
+    defaults = parse_sampler(sampler, priors, recorded)
     modules = {"tokenizer": tokenizer, **{f"prior.{i}": p for i, p in enumerate(priors)}}
     sources = [os.path.basename(tokenizer_path), *(os.path.basename(p) for p in prior_paths)]
     checkpoint.save(output, modules, extra={"sampler": defaults, "class_names": [], "assembled_from": sources})
