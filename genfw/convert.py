@@ -143,7 +143,8 @@ class KeyMap:
     def take(self, key: str, ndim: int | None = None) -> torch.Tensor:
         """The tensor ``key``; one-line error when the file lacks it (or it has the wrong rank)."""
         if key not in self.state:
-            raise CheckpointError(f"{self.source}: not a complete {self.fmt} checkpoint: it lacks '{key}'")
+            raise CheckpointError(f"{self.source}: this {self.fmt} file lacks '{key}', which the hyper-parameters "
+                                  "imply (a partial file, or hyper-parameters that do not match it?)")
         t = self.state[key]
         if ndim is not None and t.ndim != ndim:
             raise CheckpointError(f"{self.source}: tensor '{key}' has shape {tuple(t.shape)}, expected {ndim} dimensions")

@@ -126,13 +126,16 @@ def convert_unleashing_vqgan(src: str | os.PathLike, out: str | os.PathLike, *, 
         raise CheckpointError(f"{source} is not an {FORMAT} checkpoint: it lacks ae.quantize.embedding.weight{hint}")
     h = core.hyper_parameters(config, preset, overrides, PRESETS, USED, "unleashing VQ-GAN")
     keys = core.KeyMap(state, source, FORMAT)
-    map_autoencoder(keys, h)
+    try:
+        map_autoencoder(keys, h)
+        params, construct = _vqgan_params(h)
+    except (TypeError, ValueError, IndexError) as e:
+        raise ConfigError(f"invalid unleashing VQ-GAN hyper-parameters: {e}") from None
     has_disc = any(k.startswith("disc.main.") for k in state)
     for k in list(state):
         if k.startswith("disc.main."):
             keys.copy(k, "loss.discriminator." + k[len("disc."):])
     keys.drop("perceptual.")
-    params, construct = _vqgan_params(h)
     fresh = ["quantize.unused_steps", "quantize.initialised"]
     if not has_disc:  # a generator-only file: the discriminator starts fresh
         fresh += [k for k in _discriminator_keys(params, construct)]

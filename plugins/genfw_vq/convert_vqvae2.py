@@ -87,7 +87,10 @@ def convert_vqvae2(src: str | os.PathLike, out: str | os.PathLike, *, config: st
         given.update(cfg.get("kwargs", cfg) if isinstance(cfg.get("kwargs", cfg), dict) else {})
     given.update(overrides or {})
     h = _hyper(state, source, given)
-    d = int(h["embed_dim"])
+    try:
+        d = int(h["embed_dim"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"embed_dim {h['embed_dim']!r} is not an integer") from None
 
     keys = core.KeyMap(state, source, FORMAT)
 
@@ -136,7 +139,7 @@ def convert_vqvae2(src: str | os.PathLike, out: str | os.PathLike, *, config: st
     for theirs, ours in KWARGS.items():
         params[ours] = h[theirs]
     res = h["resolution"]
-    construct = {"channels": h["in_channel"], "resolution": [res, res] if isinstance(res, int) else list(res)}
+    construct = {"channels": h["in_channel"], "resolution": [res, res] if isinstance(res, int) else res}
     model = core.build("tokenizer", "vqvae2", params, construct, keys, fresh=FRESH)
     core.save(out, model, "rosinality/vq-vae-2-pytorch", source, keys)
     return model
