@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from genfw import __version__
@@ -59,13 +60,14 @@ def command(fn):
         except GenfwError as e:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            # escaped: messages hold brackets (`pip install 'genfw[tensorboard]'`, lists)
+            err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except OSError as e:
             if _state["debug"]:
                 raise
             what = "disk full" if getattr(e, "errno", None) == 28 else type(e).__name__
-            err.print(f"[bold red]error:[/bold red] {what}: {e} (files already written were kept)",
+            err.print(f"[bold red]error:[/bold red] {escape(f'{what}: {e}')} (files already written were kept)",
                       highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 

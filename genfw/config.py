@@ -129,6 +129,8 @@ class Recipe(_Strict):
     latents: LatentSpec = Field(default_factory=LatentSpec)
     sample: SampleSpec = Field(default_factory=SampleSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    # Training loggers (kind "logger"), each a name or {name, params}; see genfw.loggers.
+    log: list[str | ComponentSpec] = Field(default_factory=lambda: ["jsonl"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,6 +266,9 @@ def validate_recipe(raw: dict[str, Any], registry: Registry | None = None,
     registry = registry or get_registry()
     recipe = parse_recipe(raw)
     _check_required_plugins(recipe, registry)
+    from genfw.loggers import validate_log
+
+    validate_log(recipe.log, registry)
 
     data_cls = _load_class(registry, "dataset", recipe.data.name, "data.name")
     data_params = validate_params(data_cls.Params, recipe.data.params, "data.params")

@@ -344,4 +344,4 @@ class ImageDataset(abc.ABC):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
 
 
-KINDS = ("tokenizer", "backbone", "prior", "dataset")
+KINDS = ("tokenizer", "backbone", "prior", "dataset", "logger")  # logger: genfw.loggers.Logger

@@ -323,7 +323,7 @@ class Run:
             data = AsTorchDataset(self.dataset, train_idx)
             trainer = Trainer(tokenizer, data, self.recipe.train.tokenizer, self.path("tokenizer"),
                               seed=self.recipe.seed, device=self.device, prepare=lambda b: b[0],
-                              description=f"tokenizer ({self.recipe.tokenizer.name})")
+                              description=f"tokenizer ({self.recipe.tokenizer.name})", log=self.recipe.log)
             tokenizer = trainer.fit()
         self._tokenizer = self._save_model(tokenizer, model_path)
         self._finish("tokenizer", fp, time.perf_counter() - t0)
@@ -393,7 +393,8 @@ class Run:
 
                 trainer = Trainer(prior, latents, self.recipe.train.prior, self.path(stage), seed=self.recipe.seed + level,
                                   device=self.device, prepare=prepare,
-                                  description=f"prior {level} ({self.resolved.prior_specs[level].name})")
+                                  description=f"prior {level} ({self.resolved.prior_specs[level].name})",
+                                  log=self.recipe.log)
                 prior = trainer.fit()
             priors.append(self._save_model(prior, model_path))
             self._finish(stage, fp, time.perf_counter() - t0)

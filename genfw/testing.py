@@ -224,3 +224,52 @@ def check_prior(component: str | type, params: dict[str, Any] | None = None, *, 
         loaded = _roundtrip(prior)
         assert torch.equal(draw(1, model=loaded), s1), "a round-trip changed the samples for the same seed"
         return prior
+
+
+# --------------------------------------------------------------------------------------------
+# loggers
+
+
+def check_logger(component: str | type, params: dict[str, Any] | None = None, *,
+                 read_back: Any = None) -> None:
+    """Build, log scalars and images, close, resume on the same folder; optionally read it all back.
+
+    ``read_back(directory) -> {tag: {step: value}}``, when given, must return every scalar
+    logged (a resumed logger's records replacing those at and after the resumed step).
+    """
+    from genfw.loggers import Logger, image_to_uint8
+
+    with _registered("logger", component) as name, tempfile.TemporaryDirectory() as tmp:
+        registry = get_registry()
+        cls = registry.load("logger", name)
+        assert issubclass(cls, Logger), "a logger must subclass genfw.loggers.Logger"
+        _check_params_reject_typos(cls)
+        cls.check_available()
+        directory = os.path.join(tmp, "prior0")
+        logger = registry.build("logger", name, params or {}, directory=directory, stage="prior0", start_step=0)
+        expected: dict[str, dict[int, float]] = {}
+        records = {1: {"loss/main": 2.5, "lr": 1e-3}, 2: {"loss/main": 2.25, "lr": 1e-3, "level0/usage": 0.5},
+                   3: {"loss/main": 2.0, "lr": 5e-4}}
+        for step, scalars in records.items():
+            logger.log_scalars(step, scalars)
+            for tag, value in scalars.items():
+                expected.setdefault(tag, {})[step] = value
+        grey = torch.linspace(-1, 1, 8 * 8).view(1, 8, 8)
+        logger.log_image(2, "samples", image_to_uint8(grey))
+        logger.log_image(3, "samples", image_to_uint8(torch.zeros(3, 8, 8, dtype=torch.uint8) + 200))
+        logger.close()
+        # resume at step 3 (as after an interruption): step 3 is logged again with new values
+        again = registry.build("logger", name, params or {}, directory=directory, stage="prior0", start_step=3)
+        again.log_scalars(3, {"loss/main": 1.75, "lr": 5e-4})
+        again.log_scalars(4, {"loss/main": 1.5, "lr": 2.5e-4})
+        again.close()
+        expected["loss/main"].update({3: 1.75, 4: 1.5})
+        expected["lr"].update({4: 2.5e-4})
+        if read_back is not None:
+            got = read_back(directory)
+            for tag, by_step in expected.items():
+                assert tag in got, f"tag '{tag}' not read back (got {sorted(got)})"
+                for step, value in by_step.items():
+                    assert step in got[tag], f"tag '{tag}' step {step} not read back (got steps {sorted(got[tag])})"
+                    assert abs(got[tag][step] - value) <= 1e-6 * max(1.0, abs(value)), \
+                        f"tag '{tag}' step {step}: read back {got[tag][step]}, logged {value}"

@@ -10,6 +10,10 @@ Under ``torchrun`` every rank trains on its slice of each global batch and gradi
 averaged across ranks before each optimizer step (data parallelism, with the same result as
 one process on the global batch); rank 0 alone writes checkpoints and logs.
 
+Every ``log_every`` steps the scalars (losses, the module's own logs, learning rate, steps per
+second) go to the stage's loggers (``genfw.loggers``: ``log.jsonl`` unless the recipe's ``log:``
+says otherwise); ``Trainer.loggers`` also takes images (``loggers.log_image(step, tag, image)``).
+
 Everything needed to continue — weights, optimizers, schedulers, EMA, step, RNG states, the
 position in the data — is saved without pickle in ``train_state.safetensors`` every
 ``checkpoint_every`` steps, at the end, and on Ctrl-C; running again resumes, and on CPU with
@@ -34,10 +38,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from genfw import checkpoint, dist, io
 from genfw.config import TrainSpec
 from genfw.errors import ConfigError, TrainingError
+from genfw.loggers import LoggerSet
 from genfw.progress import progress_bar
 
 STATE_FILE = "train_state.safetensors"
-LOG_FILE = "log.jsonl"
 
 
 class ResumableBatches(torch.utils.data.Sampler):
@@ -120,6 +124,7 @@ class Trainer:
         collate_fn: Callable | None = None,
         description: str = "train",
         on_step: Callable[[int, dict[str, float]], None] | None = None,
+        log: list[Any] | None = None,
     ) -> None:
         self.module, self.dataset, self.spec = module, dataset, spec
         self.out_dir, self.seed, self.device = os.fspath(out_dir), seed, torch.device(device)
@@ -147,6 +152,8 @@ class Trainer:
             dist.broadcast_module(self.module)  # every rank starts from rank 0's weights
         self.step = 0
         self._stop_requested = False
+        # the recipe's `log:` entries (None: jsonl); rank 0 only, opened by fit()
+        self.loggers = LoggerSet(log, self.out_dir, stage=os.path.basename(os.path.normpath(self.out_dir)))
 
     # -- state --------------------------------------------------------------------------------
 
@@ -215,22 +222,6 @@ class Trainer:
                                              generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
 
-    def _log(self, record: dict[str, Any]) -> None:
-        if not dist.is_main():
-            return
-        import json
-
-        os.makedirs(self.out_dir, exist_ok=True)
-        # The one file not written through genfw.io: an append-only log, one JSON line per
-        # record. A crash can at worst cut its last line, which the report skips (and which is
-        # ended here, so that it does not swallow the next record); resuming never reads it.
-        with open(os.path.join(self.out_dir, LOG_FILE), "ab+") as f:
-            if f.seek(0, os.SEEK_END) > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
-            f.write((json.dumps(record) + "\n").encode())
-
     def _train_step(self, batch: Any) -> dict[str, float]:
         with autocast_context(self.device, self.spec.precision):
             out = self.module.training_step(batch, self.step)
@@ -284,6 +275,7 @@ class Trainer:
         except ValueError:  # not in the main thread
             previous = None
         t0, last = time.perf_counter(), self.step
+        self.loggers.open(start_step=self.step)
         try:
             with progress_bar(self.description, total=self.spec.steps, completed=self.step) as bar:
                 if resumed:
@@ -298,8 +290,10 @@ class Trainer:
                         now = time.perf_counter()
                         logs["steps_per_s"] = (self.step - last) / max(now - t0, 1e-9)
                         logs["lr"] = self.schedulers[next(iter(self.schedulers))].get_last_lr()[0] if self.schedulers else 0.0
+                        if len(self.schedulers) > 1:
+                            logs.update({f"lr/{k}": sch.get_last_lr()[0] for k, sch in self.schedulers.items()})
                         t0, last = now, self.step
-                        self._log({"step": self.step, **logs})
+                        self.loggers.log_scalars(self.step, logs)
                         if self.on_step:
                             self.on_step(self.step, logs)
                     main_loss = next((v for k, v in logs.items() if k.startswith("loss/")), float("nan"))
@@ -317,6 +311,7 @@ class Trainer:
                 "run the same command again to resume"
             ) from None
         finally:
+            self.loggers.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         self.module.eval()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from genfw.registry import get_registry
-from genfw.testing import check_backbone, check_prior, check_tokenizer
+from genfw.testing import check_backbone, check_logger, check_prior, check_tokenizer
 
 os.environ.setdefault("GENFW_PLUGINS", "genfw")
 
@@ -31,6 +31,9 @@ TINY = {
     ("dataset", "synthetic"): {"size": 6, "resolution": 8},
     ("dataset", "mnist"): {"limit": 20},
     ("dataset", "folder"): None,  # covered by tests/test_data.py and the bad-input suite (needs files)
+    ("logger", "jsonl"): {},  # read back value by value in tests/test_loggers.py
+    ("logger", "csv"): {},
+    ("logger", "tensorboard"): {"flush_secs": 5},
 }
 BUILTINS = [(e.kind, e.name) for e in get_registry().entries() if e.dist == "genfw" and e.kind != "converter"]
 
@@ -49,6 +52,8 @@ def test_builtin_conforms(kind, name):
     elif kind == "prior":
         params, sampler = config
         check_prior(name, params, backbone=TINY_BACKBONE, sampler=sampler)
+    elif kind == "logger":
+        check_logger(name, config)
     elif kind == "dataset" and config is not None:
         data = get_registry().build("dataset", name, config)
         image, label = data[0]

@@ -225,6 +225,8 @@ CASES = [
     ("unknown-prior", _recipe_case(TINY, "--set", "prior.name=sundea"), "unknown prior 'sundea'; registered priors:", 1),
     ("unknown-backbone", _recipe_case(TINY, "--set", "prior.backbone.name=resnet"), "unknown backbone 'resnet'", 1),
     ("unknown-dataset", _recipe_case(TINY, "--set", "data.name=imagenet"), "unknown dataset 'imagenet'", 1),
+    ("unknown-logger", _recipe_case(TINY, "--set", "log=[jsonl, wandb]"),
+     "log.1: unknown logger 'wandb'; registered loggers: csv, jsonl, tensorboard", 1),
     ("misspelt-param", _recipe_case(TINY, "--set", "prior.backbone.params.dimm=8"),
      "prior.backbone.params.dimm: unknown key", 2),
     ("out-of-range-param", _recipe_case(TINY, "--set", "tokenizer.params.levels=1"), "tokenizer.params.levels", 2),

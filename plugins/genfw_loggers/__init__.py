@@ -1,0 +1,1 @@
+"""Built-in training loggers: jsonl, csv, tensorboard."""
