@@ -58,7 +58,15 @@ class Logger(abc.ABC):
 
 
 def image_to_uint8(image: Any) -> torch.Tensor:
-    """A ``[C, H, W]`` tensor in [-1, 1] or uint8, or a PIL image, as uint8 ``[C, H, W]`` on the CPU."""
+    """An image as uint8 ``[C, H, W]`` on the CPU.
+
+    Takes a ``[C, H, W]`` tensor in [-1, 1] or uint8, a batch ``[B, C, H, W]`` in [-1, 1]
+    (tiled into one grid, as ``samples/grid.png`` is), or a PIL image.
+    """
+    if isinstance(image, torch.Tensor) and image.ndim == 4 and image.is_floating_point():
+        from genfw.data import make_grid
+
+        image = make_grid(image)  # a PIL image
     if not isinstance(image, torch.Tensor):
         import numpy as np
 
@@ -67,7 +75,8 @@ def image_to_uint8(image: Any) -> torch.Tensor:
         image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
     image = image.detach().cpu()
     if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-        raise ValueError(f"an image to log must be [C, H, W] with C = 1 or 3, got {tuple(image.shape)}")
+        raise ValueError(f"an image to log must be [C, H, W] (or a float batch [B, C, H, W]) with C = 1 or 3, "
+                         f"got {tuple(image.shape)}")
     if image.shape[0] == 4:  # RGBA from PIL: drop alpha
         image = image[:3]
     if image.dtype != torch.uint8:
@@ -150,7 +159,8 @@ class LoggerSet:
         self._each("log scalars", lambda lg: lg.log_scalars(int(step), values))
 
     def log_image(self, step: int, tag: str, image: Any) -> None:
-        """Send an image (``[C, H, W]`` in [-1, 1] or uint8, or a PIL image) to every logger."""
+        """Send an image to every logger: ``[C, H, W]`` in [-1, 1] or uint8, a float batch
+        ``[B, C, H, W]`` (logged as one grid), or a PIL image."""
         if not self._loggers and self._loggers is not None:
             return
         try:

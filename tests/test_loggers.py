@@ -151,6 +151,27 @@ def test_images_and_per_group_learning_rates_reach_tensorboard(tmp_path, data):
     assert lrs["lr/main"][4] == pytest.approx(0.01) and lrs["lr/critic"][4] == pytest.approx(0.002)
 
 
+def test_a_batch_or_a_pil_image_is_logged_as_one_image(tmp_path):
+    """What a sample-grid hook hands over: a float batch [B, C, H, W] (tiled as grid.png is) or a PIL grid."""
+    from genfw.data import make_grid
+
+    batch = torch.rand(4, 3, 8, 8) * 2 - 1
+    loggers = LoggerSet(["tensorboard"], str(tmp_path))
+    loggers.log_image(5, "samples", batch)
+    loggers.log_image(6, "grid", make_grid(batch[:, :1]))
+    loggers.close()
+    acc = events(tmp_path)
+    assert [(e.step, e.width, e.height) for e in acc.Images("samples")] == [(5, 22, 22)]  # 2x2 tiles, 2 px gaps
+    assert [(e.step, e.width, e.height) for e in acc.Images("grid")] == [(6, 22, 22)]
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    stored = Image.open(io.BytesIO(acc.Images("samples")[0].encoded_image_string)).convert("RGB")
+    assert np.array_equal(np.asarray(stored), np.asarray(make_grid(batch).convert("RGB"))), "pixels changed"
+
+
 # -- validation -----------------------------------------------------------------------------------
 
 
