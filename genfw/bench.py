@@ -3,13 +3,19 @@
 The papers sell speed (megapixel-SUNDAE: a 1024x1024 sample in about 2 s on a GTX 1080Ti with
 100 steps plus VQ-GAN decoding), so genfw measures it the same way on any machine:
 
-* prior forward ms per step at batch B, its FLOPs (counted with ``FlopCounterMode``, attention
-  included), the achieved FLOP/s, and that as a fraction of the throughput of a large matrix
-  multiply in the same dtype measured in the same process (the machine's practical peak);
-* sampling ms per image at the recipe's step count (``prior.sample`` with the recipe's sampler
-  params), tokenizer decode ms per image, images per second end to end, and peak memory.
+* prior forward ms at batch B, its FLOPs (counted with ``FlopCounterMode``, attention included),
+  the achieved FLOP/s, and that as a fraction of this process's practical matmul peak in the same
+  dtype: the best warm, pre-allocated ``torch.mm(a, b, out=c)`` over several sizes, measured just
+  before and just after the model (the larger counts; both are reported; every dtype on CUDA);
+* sampling ms per step and per image at the recipe's step count (``prior.sample`` with the recipe's
+  sampler params), split into the backbone's own time (every backbone call timed while sampling)
+  and the sampler's overhead (the rest of the loop); the step over a forward measured in the same
+  repeat; tokenizer decode ms per image, images per second end to end, and peak memory.
 
-Every time is the median of ``repeats`` runs after a warm-up, synchronised on CUDA. A recipe is
+Forwards and sampling runs alternate: each repeat times one forward of every prior and then one
+sampling run, so slow phases of a loaded machine hit both alike. Every time is reported as the
+median with its min and max over ``repeats`` (all values are in the JSON), after a warm-up,
+synchronised on CUDA (the backbone's time inside sampling and the matmuls: CUDA events). A recipe is
 benchmarked with random weights built on the target device (nothing is trained and no data is
 read); a bundle or run directory with its trained weights. Sampling runs exactly as
 :func:`genfw.sampling.generate` does: ``torch.inference_mode``, bf16/fp16 autocast on CUDA (fp32 on
@@ -25,8 +31,8 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,33 +186,207 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+class Stopwatch:
+    """Times regions of work on ``device``: the wall clock on CPU, CUDA events on CUDA.
 
-
-def matmul_peak(device: torch.device, precision: str, size: int | None = None, repeats: int = 5) -> dict[str, Any]:
-    """FLOP/s of a ``size`` x ``size`` matrix multiply in ``precision``: this process's practical peak.
-
-    fp32 on CUDA runs in whatever TF32 mode the process has, as the model's matmuls do.
+    On CUDA each region is a pair of events recorded on the device's current stream, so a region
+    measures the device's time between them and nothing synchronises while work is queued;
+    :meth:`seconds` synchronises once and reads them all.
     """
-    size = size or (8192 if device.type == "cuda" else 2048)
-    dtype = DTYPES[precision]
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    with torch.inference_mode():
-        seconds = median_seconds(lambda: a @ b, device, repeats, warmup=2)
-    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
-            "flops_per_second": 2 * size**3 / seconds}
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._regions: list[Any] = []
+
+    @contextmanager
+    def region(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            try:
+                yield
+            finally:
+                end.record(stream)
+                self._regions.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._regions.append(time.perf_counter() - t0)
+
+    def seconds(self) -> list[float]:
+        """Every region's duration in seconds, in the order they were opened."""
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return [start.elapsed_time(end) / 1e3 for start, end in self._regions]  # elapsed_time: ms
+        return list(self._regions)
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """A timing over its repeats: median, min, max and every value (in the order measured)."""
+    if not values:
+        raise ValueError("spread of no values")
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": list(values)}
+
+
+def _inverse_spread(s: dict[str, Any], scale: float = 1.0) -> dict[str, Any]:
+    """The spread of ``scale / x`` from that of ``x`` (its median is ``scale / median``)."""
+    return {"median": scale / s["median"], "min": scale / s["max"], "max": scale / s["min"], "n": s["n"],
+            "values": [scale / v for v in s["values"]]}
+
+
+def _timed_runs(fn: Callable[[], Any], device: torch.device, *, min_runs: int, max_runs: int,
+                budget_s: float) -> list[float]:
+    """Seconds of each of ``min_runs``..``max_runs`` runs of ``fn()``, stopping once ``budget_s`` is spent."""
+    watch, t0 = Stopwatch(device), time.perf_counter()
+    runs = 0
+    while runs < max_runs and (runs < min_runs or time.perf_counter() - t0 < budget_s):
+        with watch.region():
+            fn()
+        synchronize(device)  # so that the budget counts the device's time, not only the launches
+        runs += 1
+    return watch.seconds()
+
+
+CPU_MATMUL_SIZES = (1024, 2048, 4096)
+MAX_MATMUL_SIZE = 32768  # three fp32 operands of 4 GiB each
+CUDA_MATMUL_SIZES = (4096, 8192, 16384)
+MATMUL_METHOD = ("torch.mm(a, b, out=c) on pre-allocated square operands, 2 warm-up multiplies, then the best "
+                 "(shortest) of {min_runs}-{max_runs} runs per size (at most ~{budget_s:g} s per size); "
+                 "the peak is the largest rate over the sizes and over the measurements before and after the "
+                 "model")
+
+
+def _dtype_label(precision: str, device: torch.device) -> str:
+    """The dtype name, with the TF32 mode of fp32 matmuls on CUDA (the model's fp32 matmuls share it)."""
+    name = str(DTYPES[precision]).removeprefix("torch.")
+    if precision == "fp32" and device.type == "cuda":
+        mode = torch.get_float32_matmul_precision()
+        return {"highest": name, "high": f"{name} (tf32)"}.get(mode, f"{name} (matmul precision {mode})")
+    return name
+
+
+def check_matmul_sizes(sizes: Sequence[int] | int | None) -> list[int]:
+    """The asked matmul sizes as a list (empty: the device's defaults), each within 1..MAX_MATMUL_SIZE."""
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes or ())
+    bad = [s for s in sizes if not 1 <= s <= MAX_MATMUL_SIZE]
+    if bad:
+        raise ConfigError(f"--matmul-size must be between 1 and {MAX_MATMUL_SIZE}, got {bad[0]}")
+    return sizes
+
+
+def _available_cpu_memory() -> float:
+    """Linux's MemAvailable in bytes (infinite where unknown: nothing is refused then)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next((int(line.split()[1]) for line in f if line.startswith("MemAvailable:")), None)
+    except (OSError, ValueError, IndexError):
+        kib = None
+    return float("inf") if kib is None else kib * 1024.0
+
+
+def matmul_rates(device: torch.device, precision: str, sizes: Sequence[int] | int | None = None, *,
+                 min_runs: int = 5, max_runs: int = 50, budget_s: float = 2.0) -> list[dict[str, Any]]:
+    """FLOP/s of warm square ``torch.mm(a, b, out=c)`` at each size in ``precision`` (best of the runs).
+
+    The operands and the output are allocated once per size and multiplied twice before timing, so
+    no run pays for allocation, page faults or first-call dispatch. A size that does not fit on a
+    CUDA device is skipped (its record says so).
+    """
+    sizes = check_matmul_sizes(sizes) or list(CUDA_MATMUL_SIZES if device.type == "cuda" else CPU_MATMUL_SIZES)
+    dtype, records = DTYPES[precision], []
+    for size in sizes:
+        skipped = {"dtype": _dtype_label(precision, device), "size": size}
+        if device.type == "cpu" and 3 * size * size * dtype.itemsize > _available_cpu_memory() / 2:
+            records.append({**skipped, "skipped": "operands would take over half the available memory"})
+            continue
+        try:
+            a, b, c = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(3))
+        except torch.cuda.OutOfMemoryError:
+            records.append({**skipped, "skipped": "out of memory"})
+            continue
+        with torch.inference_mode():
+            for _ in range(2):
+                torch.mm(a, b, out=c)
+            synchronize(device)
+            seconds = _timed_runs(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), device,
+                                  min_runs=min_runs, max_runs=max_runs, budget_s=budget_s)
+        del a, b, c
+        best = min(seconds)
+        records.append({"dtype": _dtype_label(precision, device), "size": size, "runs": len(seconds),
+                        "seconds": best, "flops_per_second": 2 * size**3 / best,
+                        "seconds_spread": spread(seconds)})
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the largest operands would otherwise stay reserved while sampling
+    return records
+
+
+def matmul_peak(device: torch.device, precision: str, sizes: Sequence[int] | int | None = None,
+                **runs: Any) -> dict[str, Any]:
+    """This process's practical matmul peak in ``precision``: the best size of :func:`matmul_rates`."""
+    records = matmul_rates(device, precision, sizes, **runs)
+    measured = [r for r in records if "flops_per_second" in r]
+    if not measured:
+        raise GenfwError(f"no matmul size fitted on {device}: pass a smaller --matmul-size")
+    best = max(measured, key=lambda r: r["flops_per_second"])
+    return {"dtype": best["dtype"], "size": best["size"], "seconds": best["seconds"],
+            "flops_per_second": best["flops_per_second"], "sizes": records}
+
+
+def peak_precisions(device: torch.device, precision: str) -> list[str]:
+    """The dtypes whose peak is measured: every one on CUDA, fp32 (and the asked one) on CPU."""
+    if device.type == "cuda":
+        return ["fp32", "bf16", "fp16"]
+    return sorted({"fp32", precision}, key=PRECISIONS.index)
+
+
+def _peak_table(device: torch.device, precisions: list[str], sizes: Sequence[int] | None,
+                **runs: Any) -> dict[str, dict[str, Any]]:
+    return {p: matmul_peak(device, p, sizes, **runs) for p in precisions}
+
+
+class _TimedBackbone(torch.nn.Module):
+    """Stands in for a prior's backbone while sampling: times every forward and ``decode_step``.
+
+    Everything else (``init_cache``, attributes) passes through to the backbone. It wraps the
+    module from outside, so a ``torch.compile``d backbone runs its compiled code unchanged.
+    """
+
+    def __init__(self, inner: torch.nn.Module, watch: Stopwatch):
+        super().__init__()
+        self.inner = inner
+        self.watch = watch
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.watch.region():
+            return self.inner(*args, **kwargs)
+
+    def decode_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.watch.region():
+            return self.inner.decode_step(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+@contextmanager
+def timed_backbone(prior: Prior, watch: Stopwatch) -> Iterator[bool]:
+    """Time ``prior``'s backbone calls into ``watch`` while inside; yields whether it could."""
+    inner = getattr(prior, "backbone", None)
+    if not isinstance(inner, torch.nn.Module) or not isinstance(prior, torch.nn.Module):
+        yield False
+        return
+    prior.backbone = _TimedBackbone(inner, watch)
+    try:
+        yield True
+    finally:
+        prior.backbone = inner
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -272,6 +452,13 @@ def _device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
 def bench(
     source: str,
     *,
@@ -282,14 +469,21 @@ def bench(
     compile: bool = False,  # noqa: A002 - the CLI flag's name
     repeats: int = 3,
     overrides: list[str] | None = None,
-    matmul_size: int | None = None,
+    matmul_size: Sequence[int] | int | None = None,
     seed: int = 0,
+    matmul_runs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Measure a recipe's (random weights) or a model's sampling speed; returns the JSON record."""
+    """Measure a recipe's (random weights) or a model's sampling speed; returns the JSON record.
+
+    Order: the matmul peak, then per repeat one forward of every prior and one sampling run (so a
+    step and a forward of the same repeat are measured seconds apart), then the matmul peak again.
+    """
     if batch_size < 1 or repeats < 1:
         raise ConfigError("--batch-size and --repeats must be at least 1")
+    check_matmul_sizes(matmul_size)
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
+    load_before = _load_average()
     _say(f"loading {source} on {dev}")
     models = load_models(source, dev, overrides, steps)
     tokenizer, priors = models.tokenizer, models.priors
@@ -300,26 +494,17 @@ def bench(
     if compile:
         _say("compiling the backbones (torch.compile)")
         compile_backbones(priors)
-
-    _say(f"matmul peak ({precision})")
-    peak = matmul_peak(dev, precision, matmul_size)
-
-    levels = []
-    for level, (prior, x, fl, sp) in enumerate(zip(priors, inputs, flops, models.samplers, strict=True)):
-        _say(f"prior {level} forward, batch {batch_size}")
-        with torch.inference_mode(), autocast(dev, precision):
-            seconds = median_seconds(lambda p=prior, x=x: p.backbone(**x), dev, repeats, warmup=2 if compile else 1)
-        levels.append({
-            "level": level, "prior": _component_name(prior), "backbone": _component_name(prior.backbone),
-            "parameters": sum(p.numel() for p in prior.parameters()), "grid": list(prior.grid),
-            "codebook_size": prior.codebook_size, "sampler": sp.model_dump(),
-            "forward_ms": 1e3 * seconds, "forward_flops": fl,
-            "achieved_flops_per_second": fl / seconds,
-            "fraction_of_matmul_peak": fl / seconds / peak["flops_per_second"],
-        })
-
     labels = sample_labels(batch_size, priors[0].num_classes, None)
     labels = labels.to(dev) if labels is not None else None
+
+    def forward_once(prior: Prior, x: dict[str, Any]) -> float:
+        """Wall seconds of one backbone forward, synchronised, as a sampling step is timed."""
+        with torch.inference_mode(), autocast(dev, precision):
+            synchronize(dev)
+            t0 = time.perf_counter()
+            prior.backbone(**x)
+            synchronize(dev)
+        return time.perf_counter() - t0
 
     def sample_once(repeat: int, warm: bool = False) -> dict[str, Any]:
         """One chunk as generate() makes it: every level top-down, then decode."""
@@ -330,12 +515,16 @@ def bench(
             for prior, sp in zip(priors, models.samplers, strict=True):
                 if warm and "steps" in type(sp).model_fields:
                     sp = prior.sampler_params(sp, steps=min(sp.steps, 2))
-                synchronize(dev)
-                t0 = time.perf_counter()
-                c = prior.sample(batch_size, labels=labels, context=codes or None, generator=gen, params=sp)
-                synchronize(dev)
+                network = Stopwatch(dev)
+                with timed_backbone(prior, network) as timed:
+                    synchronize(dev)
+                    t0 = time.perf_counter()
+                    c = prior.sample(batch_size, labels=labels, context=codes or None, generator=gen, params=sp)
+                    synchronize(dev)
+                    seconds = time.perf_counter() - t0
                 stats = dict(getattr(prior, "last_sample_stats", {}) or {})
-                record["levels"].append({"seconds": time.perf_counter() - t0, "steps": stats.get("steps"),
+                record["levels"].append({"seconds": seconds, "steps": stats.get("steps"),
+                                         "network_seconds": sum(network.seconds()) if timed else None,
                                          "backbone_evaluations": stats.get("backbone_evaluations")})
                 codes.append(c)
             t0 = time.perf_counter()
@@ -344,37 +533,87 @@ def bench(
         record["images"] = images.shape[0]
         return record
 
-    _say("sampling warm-up")
+    precisions = peak_precisions(dev, precision)
+    _say(f"matmul peak before the model ({', '.join(precisions)})")
+    peak_before = _peak_table(dev, precisions, matmul_size, **(matmul_runs or {}))
+
+    _say("warm-up: forwards and a short sampling run")
+    for prior, x in zip(priors, inputs, strict=True):
+        for _ in range(2 if compile else 1):
+            forward_once(prior, x)
     sample_once(-1, warm=True)
     memory_start = _memory_start(dev)
+    forwards: list[list[float]] = [[] for _ in priors]  # [level][repeat]
     runs = []
     for r in range(repeats):
-        _say(f"sampling {batch_size} images, run {r + 1}/{repeats}")
+        _say(f"repeat {r + 1}/{repeats}: one forward per prior (batch {batch_size}), then sampling {batch_size} images")
+        for level, (prior, x) in enumerate(zip(priors, inputs, strict=True)):
+            forwards[level].append(forward_once(prior, x))
         runs.append(sample_once(r))
     memory = _memory_report(dev, memory_start)
 
-    for level, info in enumerate(levels):
+    _say("matmul peak after the model")
+    peak_after = _peak_table(dev, precisions, matmul_size, **(matmul_runs or {}))
+    rate = max(peak_before[precision]["flops_per_second"], peak_after[precision]["flops_per_second"])
+    peak = dict(peak_before[precision] if peak_before[precision]["flops_per_second"] == rate
+                else peak_after[precision])
+    peak.pop("sizes")
+    peak["measured"] = "before" if peak_before[precision]["flops_per_second"] == rate else "after"
+    runs_kw = {"min_runs": 5, "max_runs": 50, "budget_s": 2.0, **(matmul_runs or {})}
+    peak["method"] = MATMUL_METHOD.format(**runs_kw)
+    peak["before"], peak["after"] = peak_before, peak_after
+
+    levels = []
+    for level, (prior, fl, sp) in enumerate(zip(priors, flops, models.samplers, strict=True)):
         per = [run["levels"][level] for run in runs]
-        seconds = statistics.median(p["seconds"] for p in per)
-        steps_run = statistics.median(p["steps"] for p in per) if per[0]["steps"] else None
-        info["sample_ms_per_image"] = 1e3 * seconds / batch_size
-        info["steps"] = steps_run
-        info["backbone_evaluations"] = per[0]["backbone_evaluations"]
-        if steps_run:
-            info["sample_ms_per_step"] = 1e3 * seconds / steps_run
-            info["step_over_forward"] = info["sample_ms_per_step"] / info["forward_ms"]
-    decode = statistics.median(run["decode_seconds"] for run in runs)
-    total = statistics.median(sum(lv["seconds"] for lv in run["levels"]) + run["decode_seconds"] for run in runs)
+        fwd = forwards[level]
+        timings: dict[str, list[float]] = {
+            "forward_ms": [1e3 * s for s in fwd],
+            "achieved_flops_per_second": [fl / s for s in fwd],
+            "fraction_of_matmul_peak": [fl / s / rate for s in fwd],
+            "sample_ms_per_image": [1e3 * p["seconds"] / batch_size for p in per],
+        }
+        steps_run = [p["steps"] for p in per]
+        if all(steps_run):
+            timings["sample_ms_per_step"] = [1e3 * p["seconds"] / n for p, n in zip(per, steps_run, strict=True)]
+            # Each repeat's step over the forward measured just before it (same repeat).
+            timings["step_over_forward"] = [1e3 * p["seconds"] / n / f_ms for p, n, f_ms
+                                            in zip(per, steps_run, timings["forward_ms"], strict=True)]
+            if all(p["network_seconds"] is not None for p in per):
+                timings["network_ms_per_step"] = [1e3 * p["network_seconds"] / n
+                                                  for p, n in zip(per, steps_run, strict=True)]
+                timings["sampler_overhead_ms_per_step"] = [1e3 * (p["seconds"] - p["network_seconds"]) / n
+                                                           for p, n in zip(per, steps_run, strict=True)]
+        if all(p["network_seconds"] is not None for p in per):
+            timings["sampler_overhead_fraction"] = [1 - p["network_seconds"] / p["seconds"] for p in per]
+        spreads = {k: spread(v) for k, v in timings.items()}
+        levels.append({
+            "level": level, "prior": _component_name(prior), "backbone": _component_name(prior.backbone),
+            "parameters": sum(p.numel() for p in prior.parameters()), "grid": list(prior.grid),
+            "codebook_size": prior.codebook_size, "sampler": sp.model_dump(),
+            "forward_flops": fl,
+            "steps": statistics.median(steps_run) if all(steps_run) else None,
+            "backbone_evaluations": per[0]["backbone_evaluations"],
+            **{k: s["median"] for k, s in spreads.items()},
+            "spread": spreads,
+        })
+
+    decode = spread([1e3 * run["decode_seconds"] / batch_size for run in runs])
+    per_image = spread([(sum(lv["seconds"] for lv in run["levels"]) + run["decode_seconds"]) / batch_size
+                        for run in runs])
+    sampling = spread([sum(1e3 * lv["seconds"] for lv in run["levels"]) / batch_size for run in runs])
+    spreads = {"sample_ms_per_image": sampling, "decode_ms_per_image": decode, "seconds_per_image": per_image,
+               "images_per_second": _inverse_spread(per_image)}
     return {
         "source": source, "weights": models.weights, "notes": models.notes,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": str(dev), "device_name": _device_name(dev), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "precision": precision, "compile": compile,
         "batch_size": batch_size, "repeats": repeats,
+        "load_average": {"before": load_before, "after": _load_average()},
         "matmul_peak": peak, "priors": levels,
-        "sample_ms_per_image": sum(lv["sample_ms_per_image"] for lv in levels),
-        "decode_ms_per_image": 1e3 * decode / batch_size,
-        "seconds_per_image": total / batch_size, "images_per_second": batch_size / total,
+        **{k: s["median"] for k, s in spreads.items()},
+        "spread": spreads,
         **memory,
     }
 
@@ -401,41 +640,88 @@ def _si(value: float | None, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
+def _spread_cell(s: dict[str, Any] | None, fmt: Callable[[float], str]) -> str:
+    """``median (min-max)`` of a timing's spread."""
+    if s is None:
+        return "-"
+    if s["n"] == 1:
+        return fmt(s["median"])
+    return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
+
+
+def _peak_cell(peak: dict[str, Any]) -> str:
+    return f"{_si(peak['flops_per_second'], 'FLOP/s')} at {peak['size']}"
+
+
 def print_table(result: dict[str, Any], console: Console) -> None:
-    """The benchmark as a rich table (one column of values per prior level where it applies)."""
+    """The benchmark as rich tables: per prior level, the summary, and the matmul peaks."""
     peak = result["matmul_peak"]
     title = (f"genfw bench {result['source']} — {result['device_name']}, {result['precision']}, "
              f"batch {result['batch_size']}{', compiled' if result['compile'] else ''}, "
-             f"{result['weights']} weights, median of {result['repeats']}")
+             f"{result['weights']} weights, median (min-max) of {result['repeats']} repeats")
     table = Table(title=title)
     table.add_column("measure")
     for lv in result["priors"]:
         table.add_column(f"level {lv['level']}: {lv['prior']} / {lv['backbone']}", justify="right")
+
+    def timed(key: str, fmt: Callable[[float], str]) -> Callable[[dict[str, Any]], str]:
+        return lambda lv: _spread_cell(lv["spread"].get(key), fmt)
+
+    def ms(v: float) -> str:
+        return f"{v:.1f}"
+
     rows = [
         ("parameters", lambda lv: f"{lv['parameters'] / 1e6:.1f} M"),
         ("grid / codes", lambda lv: f"{lv['grid'][0]}x{lv['grid'][1]} of {lv['codebook_size']}"),
-        ("prior forward ms (batch)", lambda lv: f"{lv['forward_ms']:.1f}"),
+        ("prior forward ms (batch)", timed("forward_ms", ms)),
         ("FLOPs per forward", lambda lv: _si(lv["forward_flops"], "FLOP")),
-        ("achieved FLOP/s", lambda lv: _si(lv["achieved_flops_per_second"], "FLOP/s")),
-        ("fraction of matmul peak", lambda lv: f"{lv['fraction_of_matmul_peak']:.1%}"),
+        ("achieved FLOP/s", timed("achieved_flops_per_second", lambda v: _si(v, "FLOP/s"))),
+        (f"fraction of matmul peak ({peak['dtype']})", timed("fraction_of_matmul_peak", lambda v: f"{v:.1%}")),
         ("sampler steps run", lambda lv: "-" if lv.get("steps") is None else f"{lv['steps']:g}"),
-        ("sampling ms per step", lambda lv: f"{lv['sample_ms_per_step']:.1f}" if "sample_ms_per_step" in lv else "-"),
-        ("step / forward", lambda lv: f"{lv['step_over_forward']:.3f}" if "step_over_forward" in lv else "-"),
-        ("sampling ms per image", lambda lv: f"{lv['sample_ms_per_image']:.1f}"),
+        ("sampling ms per step", timed("sample_ms_per_step", ms)),
+        ("  network (backbone) ms per step", timed("network_ms_per_step", ms)),
+        ("  sampler overhead ms per step", timed("sampler_overhead_ms_per_step", ms)),
+        ("sampler overhead share of sampling", timed("sampler_overhead_fraction", lambda v: f"{v:.1%}")),
+        ("step / forward (same repeat)", timed("step_over_forward", lambda v: f"{v:.3f}")),
+        ("sampling ms per image", timed("sample_ms_per_image", ms)),
     ]
     for name, cell in rows:
         table.add_row(name, *[cell(lv) for lv in result["priors"]])
     console.print(table)
+
+    sp = result["spread"]
     summary = Table(show_header=False)
     summary.add_column("measure")
     summary.add_column("value", justify="right")
-    summary.add_row(f"matmul peak ({peak['size']}^2, {peak['dtype']})", _si(peak["flops_per_second"], "FLOP/s"))
-    summary.add_row("sampling ms per image (all levels)", f"{result['sample_ms_per_image']:.1f}")
-    summary.add_row("decode ms per image", f"{result['decode_ms_per_image']:.1f}")
-    summary.add_row("seconds per image (end to end)", f"{result['seconds_per_image']:.3f}")
-    summary.add_row("images per second", f"{result['images_per_second']:.3f}")
+    summary.add_row("sampling ms per image (all levels)", _spread_cell(sp["sample_ms_per_image"], ms))
+    summary.add_row("decode ms per image", _spread_cell(sp["decode_ms_per_image"], ms))
+    summary.add_row("seconds per image (end to end)", _spread_cell(sp["seconds_per_image"], lambda v: f"{v:.3f}"))
+    summary.add_row("images per second", _spread_cell(sp["images_per_second"], lambda v: f"{v:.3f}"))
     summary.add_row("peak memory", _si(result["peak_memory_bytes"], "B"))
+    load = result.get("load_average") or {}
+    if load.get("before") and load.get("after"):
+        summary.add_row("load average before / after (1, 5, 15 min)",
+                        f"{', '.join(map(str, load['before']))} / {', '.join(map(str, load['after']))}")
     console.print(summary)
+
+    peaks = Table(title=f"matmul peak: best warm torch.mm(out=) per size; the fraction uses the larger "
+                        f"({_si(peak['flops_per_second'], 'FLOP/s')}, {peak['dtype']}, {peak['size']}^2, "
+                        f"{peak['measured']})")
+    peaks.add_column("dtype")
+    peaks.add_column("size", justify="right")
+    peaks.add_column("before the model", justify="right")
+    peaks.add_column("after the model", justify="right")
+    for precision, table_before in peak["before"].items():
+        after = {r["size"]: r for r in peak["after"][precision]["sizes"]}
+        for rec in table_before["sizes"]:
+            cells = []
+            for r in (rec, after.get(rec["size"])):
+                if r is None or "flops_per_second" not in r:
+                    cells.append((r or {}).get("skipped", "-"))
+                else:
+                    cells.append(f"{_si(r['flops_per_second'], 'FLOP/s')} (best of {r['runs']})")
+            peaks.add_row(rec["dtype"], str(rec["size"]), *cells)
+    console.print(peaks)
     console.print(f"[dim]memory: {result['peak_memory_kind']}[/dim]", highlight=False)
     for note in result["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)

@@ -434,10 +434,12 @@ def bench(
     device: Device = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")] = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the prior backbones")] = False,
-    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the median is reported)")] = 3,
+    repeats: Annotated[int, typer.Option(help="Repeats of forward + sampling (median, min and max are "
+                                              "reported)")] = 3,
     json_file: Annotated[str | None, typer.Option("--json", help="Write the JSON record here ('-' prints it)")] = None,
-    matmul_size: Annotated[int | None, typer.Option(help="Side of the square matmul measuring the peak "
-                                                         "(default 2048 on CPU, 8192 on CUDA)")] = None,
+    matmul_size: Annotated[list[int] | None, typer.Option(help="Side of a square matmul measuring the peak; "
+                                                               "repeat for several (default 1024, 2048, 4096 "
+                                                               "on CPU; 4096, 8192, 16384 on CUDA)")] = None,
     set_: Sets = None,
 ) -> None:
     """Measure sampling speed: forward ms, FLOP/s vs. this machine's matmul peak, images/s, memory."""
