@@ -649,8 +649,20 @@ def _spread_cell(s: dict[str, Any] | None, fmt: Callable[[float], str]) -> str:
     return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
 
 
-def _peak_cell(peak: dict[str, Any]) -> str:
-    return f"{_si(peak['flops_per_second'], 'FLOP/s')} at {peak['size']}"
+def _si_spread(s: dict[str, Any] | None, unit: str) -> str:
+    """``median (min-max) unit`` with one SI prefix, the median's."""
+    if s is None:
+        return "-"
+    factor, prefix = next(((f, p) for f, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+                           if abs(s["median"]) >= f), (1.0, ""))
+
+    def num(v: float) -> str:  # about 3 significant digits, never in e-notation
+        v /= factor
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+    if s["n"] == 1:
+        return f"{num(s['median'])} {prefix}{unit}"
+    return f"{num(s['median'])} ({num(s['min'])}-{num(s['max'])}) {prefix}{unit}"
 
 
 def print_table(result: dict[str, Any], console: Console) -> None:
@@ -675,7 +687,7 @@ def print_table(result: dict[str, Any], console: Console) -> None:
         ("grid / codes", lambda lv: f"{lv['grid'][0]}x{lv['grid'][1]} of {lv['codebook_size']}"),
         ("prior forward ms (batch)", timed("forward_ms", ms)),
         ("FLOPs per forward", lambda lv: _si(lv["forward_flops"], "FLOP")),
-        ("achieved FLOP/s", timed("achieved_flops_per_second", lambda v: _si(v, "FLOP/s"))),
+        ("achieved FLOP/s", lambda lv: _si_spread(lv["spread"].get("achieved_flops_per_second"), "FLOP/s")),
         (f"fraction of matmul peak ({peak['dtype']})", timed("fraction_of_matmul_peak", lambda v: f"{v:.1%}")),
         ("sampler steps run", lambda lv: "-" if lv.get("steps") is None else f"{lv['steps']:g}"),
         ("sampling ms per step", timed("sample_ms_per_step", ms)),
