@@ -256,6 +256,8 @@ def test_sundae_matches_reference(sundae):
     assert {"opt", "lr_scheduler", "scaler"} <= set(meta["dropped"])
     assert sum(k.endswith("rotary_pos_emb.freqs") for k in meta["dropped"]) == 5
     assert meta["sampler"]["steps"] == 10 and meta["sampler"]["temperature"] == 0.8
+    codes = prior.sample(2, generator=torch.Generator().manual_seed(0), steps=3, min_steps=0)
+    assert codes.shape == (2, 8, 8) and 0 <= int(codes.min()) and int(codes.max()) < 32
 
 
 def test_sundae_authors_behaviour_matters(sundae):
@@ -345,3 +347,14 @@ def test_converted_models_run_and_eval(ut_models, tmp_path):
     assert metrics["tokenizer/mse"] > 0 and metrics["tokenizer/level0/perplexity"] > 1
     # the converted weights were used as they are, not retrained
     assert torch.equal(genfw.load(run / "prior0" / "model.safetensors").backbone.head.weight, prior.backbone.head.weight)
+
+
+def test_assemble_rejects_parts_that_do_not_fit(ut_models, sundae, tmp_path):
+    _, _, d = ut_models
+    _, sundae_prior = sundae
+    one_line_error(["assemble", "-o", str(tmp_path / "x.safetensors"), "--tokenizer", str(d / "tok.safetensors"),
+                    "--prior", str(sundae_prior)], "8x8 grid", "4x4")
+    one_line_error(["assemble", "-o", str(tmp_path / "x.safetensors"), "--tokenizer", str(d / "tok.safetensors"),
+                    "--prior", str(d / "prior.safetensors"), "--prior", str(d / "prior.safetensors")],
+                   "1 code level(s) but 2 prior(s)")
+    assert not (tmp_path / "x.safetensors").exists()
