@@ -123,6 +123,9 @@ def test_vqvae2_bad_files(tmp_path):
     one_line_error(["convert", "vqvae2", str(RV / "vqvae_001.pt"), "-o", out, "--set", "n_res_block=2"],
                    "hyper-parameters", "missing")
     one_line_error(["convert", "vqvae2", str(RV / "vqvae_001.pt"), "-o", out, "--set", "chanel=64"], "chanel")
+    # a hostile size: a real build would need terabytes; the meta-device build rejects it by shape first
+    one_line_error(["convert", "vqvae2", str(RV / "vqvae_001.pt"), "-o", out, "--set", "n_embed=100000000000"],
+                   "quantize_b.cluster_size", "(100000000000,)")
     # another project's file
     one_line_error(["convert", "vqvae2", str(FIXTURES / "ut" / "absorbing_ema_2000.th"), "-o", out],
                    "not a rosinality VQ-VAE-2 checkpoint")
@@ -358,3 +361,30 @@ def test_assemble_rejects_parts_that_do_not_fit(ut_models, sundae, tmp_path):
                     "--prior", str(d / "prior.safetensors"), "--prior", str(d / "prior.safetensors")],
                    "1 code level(s) but 2 prior(s)")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the authors'-behaviour params outside the fixtures (no files needed, but kept with them)
+
+
+def test_authors_variants_train_and_take_other_grids():
+    from genfw.registry import build
+
+    hourglass = build("backbone", "hourglass", {
+        "dim": 32, "depth": [1, 1, 1], "shorten_factors": [4], "heads": 2, "head_dim": 16,
+        "rotary_heads": "first", "resampling_groups": "raster", "valley_rotary_max_freq": 4.0,
+        "resampling_context_norm": False}, vocab_size=9, out_size=8, grid=[6, 6])
+    tokens = torch.randint(0, 9, (2, 5, 7))  # odd, non-square: padded before shortening
+    logits = hourglass(tokens)
+    assert logits.shape == (2, 5, 7, 8)
+    logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in hourglass.parameters())
+    vqgan = build("tokenizer", "vqgan", {
+        "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "z_channels": 8, "embed_dim": 8,
+        "codebook_size": 16, "quant_convs": False, "decoder_res_blocks": 1, "out_activation": False,
+        "unit_range": True, "perceptual_weight": 0}, channels=3, resolution=[8, 8])
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    (codes,) = vqgan.encode(images)
+    assert codes.shape == (2, 4, 4) and vqgan.decode([codes]).abs().max() <= 1
+    assert not any("quant_conv" in k for k in vqgan.state_dict())
+    assert len(vqgan.decoder.up[0].block) == 1  # not num_res_blocks + 1
