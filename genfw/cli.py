@@ -199,19 +199,29 @@ def ablate(
     grid: Annotated[str, typer.Argument(help="Ablation YAML: a base recipe plus variants and/or a grid of overrides")],
     set_: Sets = None,
     device: Device = "auto",
+    seeds: Annotated[int | None, typer.Option(
+        help="Train every combination's prior N times (seeds 0..N-1; tokenizer and latents shared): "
+             "mean ± 95% interval, per-seed CSV, Welch tests")] = None,
+    sweep_steps: Annotated[str | None, typer.Option(
+        help="Comma-separated sampling step counts, e.g. 10,25,50: quality vs evaluations and "
+             "vs seconds per image, one curve per combination (sweep.png)")] = None,
 ) -> None:
     """Run every combination of a grid (sharing common stages) and write a comparison table and plots."""
-    from genfw.ablate import run_ablation
+    from genfw.ablate import run_ablation, summary_rows
 
-    results = run_ablation(grid, set_, device=None if device == "auto" else device)
-    table = Table(title="ablation")
-    keys = ["fidelity/fid", "class_accuracy", "prior0/nll_bits_per_token", "sample/seconds_per_image"]
-    table.add_column("combination")
-    for k in keys:
-        table.add_column(k, justify="right")
-    for name, r in results.items():
-        m = r["metrics"]
-        table.add_row(name, *[f"{m[k]:.4g}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys])
+    steps = None
+    if sweep_steps is not None:
+        try:
+            steps = [int(v) for v in sweep_steps.split(",") if v.strip()]
+        except ValueError:
+            raise GenfwError(f"--sweep-steps expects integers like 10,25,50, got '{sweep_steps}'") from None
+    results = run_ablation(grid, set_, device=None if device == "auto" else device, seeds=seeds, sweep_steps=steps)
+    header, rows = summary_rows(results)
+    table = Table(title="ablation (mean ± 95% interval over seeds; see comparison.md)")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
 
 
@@ -279,7 +289,13 @@ def sample(
     model: Annotated[str, typer.Argument(help="Exported bundle (.safetensors) or a run directory")],
     n: Annotated[int, typer.Option("-n", help="Number of images")] = 16,
     steps: Annotated[int | None, typer.Option(help="Sampler steps (priors that have them)")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        help="Sampling temperature; constant unless --temperature-end is given")] = None,
+    temperature_end: Annotated[float | None, typer.Option(
+        help="Temperature at the last step (annealed linearly from --temperature)")] = None,
+    proportion: Annotated[float | None, typer.Option(
+        help="SUNDAE: fraction of positions updated per step; constant unless --proportion-end is given")] = None,
+    proportion_end: Annotated[float | None, typer.Option(help="SUNDAE: proportion at the last step")] = None,
     label: Annotated[list[int] | None, typer.Option(help="Class label(s), cycled over the samples")] = None,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     device: Device = "auto",
@@ -294,7 +310,7 @@ def sample(
     import yaml
 
     from genfw.pipeline import write_samples
-    from genfw.sampling import generate, resolve_device, sample_labels
+    from genfw.sampling import apply_flag_overrides, flag_overrides, generate, resolve_device, sample_labels
 
     dev = resolve_device(device)
     tokenizer, priors, extra = _load_models(model, dev)
@@ -302,15 +318,8 @@ def sample(
     for item in set_ or []:
         key, _, value = item.partition("=")
         overrides[key.strip()] = yaml.safe_load(value)
-    if steps is not None:
-        overrides["steps"] = steps
-    if temperature is not None:
-        overrides["temperature"] = temperature
-    sampler = []
-    for p in priors:
-        allowed = p.SamplerParams.model_fields
-        sampler.append(p.sampler_params({k: v for k, v in overrides.items()
-                                         if k in allowed or k not in ("steps", "temperature")}))
+    sampler = apply_flag_overrides(priors, overrides, flag_overrides(steps, temperature, temperature_end,
+                                                                     proportion, proportion_end))
     labels = sample_labels(n, priors[0].num_classes, label)
     result = generate(tokenizer, priors, n, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler,
                       device=dev, precision=precision, grid=_parse_size(size))

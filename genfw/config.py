@@ -76,6 +76,9 @@ class TrainSpec(_Strict):
     groups: dict[str, dict[str, Any]] = Field(default_factory=dict)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     ema_every: int = Field(1, ge=1)
+    # Seed of this stage's initial weights and training randomness (None: the recipe's seed);
+    # `genfw ablate --seeds` varies the prior's alone, so the tokenizer and latents are shared.
+    seed: int | None = Field(None, ge=0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA; CPU is fp32
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)

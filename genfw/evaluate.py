@@ -1,12 +1,13 @@
 """The evaluate stage: every metric of a run, written to ``metrics.json``.
 
 * ``reconstruction`` — tokenizer MSE/PSNR and codebook usage on held-out images;
-* ``nll`` — each prior's held-out NLL in bits per token (exact or an upper bound, as labelled);
+* ``nll`` — each prior's held-out value in bits per token with its kind: an exact NLL, a bound,
+  an estimate of a bound, or (SUNDAE) a denoising loss that is not a likelihood;
 * ``fidelity`` — FID, KID, precision/recall, density/coverage of the samples against real
   images, with the classifier feature extractor (trained here on the recipe's labelled data)
   or Inception from local weights; plus ``class_accuracy``, the fraction of class-conditional
   samples the classifier assigns to the class they were asked for;
-* speed — sampling seconds per image, from the sample stage.
+* speed — sampling seconds and backbone evaluations per image, from the sample stage.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def evaluate_run(run: Run, tokenizer, priors) -> dict[str, Any]:
     try:
         timing = io.read_json(run.path("samples", "timing.json"))
         out["sample/seconds_per_image"] = timing["seconds"] / max(1, timing["n"])
+        if timing.get("backbone_evaluations"):
+            # rows fed to the backbone per image (a cached autoregressive step is one token)
+            out["sample/evaluations_per_image"] = timing["backbone_evaluations"] / max(1, timing["n"])
         out["sample/images_per_second"] = timing["images_per_second"]
         out["sample/device"] = timing.get("device", "")
     except FileNotFoundError:

@@ -17,7 +17,7 @@ from PIL import Image
 from genfw import io
 from genfw.data import make_grid, to_pil, to_tensor
 from genfw.errors import ConfigError, DataError
-from genfw.sampling import generate, latent_masks, resolve_device, sample_labels
+from genfw.sampling import flag_overrides, generate, latent_masks, resolve_device, sample_labels
 
 
 def _open(path: str) -> Image.Image:
@@ -73,11 +73,9 @@ def inpaint_file(model: str, image_path: str, mask_path: str, *, n: int, label: 
     if not pixel_mask.any():
         raise ConfigError(f"mask {mask_path} selects no pixels: white pixels mark what to regenerate")
     overrides = dict(extra.get("sampler") or {})
-    if temperature is not None:
-        overrides["temperature"] = temperature
-    if steps is not None:
-        overrides["steps"] = steps
-    sampler = [p.sampler_params({k: v for k, v in overrides.items() if k in p.SamplerParams.model_fields})
+    flags = flag_overrides(steps, temperature)  # --temperature alone: constant (its end value too)
+    merged = {**overrides, **flags}
+    sampler = [p.sampler_params({k: v for k, v in merged.items() if k in p.SamplerParams.model_fields})
                for p in priors]
     labels = sample_labels(n, priors[0].num_classes, [label] if label is not None else None)
     result = inpaint(tokenizer, priors, image, pixel_mask, n=n, labels=labels, seed=seed, device=dev, sampler=sampler)

@@ -78,12 +78,28 @@ class StepOutput:
     logs: dict[str, float] = field(default_factory=dict)
 
 
+#: What a prior's ``nll`` value is (see docs/evaluation.md, "Likelihood kinds"):
+#: ``exact`` — the model's negative log-likelihood (chain rule);
+#: ``bound`` — an upper bound on it (an ELBO), estimated without bias (Monte Carlo);
+#: ``estimate`` — an approximation of a bound whose error has no known sign (e.g. quadrature
+#: over fewer timesteps), reported with an estimate of that error;
+#: ``not_likelihood`` — a training loss in bits that neither is nor bounds a likelihood
+#: (SUNDAE's denoising cross-entropy): comparable across models of that prior only.
+NLLKind = Literal["exact", "bound", "estimate", "not_likelihood"]
+NLL_KINDS: tuple[str, ...] = ("exact", "bound", "estimate", "not_likelihood")
+
+
 @dataclass
 class NLLOutput:
-    """Per-sample negative log-likelihood in bits per token, and whether it is exact."""
+    """Per-sample value in bits per token and what it is (:data:`NLLKind`).
+
+    ``error_bits_per_token`` (optional, [B]): for an ``estimate``, a per-sample estimate of its
+    approximation error (e.g. the difference from a coarser quadrature).
+    """
 
     bits_per_token: torch.Tensor  # [B]
-    kind: Literal["exact", "upper_bound"]
+    kind: NLLKind
+    error_bits_per_token: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,8 +231,9 @@ class Prior(Component, abc.ABC):
     SamplerParams: ClassVar[type[Params]] = NoParams
     #: Whether the prior needs a causal backbone.
     needs_causal: ClassVar[bool] = False
-    #: What :meth:`nll` returns.
-    nll_kind: ClassVar[Literal["exact", "upper_bound"]] = "upper_bound"
+    #: What :meth:`nll` returns (:data:`NLLKind`); a prior whose kind depends on its params
+    #: overrides this with a property.
+    nll_kind: ClassVar[NLLKind] = "bound"
 
     @abc.abstractmethod
     def loss(
@@ -256,7 +273,7 @@ class Prior(Component, abc.ABC):
         context: list[torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> NLLOutput:
-        """Per-sample negative log-likelihood (bits per token); exact or an upper bound."""
+        """Per-sample negative log-likelihood (bits per token), of the kind ``nll_kind`` says."""
 
     def __init__(self, params: Params | dict | None = None, *, codebook_size: int, grid: list[int],
                  num_classes: int = 0, context: list[list[int]] | None = None, backbone: Any = None,

@@ -10,8 +10,10 @@
   cache — never downloaded (:func:`inception_weights`). :func:`choose_extractor` resolves
   ``auto``. :func:`classifier_accuracy` measures that samples are of the requested class.
 * :func:`reconstruction` — tokenizer MSE, PSNR (:func:`psnr`) and codebook usage/perplexity.
-* :func:`prior_nll` — held-out negative log-likelihood in bits per token.
-* :func:`timed` — wall time of a call, synchronising CUDA, for sampling time per image.
+* :func:`prior_nll` — held-out negative log-likelihood in bits per token, with its kind
+  (exact, bound, estimate; SUNDAE's denoising loss is named as not a likelihood).
+* :func:`timed` — wall time of a call, synchronising CUDA, for sampling time per image;
+  :func:`training_step_flops` — FLOPs of one training step, for training cost.
 
 Images are float tensors ``[N, C, H, W]`` in [-1, 1]; for the feature extractors they are
 quantised to uint8 as a PNG would store them. See docs/evaluation.md.
@@ -580,17 +582,34 @@ def reconstruction(tokenizer: Tokenizer, images: Iterable[Any],
 # priors: held-out likelihood
 
 
+#: What each likelihood kind means, as reports and comparison tables say it.
+NLL_KIND_LABELS = {
+    "exact": "exact NLL",
+    "bound": "NLL upper bound (ELBO, Monte Carlo)",
+    "estimate": "NLL estimate (quadrature of the ELBO; error column)",
+    "not_likelihood": "denoising cross-entropy (not a likelihood)",
+}
+
+
+def nll_value_key(kind: str) -> str:
+    """The metrics key of a prior's held-out value of this kind: only likelihoods are ``nll_*``."""
+    return "denoising_ce_bits_per_token" if kind == "not_likelihood" else "nll_bits_per_token"
+
+
 @torch.no_grad()
 def prior_nll(prior: Prior, batches: Iterable[dict[str, Any]], generator: torch.Generator | None = None,
               device: str | torch.device | None = None) -> dict[str, Any]:
-    """Mean held-out NLL in bits per token over every sample the batches yield.
+    """A prior's mean held-out value in bits per token over every sample the batches yield.
 
     Each batch is a dict with ``codes`` [B, h, w], optional ``labels`` [B] and ``context``
-    (coarser code grids), as :meth:`genfw.interfaces.Prior.nll` takes. ``nll_kind`` says
-    whether the prior's value is exact (autoregressive) or an upper bound (ELBO estimates).
+    (coarser code grids), as :meth:`genfw.interfaces.Prior.nll` takes. ``nll_kind`` says what
+    the value is (``exact``, ``bound``, ``estimate`` or ``not_likelihood``, see
+    :data:`genfw.interfaces.NLLKind`); the value's key is ``nll_bits_per_token`` for the first
+    three and ``denoising_ce_bits_per_token`` for the last, so a loss that is not a likelihood
+    never appears under an NLL name. An ``estimate`` also gets ``nll_error_bits_per_token``.
     """
     device = torch.device(device) if device is not None else _module_device(prior)
-    values = []
+    values, errors = [], []
     kind = prior.nll_kind
     with _eval_mode(prior):
         for batch in batches:
@@ -603,21 +622,49 @@ def prior_nll(prior: Prior, batches: Iterable[dict[str, Any]], generator: torch.
                 generator=generator,
             )
             values.append(result.bits_per_token.detach().double().cpu())
+            if result.error_bits_per_token is not None:
+                errors.append(result.error_bits_per_token.detach().double().cpu())
             kind = result.kind
     if not values:
         raise DataError("no held-out codes to evaluate the prior's likelihood on (latents.holdout is 0?)")
+    if kind not in NLL_KIND_LABELS:
+        raise ValueError(f"{type(prior).__name__}.nll returned kind {kind!r}; "
+                         f"expected one of {', '.join(NLL_KIND_LABELS)}")
     bits = torch.cat(values)
-    return {
-        "nll_bits_per_token": float(bits.mean()),
+    key = nll_value_key(kind)
+    out = {
+        key: float(bits.mean()),
         # standard error of the mean: how far another held-out draw could move the number
-        "nll_bits_per_token_sem": float(bits.std() / math.sqrt(bits.numel())) if bits.numel() > 1 else 0.0,
+        f"{key}_sem": float(bits.std() / math.sqrt(bits.numel())) if bits.numel() > 1 else 0.0,
         "nll_kind": kind,
         "num_samples": int(bits.numel()),
     }
+    if kind == "estimate" and errors:
+        out["nll_error_bits_per_token"] = float(torch.cat(errors).mean().abs())
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # speed
+
+
+def training_step_flops(model: nn.Module, batch: dict[str, Any]) -> int:
+    """FLOPs of one training step's forward and backward (``model.loss(**batch)``'s main loss),
+    counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions; the
+    optimizer step and elementwise work are not counted). Gradients are cleared afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.train()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            loss = model.loss(**batch).losses["main"]
+            loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return int(counter.get_total_flops())
 
 
 def _synchronize() -> None:

@@ -163,6 +163,11 @@ class Run:
     def num_classes(self) -> int:
         return self.dataset.num_classes if self.recipe.class_conditional else 0
 
+    def train_seed(self, stage: str) -> int:
+        """``train.<stage>.seed``, or the recipe's seed when that is not set."""
+        seed = getattr(self.recipe.train, stage).seed
+        return self.recipe.seed if seed is None else seed
+
     def _split(self) -> tuple[list[int], list[int]]:
         return split_indices(len(self.dataset), self.recipe.latents.holdout, self.recipe.seed)
 
@@ -315,14 +320,15 @@ class Run:
             self._tokenizer = checkpoint.load(model_path, device=self.device)
             return self._tokenizer
         t0 = time.perf_counter()
-        torch.manual_seed(self.recipe.seed)  # initial weights depend on the recipe's seed only
+        seed = self.train_seed("tokenizer")
+        torch.manual_seed(seed)  # initial weights depend on the seed only
         tokenizer = self.build_tokenizer()
         self.check_compatible(tokenizer)
         if type(tokenizer).trainable and not self.recipe.tokenizer.checkpoint and self.recipe.train.tokenizer.steps > 0:
             train_idx, _ = self._split()
             data = AsTorchDataset(self.dataset, train_idx)
             trainer = Trainer(tokenizer, data, self.recipe.train.tokenizer, self.path("tokenizer"),
-                              seed=self.recipe.seed, device=self.device, prepare=lambda b: b[0],
+                              seed=seed, device=self.device, prepare=lambda b: b[0],
                               description=f"tokenizer ({self.recipe.tokenizer.name})", log=self.recipe.log)
             tokenizer = trainer.fit()
         self._tokenizer = self._save_model(tokenizer, model_path)
@@ -380,7 +386,7 @@ class Run:
                 priors.append(checkpoint.load(model_path, device=self.device))
                 continue
             t0 = time.perf_counter()
-            torch.manual_seed(self.recipe.seed + 1000 + level)  # initial weights from the seed only
+            torch.manual_seed(self.train_seed("prior") + 1000 + level)  # initial weights from the seed only
             prior = self.build_prior(tokenizer, level)
             if not self.resolved.prior_specs[level].checkpoint and self.recipe.train.prior.steps > 0:
                 latents = LatentDataset(self.path("latents", "train"))
@@ -391,7 +397,8 @@ class Run:
                     return {"codes": codes[level], "labels": labels if conditional else None,
                             "context": list(codes[:level]) or None}
 
-                trainer = Trainer(prior, latents, self.recipe.train.prior, self.path(stage), seed=self.recipe.seed + level,
+                trainer = Trainer(prior, latents, self.recipe.train.prior, self.path(stage),
+                                  seed=self.train_seed("prior") + level,
                                   device=self.device, prepare=prepare,
                                   description=f"prior {level} ({self.resolved.prior_specs[level].name})",
                                   log=self.recipe.log)

@@ -57,6 +57,47 @@ class SampleResult:
         return self.images.shape[0] / max(self.seconds, 1e-9)
 
 
+#: Sampler keys a command-line flag sets; a prior without one of them ignores it.
+FLAG_KEYS = ("steps", "temperature", "temperature_end", "sample_proportion", "sample_proportion_end")
+
+
+def flag_overrides(steps: int | None = None, temperature: float | None = None, temperature_end: float | None = None,
+                   proportion: float | None = None, proportion_end: float | None = None) -> dict[str, Any]:
+    """Sampler params from command-line flags: a start value without its end value is a constant.
+
+    ``--temperature 0.5`` alone means 0.5 at every step (the end value stored with a model is
+    replaced too); ``--temperature 1.0 --temperature-end 0.7`` anneals. Same for the proportion.
+    """
+    out: dict[str, Any] = {}
+    if steps is not None:
+        out["steps"] = steps
+    for key, start, end in (("temperature", temperature, temperature_end),
+                            ("sample_proportion", proportion, proportion_end)):
+        if start is not None:
+            out[key] = start
+            out[f"{key}_end"] = start if end is None else end
+        elif end is not None:
+            out[f"{key}_end"] = end
+    return out
+
+
+def apply_flag_overrides(priors: list[Prior], stored: dict[str, Any], flags: dict[str, Any]) -> list[Any]:
+    """Each prior's sampler params: the stored ones, then the flags that prior has.
+
+    A flag no prior understands is an error (e.g. ``--proportion`` for an autoregressive model).
+    """
+    # An end value implied by its start (a constant) is fine for a prior without schedules.
+    implied = {f"{k}_end" for k in ("temperature", "sample_proportion") if k in flags and flags.get(f"{k}_end") == flags[k]}
+    unused = [k for k in flags if k not in implied and not any(k in p.SamplerParams.model_fields for p in priors)]
+    if unused:
+        names = ", ".join("--" + k.replace("sample_", "").replace("_", "-") for k in unused)
+        raise ConfigError(f"{names}: not a sampler setting of this model's prior(s) "
+                          f"({', '.join(type(p).__name__ for p in priors)})")
+    merged = {**stored, **flags}
+    return [p.sampler_params({k: v for k, v in merged.items()
+                              if k in p.SamplerParams.model_fields or k not in FLAG_KEYS}) for p in priors]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -23,7 +23,7 @@ import torch
 from genfw import checkpoint
 from genfw.errors import ConfigError
 from genfw.hookspecs import hookimpl
-from genfw.interfaces import Backbone, Prior, Tokenizer
+from genfw.interfaces import NLL_KINDS, Backbone, Prior, Tokenizer
 from genfw.registry import get_registry
 
 
@@ -214,7 +214,8 @@ def check_prior(component: str | type, params: dict[str, Any] | None = None, *, 
         with torch.inference_mode():
             nll = prior.nll(codes, labels, ctx, generator=torch.Generator().manual_seed(0))
         assert tuple(nll.bits_per_token.shape) == (batch_size,) and torch.isfinite(nll.bits_per_token).all()
-        assert nll.kind == type(prior).nll_kind
+        assert nll.kind in NLL_KINDS, f"nll kind {nll.kind!r} is not one of {NLL_KINDS}"
+        assert nll.kind == prior.nll_kind, f"nll() returned kind {nll.kind!r} but nll_kind is {prior.nll_kind!r}"
         try:
             prior.sampler_params({"surely_not_a_param": 1})
         except Exception:  # noqa: BLE001
