@@ -50,7 +50,8 @@ def test_ffhq1024_recipe_runs_all_stages_when_shrunk(tmp_path):
     genfw("run", "recipes/ffhq1024_sundae.yaml", "--output-dir", run, "--set", f"data.params.path={data}",
           *[arg for s in SHRINK for arg in ("--set", s)])
     metrics = json.loads((run / "metrics.json").read_text())
-    assert "tokenizer/psnr" in metrics and "prior0/nll_bits_per_token" in metrics
+    assert "tokenizer/psnr" in metrics and "prior0/denoising_ce_bits_per_token" in metrics
+    assert metrics["prior0/nll_kind"] == "not_likelihood" and "prior0/nll_bits_per_token" not in metrics
     index = json.loads((run / "latents/train/index.json").read_text())
     assert index["flip"] is True and index["levels"] == [[32, 8, 8]]
     samples = sorted((run / "samples").glob("0*.png"))

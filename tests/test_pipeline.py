@@ -51,7 +51,8 @@ def test_run_writes_every_output(finished_run):
     pngs = sorted((run / "samples").glob("0*.png"))
     assert len(pngs) == 6 and "_class-" in pngs[0].name
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"prior0/nll_bits_per_token", "fidelity/fid", "class_accuracy", "sample/seconds_per_image"} <= set(metrics)
+    assert {"prior0/denoising_ce_bits_per_token", "fidelity/fid", "class_accuracy", "sample/seconds_per_image",
+            "sample/evaluations_per_image"} <= set(metrics)
     index = json.loads((run / "latents/train/index.json").read_text())
     assert index["flip"] is True
     report = (run / "report.md").read_text()
