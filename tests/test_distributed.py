@@ -1,5 +1,6 @@
 """Data-parallel training on 2 CPU processes (gloo) matches one process with the same global batch."""
 
+import json
 import os
 import socket
 import subprocess
@@ -106,6 +107,7 @@ RECIPE = {
     "latents": {"holdout": 0.25},
     "sample": {"n": 2, "batch_size": 2},
     "evaluate": {"metrics": ["nll"]},
+    "log": ["jsonl", "csv"],
 }
 
 
@@ -120,6 +122,10 @@ def test_torchrun_trains_the_prior_like_one_process(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert (tmp_path / "ddp" / "metrics.json").exists() and (tmp_path / "ddp" / "samples" / "grid.png").exists()
     assert result.stdout.count("run finished") == 1  # rank 0 alone reports
+    # rank 0 alone logs: one record of the last step (log_every 10 > steps 6), not one per rank
+    log = (tmp_path / "ddp" / "prior0" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [6], log
+    assert len((tmp_path / "ddp" / "prior0" / "log.csv").read_text().splitlines()) == 2  # header + one row
 
     single = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(tmp_path / "one"),
                                       "--stages", "tokenizer,latents,prior"])
