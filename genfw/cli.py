@@ -383,7 +383,8 @@ def convert(
     config: Annotated[str | None, typer.Option(help="Hyper-parameters the file lacks (JSON/TOML/YAML: the authors' "
                                                     "hparams or config file)")] = None,
     preset: Annotated[str | None, typer.Option(help="Named hyper-parameters of a released model (see docs/converting.md)")] = None,
-    set_: Sets = None,
+    resolution: Annotated[int | None, typer.Option(help="Training image size, where the checkpoint does not record it")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="One hyper-parameter: key=value (YAML value)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists")] = False,
 ) -> None:
     """Convert a foreign checkpoint (taming VQ-GAN, Unleashing, SUNDAE, VQ-VAE-2) into a genfw model file."""
@@ -396,23 +397,30 @@ def convert(
     if os.path.exists(output) and not overwrite:
         raise GenfwError(f"{output} exists: pass --overwrite to replace it, or choose another -o")
     converter = get_registry().load("converter", source_format)
+    try:
+        accepted = inspect.signature(converter).parameters
+    except ValueError:  # no signature (a builtin): let the call decide
+        accepted = None
     options: dict[str, Any] = {}
-    if config is not None:
-        options["config"] = config
-    if preset is not None:
-        options["preset"] = preset
+    flags: dict[str, str] = {}
+    for name, value, flag in (("config", config, "--config"), ("preset", preset, "--preset"),
+                              ("resolution", resolution, "--resolution")):
+        if value is not None:
+            options[name], flags[name] = value, flag
     if set_:
-        options["overrides"] = {}
+        values = {}
         for item in set_:
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
                 raise GenfwError(f"--set expects key=value, got '{item}'")
-            options["overrides"][key.strip()] = yaml.safe_load(value)
-    accepted = inspect.signature(converter).parameters
-    extra = [k for k in options if k not in accepted]
-    if extra:
-        flags = ", ".join("--set" if k == "overrides" else f"--{k}" for k in extra)
-        raise GenfwError(f"converter '{source_format}' takes no {flags}")
+            values[key.strip()] = yaml.safe_load(value)
+        # taming's converter takes genfw vqgan params; the papers' converters the authors' hyper-parameters
+        name = "params" if accepted is not None and "params" in accepted else "overrides"
+        options[name], flags[name] = values, "--set"
+    if accepted is not None:
+        extra = [k for k in options if k not in accepted]
+        if extra:
+            raise GenfwError(f"converter '{source_format}' takes no {', '.join(flags[k] for k in extra)}")
     converter(source, output, **options)
     out.print(f"[green]✓[/green] {source} -> {output}")
 

@@ -56,7 +56,7 @@ RV = FIXTURES / "rv"
 def vqvae2(tmp_path_factory):
     out = tmp_path_factory.mktemp("rv") / "vqvae2.safetensors"
     code, text = cli("convert", "vqvae2", str(RV / "vqvae_001.pt"), "-o", str(out),
-                     "--config", str(RV / "vqvae_config.json"), "--set", "resolution=32")
+                     "--config", str(RV / "vqvae_config.json"), "--resolution", "32")
     assert code == 0, text
     return genfw.load(out), out
 

@@ -69,8 +69,12 @@ def _hyper(state: dict[str, torch.Tensor], source: str, config: dict[str, Any]) 
 
 
 def convert_vqvae2(src: str | os.PathLike, out: str | os.PathLike, *, config: str | None = None,
-                   preset: str | None = None, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
-    """Read rosinality's ``vqvae_NNN.pt`` at ``src``, write a genfw ``vqvae2`` tokenizer to ``out``."""
+                   preset: str | None = None, overrides: dict[str, Any] | None = None,
+                   resolution: int | None = None) -> torch.nn.Module:
+    """Read rosinality's ``vqvae_NNN.pt`` at ``src``, write a genfw ``vqvae2`` tokenizer to ``out``.
+
+    ``resolution`` is the training image size (default 256, their ``train_vqvae.py``'s).
+    """
     source = os.fspath(src)
     obj = core.read_torch_file(src)
     state = core.tensor_dict(obj, source, FORMAT)
@@ -86,6 +90,8 @@ def convert_vqvae2(src: str | os.PathLike, out: str | os.PathLike, *, config: st
         cfg = core.read_config(config)
         given.update(cfg.get("kwargs", cfg) if isinstance(cfg.get("kwargs", cfg), dict) else {})
     given.update(overrides or {})
+    if resolution is not None:
+        given["resolution"] = resolution
     h = _hyper(state, source, given)
     try:
         d = int(h["embed_dim"])
