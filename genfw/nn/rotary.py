@@ -7,8 +7,8 @@ Biderman et al., 2021): half of each head's features are rotated by the row posi
 half by the column position, with positions ``linspace(-1, 1, side)`` per axis and
 "pixel"-style frequencies ``linspace(1, max_freq / 2, n) * pi`` as in the authors' code.
 
-Unlike the authors' code (which rotates before splitting heads, so only the first head gets
-positions — see REFERENCE.md), the tables here are applied to every head.
+Unlike the authors' hourglass code (which rotates before splitting heads, so only the first head
+gets positions), the tables here are applied to every head.
 
 Layout: features ``(2j, 2j + 1)`` form pair ``j``; the first ``head_dim / 4`` pairs turn with
 the row, the remaining ``head_dim / 4`` with the column (a fixed permutation of any other layout,

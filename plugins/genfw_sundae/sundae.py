@@ -46,7 +46,7 @@ class Sundae(Prior):
     class Params(Params):
         unroll_steps: int = Field(3, ge=1, le=8, description=(
             "U: denoising steps unrolled in training, each fed the previous step's samples "
-            "(paper Table 3: 3 for VQ latents, 2 for MNIST; the authors' FFHQ1024 code uses 2)"))
+            "(paper Table 3: 3 for VQ latents, 2 for MNIST; the authors' ffhq1024-hourglass-2122-4.toml uses 3)"))
         label_drop: float = Field(0.0, ge=0, lt=1, description=(
             "probability of training on the null class instead of the label, which enables "
             "classifier-free guidance (0 = off; the backbone then has no null class)"))
