@@ -82,13 +82,15 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def hyper_parameters(config: str | None, preset: str | None, overrides: dict[str, Any] | None,
-                     presets: dict[str, dict[str, Any]], used: set[str], what: str) -> dict[str, Any]:
+                     presets: dict[str, dict[str, Any]], used: set[str], what: str,
+                     defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hyper-parameters a file lacks: a named preset, then a config file, then ``--set`` overrides.
 
     Only the names in ``used`` are read from a config file (the authors' files hold training
-    settings too); an override of another name is an error.
+    settings too); an override of another name is an error. ``defaults`` are the values the
+    authors' code sets for every dataset (a config file written by an older version may lack them).
     """
-    h: dict[str, Any] = {}
+    h: dict[str, Any] = dict(defaults or {})
     if preset is not None:
         if preset not in presets:
             raise ConfigError(f"unknown {what} preset '{preset}'; presets: {', '.join(presets)}")

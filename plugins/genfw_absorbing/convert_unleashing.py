@@ -36,6 +36,9 @@ _PRIOR = {"bert_n_emb": 512, "bert_n_head": 8, "bert_n_layers": 24, "block_size"
 #: ``hparams/defaults/sampler_defaults.py`` + the VQ-GAN's latent shape and codebook (all three datasets).
 PRESETS = {name: dict(_PRIOR, dataset=name) for name in ("ffhq", "churches", "bedrooms")}
 USED = set(_PRIOR) | {"dataset"}
+#: set by ``HparamsAbsorbing`` whatever the dataset
+DEFAULTS = {"loss_type": "reweighted_elbo", "mask_schedule": "random", "total_steps": 256, "sample_steps": 256,
+            "temp": 1.0, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "sampler": "absorbing"}
 
 
 def _params(h: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -68,7 +71,7 @@ def convert_unleashing(src: str | os.PathLike, out: str | os.PathLike, *, config
                 if "encoder.conv_in.weight" in state or "quantize.embedding.weight" in state else "")
         raise CheckpointError(f"{source} is not an Unleashing Transformers checkpoint: it has neither "
                               f"_denoise_fn.tok_emb.weight (absorbing prior) nor ae.* (VQ-GAN){hint}")
-    h = core.hyper_parameters(config, preset, overrides, PRESETS, USED, "unleashing absorbing")
+    h = core.hyper_parameters(config, preset, overrides, PRESETS, USED, "unleashing absorbing", DEFAULTS)
     try:
         params, construct, sampler = _params(h)
     except (TypeError, ValueError) as e:

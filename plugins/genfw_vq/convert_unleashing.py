@@ -36,6 +36,8 @@ _PAPER = {"attn_resolutions": [16], "ch_mult": [1, 1, 2, 2, 4], "codebook_size":
 #: ``hparams/defaults/vqgan_defaults.py`` (the same for the three datasets of the paper).
 PRESETS = {name: dict(_PAPER, dataset=name) for name in ("ffhq", "churches", "bedrooms")}
 USED = set(_PAPER) | {"dataset"}
+#: set by ``HparamsVQGAN`` whatever the dataset
+DEFAULTS = {"beta": 0.25, "diff_aug": False, "quantizer": "nearest", "n_channels": 3}
 
 
 def _vqgan_params(h: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -124,7 +126,7 @@ def convert_unleashing_vqgan(src: str | os.PathLike, out: str | os.PathLike, *, 
         hint = (" (it looks like a taming-transformers VQModel: use genfw convert taming)"
                 if "encoder.conv_in.weight" in state or "state_dict" in state else "")
         raise CheckpointError(f"{source} is not an {FORMAT} checkpoint: it lacks ae.quantize.embedding.weight{hint}")
-    h = core.hyper_parameters(config, preset, overrides, PRESETS, USED, "unleashing VQ-GAN")
+    h = core.hyper_parameters(config, preset, overrides, PRESETS, USED, "unleashing VQ-GAN", DEFAULTS)
     keys = core.KeyMap(state, source, FORMAT)
     try:
         map_autoencoder(keys, h)
