@@ -223,11 +223,14 @@ def _prior_has_steps(resolved) -> bool:
 
 
 def run_ablation(path: str, extra_overrides: list[str] | None = None, device: str | None = None,
-                 seeds: int | None = None, sweep_steps: list[int] | None = None) -> dict[str, Any]:
+                 seeds: int | None = None, sweep_steps: list[int] | None = None,
+                 shared_dir: str | None = None, output_dir: str | None = None) -> dict[str, Any]:
     """Run every combination (per seed, and per sweep point) and write the comparison.
 
     ``seeds`` (the CLI's ``--seeds N``) replaces the file's ``seeds:`` with 0..N-1;
-    ``sweep_steps`` its ``sweep.steps``. Returns ``{name: {"overrides", "seeds": {seed: metrics},
+    ``sweep_steps`` its ``sweep.steps``; ``output_dir`` its ``output_dir``; ``shared_dir``
+    (default ``output_dir/_shared``) lets several ablations share one tokenizer, latent set and
+    identical priors. Returns ``{name: {"overrides", "seeds": {seed: metrics},
     "metrics": means over seeds, "sweep": {steps: {seed: metrics}}}}``.
     """
     from genfw.pipeline import Run
@@ -243,13 +246,14 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
     sweep = (spec.get("sweep") or {}).get("steps") or []
     base_path = os.path.join(os.path.dirname(os.path.abspath(path)), spec["base"])
     base = load_yaml(base_path)
-    common = list(spec.get("set") or []) + list(extra_overrides or [])
+    common = list(spec.get("set") or [])
+    last = list(extra_overrides or [])  # the command line's --set wins over the file and its variants
     name = spec.get("name") or os.path.splitext(os.path.basename(path))[0]
-    out_dir = spec.get("output_dir") or os.path.join("runs", f"ablation-{name}")
+    out_dir = output_dir or spec.get("output_dir") or os.path.join("runs", f"ablation-{name}")
     combos = combinations(spec)
 
     def resolve(cname: str, overrides: dict[str, Any], extra: list[str]):
-        raw = apply_overrides(base, common + _as_set(overrides) + extra)
+        raw = apply_overrides(base, common + _as_set(overrides) + last + extra)  # seeds, sweep steps last
         raw["name"] = f"{raw.get('name', 'recipe')}-{cname}"
         try:
             return validate_recipe(raw)
@@ -265,19 +269,25 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
             jobs.append((cname, seed, None, folder, res))
             if sweep and _prior_has_steps(res):
                 for steps in sweep:
+                    if res.sampler_params[0].model_dump().get("steps") == steps and len(res.sampler_params) == 1:
+                        jobs.append((cname, seed, steps, None, None))  # the main run is this point
+                        continue
                     jobs.append((cname, seed, steps, os.path.join(folder, f"steps-{steps}"),
                                  resolve(cname, overrides, _seed_overrides(seed) + [f"sample.params.steps={steps}"])))
     results: dict[str, Any] = {c: {"overrides": o, "seeds": {}, "sweep": {}} for c, o in combos}
-    shared = os.path.join(out_dir, "_shared")
+    shared = shared_dir or os.path.join(out_dir, "_shared")
     flops_cache: dict[str, int] = {}
     for i, (cname, seed, steps, folder, res) in enumerate(jobs, 1):
+        key = seed if seed is not None else 0
+        if folder is None:
+            results[cname]["sweep"].setdefault(steps, {})[key] = results[cname]["seeds"][key]
+            continue
         label = cname + (f" seed {seed}" if seed is not None else "") + (f" steps {steps}" if steps else "")
         console.rule(f"[bold]{i}/{len(jobs)}: {label}")
         run = Run(res, output_dir=folder, device=device)
         _link_shared(run, shared)
         metrics = dict(run.run())
         metrics |= _prior_costs(run, flops_cache)
-        key = seed if seed is not None else 0
         if steps is None:
             results[cname]["seeds"][key] = metrics
         else:

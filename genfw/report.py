@@ -95,6 +95,11 @@ def write_report(run: Run, tokenizer, priors) -> None:
         lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(metrics).items()]
         lines.append("")
+        from genfw.metrics import NLL_KIND_LABELS
+
+        kinds = sorted({v for k, v in metrics.items() if k.endswith("/nll_kind") and isinstance(v, str)})
+        lines += [f"`nll_kind` {k}: {NLL_KIND_LABELS.get(k, k)} (docs/evaluation.md)." for k in kinds]
+        lines += [""] if kinds else []
     timings = {}
     for stage in ["tokenizer", "latents"] + [f"prior{i}" for i in range(len(priors or []))] + ["samples", "evaluate"]:
         try:
