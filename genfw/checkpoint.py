@@ -28,19 +28,17 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from genfw import __version__, io
+from genfw import __version__, io, limits
 from genfw.errors import CheckpointError, PluginError
+from genfw.limits import BudgetExceeded
 from genfw.registry import Registry, component_name, get_registry
 
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # a header larger than this is not one of ours
-# Sizes a header may claim. Far beyond any real model; they stop a hostile file from making a
-# component that holds no tensor of that size (e.g. a grid for a backbone without learned
-# positions) allocate it later, and bound what construction may add beyond the file's tensors.
-MAX_GRID_TOKENS = 1 << 22  # 2048 x 2048 codes
-MAX_SIDE = 1 << 16  # pixels
-MAX_COUNT = 1 << 24  # codebook entries, classes, channels
-MAX_EXTRA_BYTES = 1 << 30  # non-persistent buffers beyond twice the tensors in the file
+# Sizes a header may claim (genfw.limits: grid_tokens, side, count, extra_bytes). Far beyond any
+# real model; they stop a hostile file from making a component that holds no tensor of that size
+# (e.g. a grid for a backbone without learned positions) allocate it later, and bound what
+# construction may add beyond the file's tensors.
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -226,11 +224,12 @@ def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor], sour
     prefix = comp["prefix"]
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     return build_checked(comp["kind"], comp["name"], comp["params"], comp["construct"], state, source,
-                         registry=registry, entry=entry)
+                         registry=registry, entry=entry, exact_dtypes=True)
 
 
 def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], state: dict[str, torch.Tensor],
-                  source: str, *, fresh: Any = (), registry: Registry | None = None, entry: Any = None) -> nn.Module:
+                  source: str, *, fresh: Any = (), registry: Registry | None = None, entry: Any = None,
+                  exact_dtypes: bool = False) -> nn.Module:
     """Build a registered component whose weights come from a file, checking before allocating.
 
     The one path for ``genfw.load`` and converters: params validated -> construction sizes bounded ->
@@ -238,6 +237,8 @@ def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], 
     size must be in proportion to it -> the real build -> ``load_state_dict(strict=True)``.
     Only shapes of ``state`` are looked at before the checks pass (memory-mapped tensors stay
     unread). Names in ``fresh`` may be absent from ``state``: they keep their freshly built values.
+    Every floating tensor must be finite; with ``exact_dtypes`` (genfw's own files) stored dtypes
+    must be the ones the model holds, where a converter's foreign file may be cast.
     """
     registry = registry or get_registry()
     entry = entry or registry.get(kind, name)
@@ -249,21 +250,28 @@ def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], 
         msg = str(e).splitlines()
         raise CheckpointError(f"{source}: params of {kind} '{name}' are invalid: {' '.join(msg[:3])}") from None
     _check_sizes(comp, source)
+    _check_finite(state, comp, source)
     fresh = set(fresh)
-    # A first build on the meta device checks shapes against the file without allocating.
+    # A first build on the meta device checks shapes against the file without allocating; the
+    # budget stops it as soon as it creates far more tensors or modules than the file holds.
     try:
-        with torch.device("meta"):
+        with _file_budget(comp, state, source, extra=len(fresh)), torch.device("meta"):
             probe = cls(params, **construct)
         expected = probe.state_dict()
         _check_state(expected, {**{k: expected[k] for k in fresh if k in expected}, **state}, comp, source)
+        if exact_dtypes:
+            _check_dtypes(expected, state, comp, source)
         _check_bytes(probe, state, comp, source)
         del probe, expected
-    except CheckpointError:
-        raise
+    except (CheckpointError, BudgetExceeded) as e:
+        raise CheckpointError(str(e)) from None
     except Exception:  # noqa: BLE001 - some modules cannot be built on meta; the strict load still checks
         pass
     try:
-        module = cls(params, **construct)
+        with _file_budget(comp, state, source, extra=len(fresh), bound_bytes=True):
+            module = cls(params, **construct)
+    except BudgetExceeded as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{source}: cannot build {kind} '{name}' from its metadata: "
                               f"{type(e).__name__}: {e}") from None
@@ -272,6 +280,8 @@ def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], 
     own = module.state_dict()
     full = {**{k: own[k] for k in fresh if k in own}, **state}
     _check_state(own, full, comp, source)
+    if exact_dtypes:
+        _check_dtypes(own, state, comp, source)
     module.load_state_dict(full, strict=True)
     module.eval()
     return module
@@ -293,23 +303,61 @@ def _check_sizes(comp: dict[str, Any], source: str) -> None:
         return values
 
     def grid(key: str, value: Any) -> None:
-        h, w = (ints(key, value, MAX_GRID_TOKENS) + [1])[:2]
-        if h * w > MAX_GRID_TOKENS:
+        h, w = (ints(key, value, limits.limit("grid_tokens")) + [1])[:2]
+        if h * w > limits.limit("grid_tokens"):
             raise CheckpointError(f"{source}: {comp['kind']} '{comp['name']}' claims a {key} of shape {h}x{w} ({h * w} "
-                                  f"tokens), beyond genfw's limit of {MAX_GRID_TOKENS} tokens: the file is corrupt or hostile")
+                                  f"tokens), beyond genfw's limit of {limits.limit('grid_tokens')} tokens (GENFW_MAX_GRID_TOKENS): the file is corrupt or hostile")
 
     for key in ("codebook_size", "num_classes", "channels"):
         if construct.get(key) is not None:
-            ints(key, construct[key], MAX_COUNT)
+            ints(key, construct[key], limits.limit("count"))
     if construct.get("resolution") is not None:
-        ints("resolution", construct["resolution"], MAX_SIDE)
+        ints("resolution", construct["resolution"], limits.limit("side"))
     if construct.get("grid") is not None:
         grid("grid", construct["grid"])
+    if not isinstance(construct.get("context") or [], list):
+        raise CheckpointError(f"{source}: {comp['kind']} '{comp['name']}' has an invalid context {construct['context']!r}")
     for item in construct.get("context") or []:
         if not isinstance(item, list) or len(item) != 3:
             raise CheckpointError(f"{source}: {comp['kind']} '{comp['name']}' has an invalid context entry {item!r}")
-        ints("context codebook_size", item[0], MAX_COUNT)
+        ints("context codebook_size", item[0], limits.limit("count"))
         grid("context grid", item[1:])
+
+
+def _file_budget(comp: dict[str, Any], state: dict[str, torch.Tensor], source: str, extra: int = 0,
+                 bound_bytes: bool = False):
+    """What building a component from a file may create: in proportion to the tensors in the file.
+
+    Every parameter is in the file (loading is strict); non-persistent buffers and modules
+    without tensors get generous slack. A header asking for a depth-20000 backbone next to the
+    tensors of a depth-1 one is stopped after a few layers, not after minutes of building.
+    """
+    n = len(state) + extra
+    return limits.construction_budget(
+        f"{source}: {comp['kind']} '{comp['name']}'", max_tensors=2 * n + 64, max_modules=8 * n + 256,
+        max_bytes=2 * limits.tensor_bytes(state.values()) + limits.limit("extra_bytes") if bound_bytes else None,
+        reason=f" for the {n} tensors in the file: the file is corrupt or hostile")
+
+
+def _check_finite(state: dict[str, torch.Tensor], comp: dict[str, Any], source: str) -> None:
+    """Refuse NaN or inf in any floating tensor: a model with them samples garbage without a word."""
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor '{key}' of {comp['kind']} '{comp['name']}' holds {bad} NaN/inf "
+                                  "value(s): the file is corrupt (or was saved after training diverged); "
+                                  "use an earlier checkpoint")
+
+
+def _check_dtypes(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], comp, source) -> None:
+    """Stored dtypes must be the ones the described model holds (no silent conversion)."""
+    for k, v in expected.items():
+        if k in got and got[k].dtype != v.dtype:
+            raise CheckpointError(
+                f"{source}: tensor '{k}' of {comp['kind']} '{comp['name']}' is stored as "
+                f"{str(got[k].dtype).removeprefix('torch.')} but the model it describes holds "
+                f"{str(v.dtype).removeprefix('torch.')}: the file was altered or written by another tool"
+            )
 
 
 def _check_bytes(probe: nn.Module, state: dict[str, torch.Tensor], comp, source) -> None:
@@ -317,7 +365,7 @@ def _check_bytes(probe: nn.Module, state: dict[str, torch.Tensor], comp, source)
     tensors = {id(t): t for t in [*probe.parameters(), *probe.buffers()]}
     need = sum(t.numel() * t.element_size() for t in tensors.values())
     have = sum(t.numel() * t.element_size() for t in state.values())
-    if need > 2 * have + MAX_EXTRA_BYTES:
+    if need > 2 * have + limits.limit("extra_bytes"):
         raise CheckpointError(
             f"{source}: building {comp['kind']} '{comp['name']}' from its metadata would allocate {need / 2**30:.1f} GiB "
             f"for {have / 2**20:.1f} MiB of tensors in the file: the file is corrupt or hostile"
@@ -349,10 +397,48 @@ def load(path: str | os.PathLike, registry: Registry | None = None, device: str 
     comps = meta.get("components")
     if kind not in ("model", "bundle") or not isinstance(comps, list) or not comps:
         raise CheckpointError(f"{source} holds genfw data of type '{kind}', not a model or bundle")
+    _check_structure(kind, comps, meta.get("extra", {}), source)
     modules = {c.get("role", "model"): build_component(c, tensors, source, registry).to(device) for c in comps}
     if kind == "model":
         return modules["model"]
     return Bundle(modules, meta.get("extra", {}))
+
+
+def _check_structure(kind: str, comps: list[Any], extra: Any, source: str) -> None:
+    """Roles, kinds and field types of a model or bundle, before anything is built."""
+    for c in comps:
+        if not isinstance(c, dict):
+            raise CheckpointError(f"{source}: a component entry is {type(c).__name__}, not a mapping: the file is corrupt")
+        for key in ("role", "kind", "name", "prefix"):
+            if not isinstance(c.get(key, "model" if key == "role" else None), str):
+                raise CheckpointError(f"{source}: component {key} {c.get(key)!r} is not a string: the file is corrupt")
+    roles = [c.get("role", "model") for c in comps]
+    if len(set(roles)) != len(roles):
+        raise CheckpointError(f"{source}: roles {roles} repeat: the file is corrupt")
+    prefixes = sorted(c["prefix"] for c in comps)
+    if any(b.startswith(a) for a, b in zip(prefixes, prefixes[1:])):
+        raise CheckpointError(f"{source}: tensor prefixes {prefixes} overlap: the file is corrupt")
+    if kind == "model":
+        if roles != ["model"]:
+            raise CheckpointError(f"{source}: a single-model file must hold one component with role 'model', "
+                                  f"got roles {roles}")
+        return
+    kinds = dict(zip(roles, (c["kind"] for c in comps)))
+    priors = sorted(r for r in roles if r != "tokenizer")
+    expected = [f"prior.{i}" for i in range(len(priors))]
+    if kinds.get("tokenizer") != "tokenizer" or sorted(priors, key=lambda r: (len(r), r)) != expected or any(
+            kinds[r] != "prior" for r in priors):
+        raise CheckpointError(
+            f"{source}: a bundle needs a 'tokenizer' (kind tokenizer) and 'prior.0', 'prior.1'... (kind prior); "
+            f"it holds {', '.join(f'{r} ({kinds[r]})' for r in roles)}: the file is corrupt or not a genfw bundle")
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{source}: bundle extras are {type(extra).__name__}, not a mapping: the file is corrupt")
+    if not isinstance(extra.get("sampler") or {}, dict):
+        raise CheckpointError(f"{source}: stored sampler params are {type(extra['sampler']).__name__}, not a mapping: "
+                              "the file is corrupt")
+    names = extra.get("class_names") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{source}: stored class_names are not a list of strings: the file is corrupt")
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,6 +63,12 @@ def command(fn):
             # escaped: messages hold brackets (`pip install 'genfw[tensorboard]'`, lists)
             err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except RecursionError:
+            if _state["debug"]:
+                raise
+            err.print("[bold red]error:[/bold red] an input (recipe, override or file) is nested too deeply",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except OSError as e:
             if _state["debug"]:
                 raise

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from genfw import io
+from genfw import io, limits
 from genfw.errors import ConfigError, GenfwError
 from genfw.registry import Registry, get_registry
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: a learning rate of .inf or .nan validates as a float but trains nothing
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ComponentSpec(_Strict):
@@ -61,6 +62,25 @@ class PriorSection(_Strict):
                          checkpoint=self.checkpoint if num_levels == 1 else None)
 
 
+def _check_betas(v: tuple[float, float]) -> tuple[float, float]:
+    if not all(0 <= b < 1 for b in v):
+        raise ValueError("Adam betas must lie in [0, 1)")
+    return v
+
+
+class GroupSpec(_Strict):
+    """What ``train.<stage>.groups.<name>`` may override for one parameter group's optimizer."""
+
+    lr: float | None = Field(None, gt=0)
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = Field(None, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v):
+        return v if v is None else _check_betas(v)
+
+
 class TrainSpec(_Strict):
     """Settings of the generic trainer for one stage."""
 
@@ -74,6 +94,21 @@ class TrainSpec(_Strict):
     grad_clip: float | None = Field(None, gt=0)
     # Per-group overrides, e.g. {"discriminator": {"lr": 1e-4}} for a GAN's second optimizer.
     groups: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v):
+        return _check_betas(v)
+
+    @field_validator("groups")
+    @classmethod
+    def _groups_valid(cls, v):
+        for name, opts in v.items():
+            try:
+                GroupSpec.model_validate(opts)
+            except ValidationError as e:
+                raise ValueError(f"group '{name}': {format_validation_error(e)}") from None
+        return v
     ema_decay: float | None = Field(None, gt=0, lt=1)
     ema_every: int = Field(1, ge=1)
     # Seed of this stage's initial weights and training randomness (None: the recipe's seed);
@@ -142,8 +177,13 @@ class Recipe(_Strict):
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a recipe file (local or fsspec URL) into a dict, with clear errors."""
+    if io.is_local(path) and os.path.isfile(io.local_path(path)):
+        limits.check("recipe_bytes", os.path.getsize(io.local_path(path)), f"recipe {os.fspath(path)}: its size",
+                     " bytes")
     try:
-        text = io.read_bytes(path).decode("utf-8")
+        data = io.read_bytes(path)
+        limits.check("recipe_bytes", len(data), f"recipe {os.fspath(path)}: its size", " bytes")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"recipe not found: {os.fspath(path)}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -155,9 +195,48 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{os.fspath(path)}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{os.fspath(path)}: YAML nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{os.fspath(path)}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    check_expansion(raw, os.fspath(path))
     return raw
+
+
+def check_expansion(value: Any, where: str) -> int:
+    """Count the values of a YAML document with its aliases expanded; refuse cycles and blow-ups.
+
+    PyYAML shares an aliased node instead of copying it, so ten nested aliases of ten items each
+    (a "billion laughs") load in microseconds and hang whatever walks them later (fingerprinting,
+    JSON). Counting with one memo entry per distinct node costs the document's own size.
+    """
+    bound = limits.limit("recipe_nodes")
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(x: Any) -> int:
+        if not isinstance(x, (dict, list)):
+            return 1
+        key = id(x)
+        if key in memo:
+            return memo[key]
+        if key in active:
+            raise ConfigError(f"{where}: a YAML alias contains itself (a recursive structure): remove it")
+        active.add(key)
+        total = 1
+        for v in x.values() if isinstance(x, dict) else x:
+            total += size(v)
+            if total > bound:
+                raise ConfigError(f"{where}: more than {bound:,} values once YAML aliases are expanded (an alias "
+                                  f"bomb?): genfw's limit, raise it with {limits.env_var('recipe_nodes')}=N")
+        active.discard(key)
+        memo[key] = total
+        return total
+
+    try:
+        return size(value)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -267,6 +346,7 @@ def validate_recipe(raw: dict[str, Any], registry: Registry | None = None,
     on the meta device (no memory is allocated).
     """
     registry = registry or get_registry()
+    check_expansion(raw, "recipe (with its --set overrides)")
     recipe = parse_recipe(raw)
     _check_required_plugins(recipe, registry)
     from genfw.loggers import validate_log

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import io as _io
 import os
+import struct
+import tarfile
+import warnings
+import zipfile
 from functools import cached_property
 from typing import Any, Literal
 
@@ -19,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator
 
-from genfw import checkpoint, io
+from genfw import checkpoint, io, limits
 from genfw.errors import DataError
 from genfw.interfaces import ImageDataset, Params
 
@@ -70,6 +74,40 @@ def make_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) ->
     return to_pil(canvas)
 
 
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """The bytes of an image file -> a decoded PIL image; every way to fail is one :class:`DataError`.
+
+    The size is read from the header and bounded (``GENFW_MAX_IMAGE_PIXELS``) before any pixel is
+    decoded, so a decompression bomb (a small file declaring a huge image) costs nothing.
+    """
+    if not data:
+        raise DataError(f"empty (zero-byte) image file: {name}: remove or replace it")
+    bound = limits.limit("image_pixels")
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < bound:
+        Image.MAX_IMAGE_PIXELS = bound  # PIL's own check (an error at twice this) must not be the stricter one
+
+    def bomb(size: str) -> DataError:
+        return DataError(f"image {name} {size}, beyond genfw's limit of {bound:,} pixels (a decompression bomb, "
+                         "or far too large): remove or downscale it, or raise the limit with GENFW_MAX_IMAGE_PIXELS=N")
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(_io.BytesIO(data))
+            w, h = img.size
+            if w * h > bound:
+                raise bomb(f"is {w}x{h} ({w * h:,} pixels)")
+            img.load()
+        return img
+    except DataError:
+        raise
+    except Image.DecompressionBombError:
+        raise bomb(f"declares more than {2 * bound:,} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError,
+            TypeError, MemoryError) as e:
+        raise DataError(f"corrupt or unreadable image {name}: {e}: remove or replace it") from None
+
+
 # --------------------------------------------------------------------------------------------
 # image folders
 
@@ -117,6 +155,9 @@ class ImageFolder(ImageDataset):
             fs, root = fsspec.core.url_to_fs(path, **self.params.storage_options)
         except (ImportError, ValueError) as e:
             raise DataError(f"cannot open dataset location {path}: {e} (is its fsspec backend installed?)") from None
+        except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as e:  # e.g. zip:// of a corrupt archive
+            raise DataError(f"cannot open dataset location {path}: {type(e).__name__}: {e} "
+                            "(is the archive complete and of the format its URL says?)") from None
         try:
             if not fs.exists(root):
                 raise DataError(f"dataset path does not exist: {path}")
@@ -157,20 +198,18 @@ class ImageFolder(ImageDataset):
         try:
             with fs.open(name, "rb") as f:
                 data = f.read()
-            if not data:
-                raise DataError(f"empty (zero-byte) image file: {name}: remove or replace it")
-            with Image.open(_io.BytesIO(data)) as img:
-                img.load()
-                if img.mode == "CMYK":
-                    img = img.convert("RGB")
-                tensor = to_tensor(img, self.resolution, self.channels)
-        except DataError:
-            raise
         except PermissionError:
             raise DataError(f"image file is not readable (permission denied): {name}: fix its permissions "
                             "(chmod a+r) or remove it") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"corrupt or unreadable image {name}: {e}: remove or replace it") from None
+        except (OSError, ValueError, RuntimeError) as e:  # zip members, remote backends
+            raise DataError(f"cannot read image {name}: {e}: check the file or the dataset location") from None
+        with decode_image(data, name) as img:
+            try:
+                if img.mode == "CMYK":
+                    img = img.convert("RGB")
+                tensor = to_tensor(img, self.resolution, self.channels)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise DataError(f"corrupt or unreadable image {name}: {e}: remove or replace it") from None
         return tensor, labels[index]
 
 
@@ -250,6 +289,9 @@ class LatentWriter:
         return self.shards
 
 
+_RE_EXTRACT = "delete its latents/stage.json and run again to extract the latents anew"
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Code grids read back from shards: items are ``(codes list, label)``."""
 
@@ -259,16 +301,39 @@ class LatentDataset(torch.utils.data.Dataset):
             index = io.read_json(os.path.join(folder, "index.json"))
         except FileNotFoundError:
             raise DataError(f"no latent dataset in {folder} (index.json missing): run the latents stage") from None
+        except ValueError as e:
+            raise DataError(f"latent dataset in {folder} is corrupt (index.json: {e}): {_RE_EXTRACT}") from None
         self.meta = index
+        try:
+            self._read(folder, index)
+        except (DataError, checkpoint.CheckpointError) as e:
+            raise DataError(f"latent dataset in {folder}: {e}: {_RE_EXTRACT}") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise DataError(f"latent dataset in {folder} is corrupt ({type(e).__name__}: {e}): {_RE_EXTRACT}") from None
+
+    def _read(self, folder: str, index: dict[str, Any]) -> None:
+        levels_meta = [[int(v) for v in lv] for lv in index["levels"]]
+        num_classes = int(index.get("num_classes") or 0)
         codes: list[list[torch.Tensor]] = []
         labels = []
         for shard in index["shards"]:
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
+                raise DataError(f"invalid shard name {shard!r} in index.json")
             tensors, _ = checkpoint.read(os.path.join(folder, shard))
-            levels = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("codes."))
-            codes.append([tensors[f"codes.{i}"].long() for i in levels])
-            labels.append(tensors["labels"])
+            level_codes = [tensors[f"codes.{i}"] for i in range(len(levels_meta))]
+            n = tensors["labels"].shape[0]
+            for i, ((k, h, w), c) in enumerate(zip(levels_meta, level_codes)):
+                if tuple(c.shape) != (n, h, w) or c.is_floating_point():
+                    raise DataError(f"{shard}: codes.{i} has shape {tuple(c.shape)} ({c.dtype}), expected ({n}, {h}, {w})")
+                if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
+                    raise DataError(f"{shard}: codes.{i} holds codes outside 0..{k - 1}")
+            lab = tensors["labels"]
+            if lab.ndim != 1 or lab.is_floating_point() or (n and (int(lab.min()) < -1 or int(lab.max()) >= max(num_classes, 1))):
+                raise DataError(f"{shard}: labels out of range or of the wrong type")
+            codes.append([c.long() for c in level_codes])
+            labels.append(lab.long())
         if not codes:
-            raise DataError(f"latent dataset in {folder} is empty")
+            raise DataError("it is empty")
         self.codes = [torch.cat([c[i] for c in codes]) for i in range(len(codes[0]))]
         self.labels = torch.cat(labels)
 

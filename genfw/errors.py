@@ -31,3 +31,20 @@ class DataError(GenfwError):
 
 class TrainingError(GenfwError):
     """Training cannot continue (e.g. a NaN loss); the last good checkpoint is kept."""
+
+
+def worker_message(e: BaseException) -> str:
+    """The original one-line message of an error that a DataLoader worker re-raised.
+
+    PyTorch re-raises a worker's exception as ``type(e)(text)``, where the text holds the whole
+    worker traceback; the last line of it is the message the worker raised.
+    """
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    name = type(e).__name__
+    for prefix in (f"{type(e).__module__}.{name}: ", f"{name}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last

@@ -15,20 +15,20 @@ import torch
 from PIL import Image
 
 from genfw import io
-from genfw.data import make_grid, to_pil, to_tensor
+from genfw.data import decode_image, make_grid, to_pil, to_tensor
 from genfw.errors import ConfigError, DataError
 from genfw.sampling import flag_overrides, generate, latent_masks, resolve_device, sample_labels
 
 
 def _open(path: str) -> Image.Image:
     try:
-        with Image.open(_io.BytesIO(io.read_bytes(path))) as img:
-            img.load()
-            return img.copy()
+        data = io.read_bytes(path)
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except Exception as e:  # noqa: BLE001
         raise DataError(f"cannot read image {path}: {e}") from None
+    with decode_image(data, path) as img:
+        return img.copy()
 
 
 def load_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
@@ -65,11 +65,11 @@ def inpaint_file(model: str, image_path: str, mask_path: str, *, n: int, label: 
     img = _open(image_path)
     if resolution is None:
         resolution = [img.height, img.width]
-    image = to_tensor(img, tuple(resolution), channels)
-    pixel_mask = load_mask(mask_path, tuple(resolution)) if img.size[::-1] == tuple(resolution) else None
-    if pixel_mask is None:
+    if img.size[::-1] != tuple(resolution):  # checked before any resize to the model's size
         raise ConfigError(f"image {image_path} is {img.height}x{img.width} but the model expects "
                           f"{resolution[0]}x{resolution[1]}: resize it first")
+    image = to_tensor(img, tuple(resolution), channels)
+    pixel_mask = load_mask(mask_path, tuple(resolution))
     if not pixel_mask.any():
         raise ConfigError(f"mask {mask_path} selects no pixels: white pixels mark what to regenerate")
     overrides = dict(extra.get("sampler") or {})

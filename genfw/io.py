@@ -10,6 +10,8 @@ from typing import Any
 
 import fsspec
 
+from genfw.errors import GenfwError
+
 
 def is_local(path: str | os.PathLike) -> bool:
     """True for plain paths and ``file://`` URLs."""
@@ -22,14 +24,30 @@ def local_path(path: str | os.PathLike) -> Path:
     return Path(s[len("file://"):] if s.startswith("file://") else s)
 
 
+def backend_error(path: str | os.PathLike, e: Exception) -> GenfwError:
+    """A missing fsspec backend or an unknown protocol, as one line saying what to install."""
+    url = os.fspath(path)
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if isinstance(e, ImportError):
+        return GenfwError(f"cannot open {url}: the fsspec backend for '{protocol}://' is not installed ({e})")
+    return GenfwError(f"cannot open {url}: {e} (is the URL right, and its fsspec backend installed?)")
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     """Read a whole file from a local path or any fsspec URL."""
-    with fsspec.open(os.fspath(path), "rb") as f:
+    try:
+        f = fsspec.open(os.fspath(path), "rb").open()
+    except (ImportError, ValueError) as e:
+        raise backend_error(path, e) from None
+    with f:
         return f.read()
 
 
 def exists(path: str | os.PathLike) -> bool:
-    fs, p = fsspec.core.url_to_fs(os.fspath(path))
+    try:
+        fs, p = fsspec.core.url_to_fs(os.fspath(path))
+    except (ImportError, ValueError) as e:
+        raise backend_error(path, e) from None
     return fs.exists(p)
 
 
@@ -40,7 +58,11 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsspec targets are written in one ``put`` of the whole buffer.
     """
     if not is_local(path):
-        with fsspec.open(os.fspath(path), "wb") as f:
+        try:
+            f = fsspec.open(os.fspath(path), "wb").open()
+        except (ImportError, ValueError) as e:
+            raise backend_error(path, e) from None
+        with f:
             f.write(data)
         return
     target = local_path(path)

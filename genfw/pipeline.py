@@ -101,9 +101,9 @@ class Run:
         return self.path(stage, "stage.json")
 
     def _stage_state(self, stage: str) -> StageState | None:
-        try:
+        try:  # a damaged stage.json (genfw wrote it) means "not finished": the stage runs again
             return StageState(**io.read_json(self._stage_file(stage)))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        except (FileNotFoundError, ValueError, TypeError):
             return None
 
     def _begin(self, stage: str, fp: str) -> bool:
@@ -269,8 +269,11 @@ class Run:
         recipe_file = self.path("recipe.yaml")
         if os.path.exists(recipe_file):
             try:
-                old = yaml.safe_load(open(recipe_file)) or {}
-            except yaml.YAMLError:
+                with open(recipe_file, "rb") as f:
+                    old = yaml.safe_load(f) or {}
+            except (yaml.YAMLError, ValueError, RecursionError):
+                old = {}
+            if not isinstance(old, dict):
                 old = {}
             if old.get("name") != self.recipe.name and not self.overwrite:
                 raise ConfigError(
@@ -463,7 +466,7 @@ def write_samples(folder: str, images: torch.Tensor, labels: torch.Tensor | None
         suffix = ""
         if labels is not None:
             lab = int(labels[i])
-            suffix = f"_class-{class_names[lab] if lab < len(class_names) else lab}"
+            suffix = f"_class-{safe_name(class_names[lab]) if lab < len(class_names) else lab}"
         buf = _io.BytesIO()
         to_pil(image).save(buf, format="PNG")
         io.write_bytes(os.path.join(folder, f"{i:05d}{suffix}.png"), buf.getvalue())
@@ -477,6 +480,13 @@ def write_samples(folder: str, images: torch.Tensor, labels: torch.Tensor | None
         if labels is not None:
             tensors["labels"] = labels
         checkpoint.save_tensors(os.path.join(folder, "codes.safetensors"), tensors, {"type": "samples"})
+
+
+def safe_name(name: str) -> str:
+    """A class name fit for a file name: no separators or odd characters (names come from files)."""
+    import re
+
+    return re.sub(r"[^\w.-]", "_", str(name)).lstrip(".")[:64] or "_"
 
 
 def prior_forward_flops(prior: Prior, batch_size: int = 1) -> int | None:
@@ -520,9 +530,19 @@ def load_run_models(run_dir: str, device: torch.device | str = "cpu") -> tuple[T
     extra: dict[str, Any] = {}
     recipe_file = os.path.join(run_dir, "recipe.yaml")
     if os.path.exists(recipe_file):
-        raw = yaml.safe_load(open(recipe_file)) or {}
+        try:
+            with open(recipe_file, "rb") as f:
+                raw = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{recipe_file} is corrupt ({type(e).__name__}): restore it, or rerun the recipe "
+                                  "into a new run directory") from None
+        sampler = (raw.get("sample") or {}).get("params") if isinstance(raw, dict) else None
+        if not isinstance(raw, dict) or not isinstance(raw.get("sample") or {}, dict) or not isinstance(
+                sampler or {}, dict):
+            raise CheckpointError(f"{recipe_file} is not a genfw recipe mapping: restore it, or rerun the recipe "
+                                  "into a new run directory")
         extra["recipe"] = raw
-        extra["sampler"] = (raw.get("sample") or {}).get("params") or {}
+        extra["sampler"] = sampler or {}
         try:
             from genfw.config import validate_recipe
 

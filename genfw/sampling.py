@@ -10,10 +10,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genfw.errors import ConfigError
+from genfw import limits
+from genfw.errors import CheckpointError, ConfigError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.train import autocast_context
 
@@ -22,14 +24,27 @@ def resolve_device(name: str | None) -> torch.device:
     """``auto`` -> CUDA when present, else CPU; a clear error for unavailable devices."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s): use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device '{name}' requested but MPS is not available: use --device cpu")
     return device
 
 
 def sample_labels(n: int, num_classes: int, labels: list[int] | None) -> torch.Tensor | None:
     """Labels for ``n`` samples: the given list cycled, or round-robin over the classes."""
+    if n < 1:
+        raise ConfigError(f"the number of samples must be at least 1, got {n}")
+    limits.check("samples", n, "the number of samples")
     if num_classes <= 0:
         if labels:
             raise ConfigError("labels were given but the model is unconditional")
@@ -147,6 +162,7 @@ def generate(
         raise ConfigError("--size (larger-than-training grids) works with single-level tokenizers only")
     samplers = sampler if isinstance(sampler, list) else [sampler] * len(priors)
     samplers = [p.sampler_params(s) for p, s in zip(priors, samplers)]
+    check_sampling_sizes(tokenizer, priors, n, batch_size, samplers, precision, grid)
     prepare_for_sampling(tokenizer, priors, device)
     all_codes: list[list[torch.Tensor]] = [[] for _ in priors]
     images = []
@@ -167,6 +183,7 @@ def generate(
                 evaluations += int(getattr(prior, "last_sample_stats", {}).get("backbone_evaluations", 0))
                 codes.append(c)
             out = tokenizer.decode(codes)
+        check_outputs(priors, codes, out, start)
         images.append(out.float().clamp(-1, 1).cpu())
         for level, c in enumerate(codes):
             all_codes[level].append(c.cpu())
@@ -174,6 +191,52 @@ def generate(
     seconds = time.perf_counter() - t0
     stats = {"backbone_evaluations": evaluations} if evaluations else {}
     return SampleResult(torch.cat(images), [torch.cat(c) for c in all_codes], labels, seconds, stats)
+
+
+def check_sampling_sizes(tokenizer: Tokenizer, priors: list[Prior], n: int, batch_size: int, samplers: list[Any],
+                         precision: str, grid: tuple[int, int] | None) -> None:
+    """Bound what a sampling call asks for (count, batch, steps, grid, image memory) before any work."""
+    if n < 1:
+        raise ConfigError(f"the number of samples must be at least 1, got {n}")
+    if batch_size < 1:
+        raise ConfigError(f"the batch size must be at least 1, got {batch_size}")
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"unknown precision '{precision}': use bf16, fp16 or fp32")
+    limits.check("samples", n, "the number of samples")
+    limits.check("batch", batch_size, "the batch size")
+    for sp in samplers:
+        for key, value in sp.model_dump().items():
+            if (key == "steps" or key.endswith("_steps")) and isinstance(value, int):
+                limits.check("sampler_steps", value, f"sampler param {key}")
+    if grid is not None:
+        h, w = grid
+        if h < 1 or w < 1:
+            raise ConfigError(f"--size must be positive, got {h}x{w}")
+        limits.check("grid_tokens", h * w, f"the code grid {h}x{w}", " tokens")
+    tokens = max(int(np.prod(grid or p.grid)) for p in priors)
+    limits.check("batch_tokens", min(n, batch_size) * tokens, f"batch {min(n, batch_size)} x {tokens} codes")
+    resolution = tokenizer.construct.get("resolution") if hasattr(tokenizer, "construct") else None
+    if isinstance(resolution, (list, tuple)) and len(resolution) == 2:
+        pixels = int(resolution[0]) * int(resolution[1])
+        if grid is not None:  # a larger grid decodes to a proportionally larger image
+            pixels = pixels * h * w // max(1, int(np.prod(priors[0].grid)))
+        channels = int(tokenizer.construct.get("channels", 3) or 3)
+        gib = n * channels * pixels * 4 / 2**30
+        if gib > limits.limit("sample_gib"):
+            raise ConfigError(f"{n:,} images of {channels}x{pixels:,} pixels need {gib:,.1f} GiB in memory, beyond "
+                              f"genfw's limit of {limits.limit('sample_gib')} GiB: sample fewer images per call, "
+                              "or raise the limit with GENFW_MAX_SAMPLE_GIB=N")
+
+
+def check_outputs(priors: list[Prior], codes: list[torch.Tensor], images: torch.Tensor, start: int) -> None:
+    """Refuse to write images from codes out of range or from non-finite decoder outputs."""
+    for level, (prior, c) in enumerate(zip(priors, codes)):
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= prior.codebook_size):
+            raise CheckpointError(f"prior {level} produced codes outside 0..{prior.codebook_size - 1}: the model is "
+                                  "corrupt; no images were written from it")
+    if not bool(torch.isfinite(images).all()):
+        raise CheckpointError(f"decoding samples {start}.. gave NaN/inf pixels: the model is corrupt (or its "
+                              "precision overflowed: try --precision fp32); no images were written from it")
 
 
 def latent_masks(tokenizer: Tokenizer, pixel_mask: torch.Tensor) -> list[torch.Tensor]:

@@ -37,7 +37,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from genfw import checkpoint, dist, io
 from genfw.config import TrainSpec
-from genfw.errors import ConfigError, TrainingError
+from genfw.errors import CheckpointError, ConfigError, GenfwError, TrainingError, worker_message
 from genfw.loggers import LoggerSet
 from genfw.progress import progress_bar
 
@@ -187,10 +187,31 @@ class Trainer:
         """Resume from ``train_state.safetensors`` if present; returns whether it did."""
         if not io.exists(self.state_path):
             return False
-        tensors, meta = checkpoint.read(self.state_path)
+        fix = "move it aside to restart this stage from scratch (or restore a good copy)"
+        try:
+            tensors, meta = checkpoint.read(self.state_path)
+        except CheckpointError as e:
+            raise TrainingError(f"training state: {e}: {fix}") from None
         if meta.get("type") != "train_state":
-            raise TrainingError(f"{self.state_path} is not a training state")
-        state = checkpoint.unpack(meta["tree"], tensors)
+            raise TrainingError(f"{self.state_path} is not a training state: {fix}")
+        try:
+            self._restore(checkpoint.unpack(meta["tree"], tensors))
+        except TrainingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any inconsistency of a damaged or foreign file
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise TrainingError(f"{self.state_path} is corrupt or belongs to another model "
+                                f"({type(e).__name__}: {first}): {fix}") from None
+        return True
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        step = state["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise TrainingError(f"{self.state_path} holds an invalid step {step!r}: move it aside to restart")
+        for key, t in state["model"].items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise TrainingError(f"{self.state_path}: weight '{key}' holds NaN/inf: the state is corrupt; move it "
+                                    "aside to restart this stage from scratch")
         self.module.load_state_dict(state["model"], strict=True)
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
@@ -203,8 +224,7 @@ class Trainer:
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.step = int(state["step"])
-        return True
+        self.step = step
 
     def final_module(self) -> nn.Module:
         """The trained weights: the EMA copy when EMA is on, else the module itself."""
@@ -259,6 +279,15 @@ class Trainer:
         self.scaler.update()
         return logs
 
+    def _next_batch(self, data: Iterator[Any]) -> Any:
+        """The next batch; a data error (e.g. a corrupt image) saves the state first, as Ctrl-C does."""
+        try:
+            return next(data)
+        except GenfwError as e:
+            self.save_state()
+            raise type(e)(f"{self.description}: {worker_message(e)}; state saved at step {self.step} to "
+                          f"{self.state_path}, fix the data and run the same command again to resume") from None
+
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_requested = True
 
@@ -281,7 +310,7 @@ class Trainer:
                 if resumed:
                     bar.note(f"resumed at step {self.step}")
                 while self.step < self.spec.steps:
-                    batch = to_device(self.prepare(next(data)), self.device)
+                    batch = to_device(self.prepare(self._next_batch(data)), self.device)
                     logs = self._train_step(batch)
                     self.step += 1
                     if self.ema is not None and self.step % self.spec.ema_every == 0:
