@@ -119,6 +119,27 @@ def _as_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     return (int(h), int(w))
 
 
+def walk_local(root: str) -> list[str]:
+    """Files under a local folder, following symlinked folders (class folders often are); a loop is an error."""
+    out: list[str] = []
+
+    def visit(folder: str, ancestors: frozenset) -> None:
+        st = os.stat(folder)
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            raise DataError(f"symlink loop in the dataset: {folder} leads back to a folder above it: remove the link")
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.is_dir(follow_symlinks=True):
+                visit(e.path, ancestors | {key})
+            elif e.is_file(follow_symlinks=True):
+                out.append(e.path)
+
+    visit(root, frozenset())
+    return out
+
+
 class ImageFolder(ImageDataset):
     """PNG/JPEG images found recursively under a local path or fsspec URL (``zip://``, ``memory://``...).
 
@@ -165,7 +186,8 @@ class ImageFolder(ImageDataset):
                 raise DataError(f"dataset path is not a folder: {path}")
             if io.is_local(path) and not os.access(root, os.R_OK | os.X_OK):
                 raise PermissionError(root)  # a local walk would skip the folder silently
-            files = sorted(f for f in fs.find(root) if f.lower().endswith(IMAGE_SUFFIXES))
+            found = walk_local(root) if io.is_local(path) else fs.find(root)
+            files = sorted(f for f in found if f.lower().endswith(IMAGE_SUFFIXES))
         except PermissionError:
             raise DataError(f"dataset path is not readable (permission denied): {path}: fix its permissions "
                             "(chmod -R a+rX) or run as a user who can read it") from None

@@ -282,6 +282,18 @@ class Run:
                 )
         io.write_text(recipe_file, yaml.safe_dump(self.resolved.raw, sort_keys=False))
 
+    def check_data(self) -> None:
+        """Decode every image (train and held-out) before the tokenizer stage: see genfw.datacheck."""
+        from genfw.datacheck import CACHE_FILE, check_images
+
+        if not dist.is_main():
+            dist.barrier()
+            return
+        try:
+            check_images(self.dataset, self.path(CACHE_FILE))
+        finally:
+            dist.barrier()
+
     def run(self, stages: list[str] | None = None) -> dict[str, Any]:
         """Run (or reuse) the selected stages in order; returns the metrics if evaluated."""
         wanted = list(stages or STAGES)
@@ -289,6 +301,8 @@ class Run:
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
         self.prepare_dir()
+        if any(s in wanted for s in ("tokenizer", "latents", "prior")):
+            self.check_data()
         tokenizer = self.stage_tokenizer(run="tokenizer" in wanted)
         if "latents" in wanted or "prior" in wanted:
             self.stage_latents(tokenizer)

@@ -131,7 +131,7 @@ def png_bomb(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
 def images(folder: Path, n: int = 4) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        Image.fromarray(np.full((4, 4), 60 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(np.full((4, 4), 30 * i % 256, dtype=np.uint8)).save(folder / f"{i}.png")
     return folder
 
 
@@ -379,3 +379,86 @@ def test_docs_list_every_case():
 
     for name in LIMITS:
         assert f"GENFW_MAX_{name.upper()}" in doc, f"docs/errors.md lacks the limit {name}"
+
+
+# --------------------------------------------------------------------------------------------
+# data found before training
+
+
+def test_a_bad_held_out_image_stops_the_run_before_the_tokenizer_stage(tmp_path):
+    folder = images(tmp_path / "data", 8)
+    (folder / "9-bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (folder / "8-empty.png").write_bytes(b"")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(folder_recipe(folder)))
+    result = CliRunner().invoke(app, ["run", str(recipe), "--output-dir", str(tmp_path / "run")])
+    line = one_error_line(result.stderr)
+    assert result.exit_code == 1 and "empty (zero-byte) image file" in line and "1 more of the 10 images" in line, line
+    assert not (tmp_path / "run" / "tokenizer").exists(), "the tokenizer stage started before the data was checked"
+
+
+def test_image_check_is_cached_by_fingerprint(tmp_path):
+    from genfw.datacheck import check_images
+    from genfw.errors import DataError
+
+    folder = images(tmp_path / "data", 6)
+    dataset = build("dataset", "folder", {"path": str(folder), "resolution": 4, "channels": 1})
+    cache = str(tmp_path / "datacheck.json")
+    assert check_images(dataset, cache) == {"images": 6, "checked": 6, "cached": 0}
+    assert check_images(dataset, cache) == {"images": 6, "checked": 0, "cached": 6}
+    (folder / "2.png").write_bytes(b"not an image")  # replaced: checked again, and bad
+    with pytest.raises(DataError, match="2.png"):
+        check_images(dataset, cache)
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(folder / "2.png")
+    assert check_images(dataset, cache) == {"images": 6, "checked": 1, "cached": 5}
+
+
+def test_symlinked_class_folders_are_followed_and_loops_refused(tmp_path):
+    from genfw.errors import DataError
+
+    images(tmp_path / "elsewhere" / "cats", 3)
+    root = tmp_path / "data"
+    images(root / "dogs", 2)
+    (root / "cats").symlink_to(tmp_path / "elsewhere" / "cats", target_is_directory=True)
+    dataset = build("dataset", "folder", {"path": str(root), "resolution": 4, "channels": 1,
+                                          "labels_from_folders": True})
+    assert len(dataset) == 5 and dataset.class_names == ["cats", "dogs"]
+    (root / "dogs" / "again").symlink_to(root, target_is_directory=True)
+    dataset = build("dataset", "folder", {"path": str(root), "resolution": 4, "channels": 1})
+    with pytest.raises(DataError, match="symlink loop in the dataset: .*again leads back"):
+        len(dataset)
+
+
+class _Flaky(torch.utils.data.Dataset):
+    """Codes for a tiny prior; item 13 is a bad file (raised in a DataLoader worker)."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        if i == 13:
+            from genfw.errors import DataError
+
+            raise DataError("corrupt or unreadable image /data/13.png: broken: remove or replace it")
+        return [torch.full((4, 4), i % 4)], torch.tensor(i % 2)
+
+
+def test_a_data_error_during_training_saves_state_in_one_line(tmp_path):
+    """A worker's error arrives as one line (not the worker's traceback), after the state is saved."""
+    from genfw import checkpoint
+    from genfw.config import TrainSpec
+    from genfw.errors import DataError
+    from genfw.train import STATE_FILE, Trainer
+
+    _, prior = tiny_modules()
+    spec = TrainSpec(steps=40, batch_size=4, checkpoint_every=100, num_workers=1)
+    trainer = Trainer(prior, _Flaky(), spec, tmp_path, prepare=lambda b: {"codes": b[0][0], "labels": b[1]},
+                      description="prior 0 (sundae)")
+    with pytest.raises(DataError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("prior 0 (sundae): corrupt or unreadable image /data/13.png")
+    assert "state saved at step" in message and "run the same command again to resume" in message
+    tensors, meta = checkpoint.read(tmp_path / STATE_FILE)
+    saved = checkpoint.unpack(meta["tree"], tensors)["step"]
+    assert saved == trainer.step and 0 <= saved < 8, saved  # item 13 lies in the first epoch's 8 batches
