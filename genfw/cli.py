@@ -108,6 +108,18 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON ins
                   f"{', '.join(c['distributions'])}[/red]")
 
 
+def _load_recipe(recipe: str, overrides: list[str] | None):
+    """Load and validate a recipe, printing the notes of its overrides (e.g. dropped params)."""
+    from genfw.config import load_recipe
+
+    notes: list[str] = []
+    try:
+        return load_recipe(recipe, overrides, notes=notes)
+    finally:
+        for note in notes:
+            err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+
+
 @command
 def validate(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML (path or fsspec URL)")],
@@ -115,9 +127,7 @@ def validate(
     summary: Annotated[bool, typer.Option("--summary", help="Also print parameter counts and FLOPs")] = False,
 ) -> None:
     """Check a recipe (schema, components, params, combination) without running it."""
-    from genfw.config import load_recipe
-
-    resolved = load_recipe(recipe, set_)
+    resolved = _load_recipe(recipe, set_)
     out.print(f"[green]✓[/green] {recipe}: recipe '{resolved.recipe.name}' is valid "
               f"({len(resolved.prior_specs)} prior level(s))")
     if summary:
@@ -152,11 +162,10 @@ def run(
 ) -> None:
     """Validate a recipe, then train, sample, evaluate and report into its run directory."""
     from genfw import dist
-    from genfw.config import load_recipe
     from genfw.pipeline import Run
 
     dist.init_from_env()
-    resolved = load_recipe(recipe, set_)
+    resolved = _load_recipe(recipe, set_)
     pipeline = Run(resolved, output_dir=output_dir, device=None if device == "auto" else device, overwrite=overwrite)
     if dry_run:
         _print_plan(pipeline.plan())

@@ -239,13 +239,39 @@ def check_expansion(value: Any, where: str) -> int:
         raise ConfigError(f"{where}: nested too deeply") from None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+def swap_component(node: Any, key: str, value: Any, path: str, keep: set[str] | None = None) -> str | None:
+    """Setting a component's ``name`` to another one drops the old component's ``params``.
+
+    ``node`` is the mapping about to get ``node[key] = value``. Params the old component took
+    mean nothing to the new one (``--set prior.name=maskgit`` on a SUNDAE recipe), so they go,
+    except keys in ``keep`` (set explicitly by an earlier override of the same command). Returns
+    the note to show, or None when nothing was dropped.
+    """
+    if key != "name" or not isinstance(node, dict) or "name" not in node or node.get("name") == value:
+        return None
+    params = node.get("params")
+    if not isinstance(params, dict) or not params:
+        return None
+    kept = {k: v for k, v in params.items() if k in (keep or set())}
+    dropped = sorted(k for k in params if k not in kept)
+    node["params"] = kept
+    if not dropped:
+        return None
+    where = path.rsplit(".", 1)[0]
+    return (f"{path}: '{node['name']}' -> '{value}' drops the params of '{node['name']}' "
+            f"({', '.join(dropped)}); set {where}.params.KEY=VALUE for '{value}'")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None,
+                    notes: list[str] | None = None) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a copy of ``raw``.
 
     A new key may be added only inside an existing mapping; validation then rejects keys the
-    schema or the component does not know, naming the full path.
+    schema or the component does not know, naming the full path. Replacing a component's name
+    drops its old params (:func:`swap_component`); the notes saying so go to ``notes``.
     """
     out = copy.deepcopy(raw)
+    explicit: set[tuple[str, ...]] = set()
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key.path=value, got '{item}'")
@@ -271,7 +297,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
         if isinstance(node, list) and last.isdigit() and int(last) < len(node):
             node[int(last)] = value
         elif isinstance(node, dict):
+            params_path = (*keys[:-1], "params")
+            keep = {p[len(params_path)] for p in explicit
+                    if len(p) > len(params_path) and p[: len(params_path)] == params_path}
+            if params_path in explicit and isinstance(node.get("params"), dict):
+                keep |= set(node["params"])
+            note = swap_component(node, last, value, ".".join(keys), keep)
+            if note is not None and notes is not None:
+                notes.append(note)
             node[last] = value
+            explicit.add(tuple(keys))
         else:
             raise ConfigError(f"--set {path}: '{'.'.join(keys[:-1])}' is not a mapping")
     return out
@@ -420,7 +455,7 @@ def _check_required_plugins(recipe: Recipe, registry: Registry) -> None:
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None,
-                registry: Registry | None = None) -> ResolvedRecipe:
-    """Read, override and validate a recipe file."""
-    raw = apply_overrides(load_yaml(path), overrides)
+                registry: Registry | None = None, notes: list[str] | None = None) -> ResolvedRecipe:
+    """Read, override and validate a recipe file (override notes are appended to ``notes``)."""
+    raw = apply_overrides(load_yaml(path), overrides, notes)
     return validate_recipe(raw, registry)

@@ -3,10 +3,13 @@
 Every component is an ``nn.Module`` built as ``cls(params, **construct)``:
 
 * ``params`` is an instance of the class's own pydantic ``Params`` model (what a recipe writes),
-* ``construct`` are JSON-serialisable keyword arguments the pipeline derives (image channels,
-  grid size, vocabulary...). Both are recorded in checkpoints, so ``genfw.load`` can rebuild the
-  module from the file alone. A component must store them as ``self.params`` / ``self.construct``
-  (``Component.__init__`` does it).
+* ``construct`` are keyword arguments the pipeline derives (image channels, grid size,
+  vocabulary...). Both are recorded in checkpoints, so ``genfw.load`` can rebuild the module from
+  the file alone. Each base class takes its standard construction arguments keyword-only,
+  normalises them to JSON values, stores them in ``self.construct`` and exposes them as
+  properties (``Tokenizer.channels``, ``Backbone.grid``, ``Prior.codebook_size``...): a
+  component's ``__init__(self, params=None, **construct)`` passes them on with
+  ``super().__init__(params, **construct)`` and converts nothing.
 
 Conventions: images ``[B, C, H, W]`` float in [-1, 1]; codes ``list[LongTensor[B, h, w]]``, one
 grid per tokenizer level, coarsest first; labels ``LongTensor[B]`` or None; context for a lower
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -61,13 +64,35 @@ class Level:
     factor: int
 
 
-@dataclass(frozen=True)
-class ContextSpec:
+class ContextSpec(NamedTuple):
     """A coarser code grid a backbone is conditioned on: its vocabulary and grid shape."""
 
     vocab_size: int
     height: int
     width: int
+
+
+def _pair(value: Any, what: str) -> list[int]:
+    """``int`` or ``[H, W]`` -> ``[H, W]`` of ints."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [int(value), int(value)]
+    try:
+        h, w = value
+        return [int(h), int(w)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be an int or [height, width], got {value!r}") from None
+
+
+def _context(value: Any) -> list[list[int]]:
+    """Context specs (sequences or ContextSpec) -> ``[[vocab, h, w], ...]`` of ints."""
+    out = []
+    for item in value or ():
+        try:
+            v, h, w = item
+        except (TypeError, ValueError):
+            raise ConfigError(f"a context entry must be [vocab_size, height, width], got {item!r}") from None
+        out.append([int(v), int(h), int(w)])
+    return out
 
 
 @dataclass
@@ -125,12 +150,31 @@ class Component(nn.Module):
 class Tokenizer(Component, abc.ABC):
     """Compresses images to code grids and back.
 
-    Constructed with ``channels`` (1 or 3) and ``resolution`` (int, or [H, W]).
+    Constructed with ``channels`` (1 or 3) and ``resolution`` (int, or [H, W]: the training
+    image size), stored as ``construct = {"channels": C, "resolution": [H, W]}`` and exposed as
+    :attr:`channels` and :attr:`resolution`.
     """
 
     kind: ClassVar[str] = "tokenizer"
     #: False for tokenizers with nothing to learn (e.g. ``pixels``): the train stage is skipped.
     trainable: ClassVar[bool] = True
+
+    def __init__(self, params: Params | dict | None = None, *, channels: int, resolution: int | list[int],
+                 **construct: Any) -> None:
+        super().__init__(params, channels=int(channels), resolution=_pair(resolution, "resolution"), **construct)
+        if self.channels < 1:
+            raise ConfigError(f"{type(self).__name__}: channels must be >= 1, got {self.channels}")
+
+    @property
+    def channels(self) -> int:
+        """Image channels C."""
+        return int(self.construct["channels"])
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """Training image size (H, W)."""
+        h, w = self.construct["resolution"]
+        return int(h), int(w)
 
     @property
     @abc.abstractmethod
@@ -182,6 +226,50 @@ class Backbone(Component, abc.ABC):
     supports_causal: ClassVar[bool] = False
     #: Why not, shown in the recipe validation error when an AR prior picks this backbone.
     causal_unsupported_reason: ClassVar[str] = ""
+    #: Whether labels condition the output (``check_backbone`` verifies it); a backbone that
+    #: cannot use them sets False and refuses ``num_classes > 0``.
+    uses_labels: ClassVar[bool] = True
+    #: Whether coarser code grids condition the output (hierarchical tokenizers need it).
+    uses_context: ClassVar[bool] = True
+
+    def __init__(self, params: Params | dict | None = None, *, vocab_size: int, out_size: int,
+                 grid: int | list[int], num_classes: int = 0, context: list[list[int]] | None = None,
+                 **construct: Any) -> None:
+        super().__init__(params, vocab_size=int(vocab_size), out_size=int(out_size), grid=_pair(grid, "grid"),
+                         num_classes=int(num_classes or 0), context=_context(context), **construct)
+        name = type(self).__name__
+        if self.num_classes and not self.uses_labels:
+            raise ConfigError(f"backbone {name} cannot be conditioned on labels ({self.num_classes} classes): "
+                              "set class_conditional: false in the recipe, or use another backbone")
+        if self.context and not self.uses_context:
+            raise ConfigError(f"backbone {name} cannot be conditioned on coarser code grids: it cannot model "
+                              "the lower levels of a hierarchical tokenizer; use another backbone")
+
+    @property
+    def vocab_size(self) -> int:
+        """Input vocabulary: codebook plus any special tokens of the prior."""
+        return int(self.construct["vocab_size"])
+
+    @property
+    def out_size(self) -> int:
+        """Number of output logits per position."""
+        return int(self.construct["out_size"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Training grid (h, w)."""
+        h, w = self.construct["grid"]
+        return int(h), int(w)
+
+    @property
+    def num_classes(self) -> int:
+        """Label classes (0 = unconditional)."""
+        return int(self.construct.get("num_classes", 0) or 0)
+
+    @property
+    def context(self) -> list[ContextSpec]:
+        """The coarser code grids this backbone is conditioned on, coarsest first."""
+        return [ContextSpec(*c) for c in self.construct.get("context") or []]
 
     @abc.abstractmethod
     def forward(
@@ -275,25 +363,35 @@ class Prior(Component, abc.ABC):
     ) -> NLLOutput:
         """Per-sample negative log-likelihood (bits per token), of the kind ``nll_kind`` says."""
 
-    def __init__(self, params: Params | dict | None = None, *, codebook_size: int, grid: list[int],
+    def __init__(self, params: Params | dict | None = None, *, codebook_size: int, grid: int | list[int],
                  num_classes: int = 0, context: list[list[int]] | None = None, backbone: Any = None,
                  **construct: Any) -> None:
         if hasattr(backbone, "model_dump"):
             backbone = backbone.model_dump()
-        super().__init__(params, codebook_size=int(codebook_size), grid=[int(g) for g in grid],
-                         num_classes=int(num_classes or 0), context=[[int(v) for v in c] for c in (context or [])],
-                         backbone=dict(backbone) if backbone is not None else None, **construct)
+        if backbone is not None:
+            backbone = {"name": backbone["name"], "params": dict(backbone.get("params") or {})}
+        super().__init__(params, codebook_size=int(codebook_size), grid=_pair(grid, "grid"),
+                         num_classes=int(num_classes or 0), context=_context(context),
+                         backbone=backbone, **construct)
 
     def make_backbone(self, vocab_size: int, out_size: int | None = None, num_classes: int | None = None) -> Backbone:
-        """Build this prior's backbone (from its ``backbone`` spec) with the vocabulary it needs."""
+        """Build this prior's backbone (from its ``backbone`` spec) with the vocabulary it needs.
+
+        The spec kept in ``construct`` (and so in checkpoints) is then the backbone's fully
+        validated params, defaults filled in: a later change of a default cannot change a saved
+        model.
+        """
         from genfw.registry import build_backbone  # late: the registry imports this module
 
-        if self.construct.get("backbone") is None:
+        spec = self.construct.get("backbone")
+        if spec is None:
             raise ConfigError(f"{type(self).__name__} was built without a backbone spec")
-        return build_backbone(self.construct["backbone"], vocab_size=vocab_size,
-                              out_size=self.codebook_size if out_size is None else out_size,
-                              grid=list(self.grid), num_classes=self.num_classes if num_classes is None else num_classes,
-                              context=self.construct["context"])
+        backbone = build_backbone(spec, vocab_size=vocab_size,
+                                  out_size=self.codebook_size if out_size is None else out_size,
+                                  grid=list(self.grid), num_classes=self.num_classes if num_classes is None else num_classes,
+                                  context=self.construct["context"])
+        spec["params"] = backbone.params.model_dump(mode="json")
+        return backbone
 
     def training_step(self, batch: dict[str, Any], step: int) -> StepOutput:
         """``batch`` holds ``codes`` [B, h, w], optional ``labels`` and ``context``."""
@@ -314,16 +412,23 @@ class Prior(Component, abc.ABC):
 
     @property
     def codebook_size(self) -> int:
+        """K, the codebook size of this level."""
         return int(self.construct["codebook_size"])
 
     @property
     def grid(self) -> tuple[int, int]:
+        """Training grid (h, w)."""
         h, w = self.construct["grid"]
         return int(h), int(w)
 
     @property
     def num_classes(self) -> int:
         return int(self.construct.get("num_classes", 0) or 0)
+
+    @property
+    def context(self) -> list[ContextSpec]:
+        """The coarser code grids this level is conditioned on, coarsest first."""
+        return [ContextSpec(*c) for c in self.construct.get("context") or []]
 
 
 class ImageDataset(abc.ABC):

@@ -394,3 +394,64 @@ def test_short_mnist_training_lowers_reconstruction_error():
                 break
     after = held_out_mse()
     assert after < 0.5 * before, (before, after)
+
+
+def test_convert_taming_generator_only_gives_the_same_codes_and_images(tmp_path):
+    from typer.testing import CliRunner
+
+    from genfw.cli import app
+
+    hparams = {"lossconfig": {"params": {"disc_start": 30001, "disc_weight": 0.8, "disc_num_layers": 2,
+                                         "disc_ndf": 8, "codebook_weight": 1.0}}}
+    _, full = _fake_taming_checkpoint(tmp_path, hparams)
+    ckpt = torch.load(full, weights_only=True)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("loss.")}
+    generator_only = tmp_path / "generator.ckpt"
+    torch.save(ckpt, generator_only)
+    runner = CliRunner()
+    for src, dst in ((full, "full.safetensors"), (generator_only, "gen.safetensors")):
+        result = runner.invoke(app, ["convert", "taming", str(src), "-o", str(tmp_path / dst), "--resolution", "16"])
+        assert result.exit_code == 0, result.output
+    a, b = genfw.load(tmp_path / "full.safetensors"), genfw.load(tmp_path / "gen.safetensors")
+    assert b.params.disc_start == 30001 and b.params.disc_weight == 0.8  # the loss settings came along
+    assert (b.params.disc_layers, b.params.disc_ndf) == (2, 8)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        codes = a.encode(x)
+        assert torch.equal(b.encode(x)[0], codes[0])
+        assert torch.equal(b.decode(codes), a.decode(codes))
+    from genfw.checkpoint import read
+
+    assert "freshly initialised" in read(tmp_path / "gen.safetensors")[1]["extra"]["discriminator"]
+    again = runner.invoke(app, ["convert", "taming", str(full), "-o", str(tmp_path / "full.safetensors"),
+                                "--resolution", "16"])
+    assert again.exit_code != 0 and "--overwrite" in again.output  # an existing file is kept
+
+
+def test_convert_taming_needs_a_resolution_it_cannot_infer_and_places_attention_by_layout(tmp_path):
+    from genfw_vq.convert import convert_taming
+
+    src_model, path = _fake_taming_checkpoint(tmp_path)  # no hyper-parameters: no resolution
+    with pytest.raises(CheckpointError, match="pass --resolution"):
+        convert_taming(path, tmp_path / "out.safetensors")
+    # a ddconfig written for 16-pixel images, converted for 32: attention stays on the same level
+    hparams = {"ddconfig": {"resolution": 16, "attn_resolutions": [8], "ch": 32, "ch_mult": [1, 2]}}
+    _, path = _fake_taming_checkpoint(tmp_path, hparams)
+    model = convert_taming(path, tmp_path / "out32.safetensors", resolution=32)
+    assert model.params.attn_resolutions == [16]
+    src_model.eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model.encode(x)[0], src_model.encode(x)[0])
+
+
+def test_convert_taming_refuses_shapes_the_file_does_not_hold_before_building(tmp_path):
+    from genfw_vq.convert import convert_taming
+
+    _, path = _fake_taming_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    # 2**26 x 8 codewords claimed by a single stored float (zero strides): 2 GiB if built
+    ckpt["state_dict"]["quantize.embedding.weight"] = torch.zeros(1, 1).expand(2**26, 8)
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="does not hold"):
+        convert_taming(path, tmp_path / "out.safetensors", resolution=16)

@@ -205,19 +205,17 @@ class Hourglass(Backbone):
         "megapixel-SUNDAE paper removes the causal constraint; use the 'transformer' backbone for autoregressive priors"
     )
 
-    def __init__(self, params: HourglassParams | dict | None = None, *, vocab_size: int, out_size: int,
-                 grid: Sequence[int], num_classes: int = 0, context: Sequence[Sequence[int]] = ()) -> None:
-        super().__init__(params, vocab_size=vocab_size, out_size=out_size, grid=[int(g) for g in grid],
-                         num_classes=num_classes, context=[[int(v) for v in c] for c in context])
+    def __init__(self, params: HourglassParams | dict | None = None, **construct) -> None:
+        super().__init__(params, **construct)  # vocab_size, out_size, grid, num_classes, context
         p: HourglassParams = self.params
-        self.embed = GridEmbedding(vocab_size, p.dim, num_classes, context)
+        self.embed = GridEmbedding(self.vocab_size, p.dim, self.num_classes, self.context)
         self.drop = nn.Dropout(p.dropout)
         self.rotary = AxialRotary(p.head_dim, p.rotary_max_freq)
         self.valley_rotary = (AxialRotary(p.head_dim, p.valley_rotary_max_freq)
                               if p.valley_rotary_max_freq is not None and p.shorten_factors else None)
         self.body = HourglassLevel(p, p.depth, p.shorten_factors)
         self.norm = nn.LayerNorm(p.dim, eps=p.norm_eps)
-        self.head = nn.Linear(p.dim, out_size)
+        self.head = nn.Linear(p.dim, self.out_size)
         init_transformer_weights(self)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,

@@ -11,7 +11,6 @@ every input embedding; coarser code grids of a hierarchical tokenizer are embedd
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -62,14 +61,11 @@ class Transformer(Backbone):
     Params = TransformerParams
     supports_causal = True
 
-    def __init__(self, params: TransformerParams | dict | None = None, *, vocab_size: int, out_size: int,
-                 grid: Sequence[int], num_classes: int = 0, context: Sequence[Sequence[int]] = ()) -> None:
-        super().__init__(params, vocab_size=vocab_size, out_size=out_size, grid=[int(g) for g in grid],
-                         num_classes=num_classes, context=[[int(v) for v in c] for c in context])
+    def __init__(self, params: TransformerParams | dict | None = None, **construct) -> None:
+        super().__init__(params, **construct)  # vocab_size, out_size, grid, num_classes, context
         p: TransformerParams = self.params
-        self.grid = (int(grid[0]), int(grid[1]))
         self.head_dim = p.resolved_head_dim
-        self.embed = GridEmbedding(vocab_size, p.dim, num_classes, context)
+        self.embed = GridEmbedding(self.vocab_size, p.dim, self.num_classes, self.context)
         self.positions = nn.Parameter(torch.zeros(self.grid[0] * self.grid[1], p.dim)) if p.positions == "learned" else None
         self.rotary = AxialRotary(self.head_dim, p.rotary_max_freq) if p.positions == "rotary" else None
         self.drop = nn.Dropout(p.dropout)
@@ -78,7 +74,7 @@ class Transformer(Backbone):
             for _ in range(p.depth)
         )
         self.norm = nn.LayerNorm(p.dim, eps=p.norm_eps)
-        self.head = nn.Linear(p.dim, out_size, bias=False)
+        self.head = nn.Linear(p.dim, self.out_size, bias=False)
         init_transformer_weights(self)
         if self.positions is not None:
             nn.init.normal_(self.positions, std=0.02)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from genfw.errors import ConfigError
@@ -11,26 +9,11 @@ from genfw.interfaces import Tokenizer
 from genfw.nn.quantizer import QuantizerOutput, VectorQuantizer
 
 
-def as_pair(resolution: Any) -> tuple[int, int]:
-    """``int`` or ``[H, W]`` -> (H, W)."""
-    if isinstance(resolution, int):
-        return resolution, resolution
-    h, w = resolution
-    return int(h), int(w)
-
-
 class VQTokenizer(Tokenizer):
-    """Base of the VQ tokenizers: stores ``channels``/``resolution`` and reports codebook health.
+    """Base of the VQ tokenizers: image-size checks and codebook health.
 
     Subclasses keep their quantizers, coarsest level first, in ``self.quantizers()``.
     """
-
-    def __init__(self, params=None, *, channels: int = 3, resolution: Any = (256, 256)) -> None:
-        h, w = as_pair(resolution)
-        super().__init__(params, channels=channels, resolution=[h, w])
-        if channels < 1:
-            raise ConfigError(f"{type(self).__name__}: channels must be >= 1, got {channels}")
-        self.channels, self.resolution = channels, (h, w)
 
     def check_resolution(self, factor: int) -> None:
         h, w = self.resolution

@@ -9,10 +9,16 @@ genfw's ``vqgan`` keeps taming's ``VQModel`` names, so the key mapping is small
   and with ``ema`` the moving averages) are added fresh;
 * a leading ``module.`` (DataParallel) is stripped; anything else unknown is an error.
 
-Parameters come from the checkpoint's hyper-parameters when it holds them (``ddconfig``,
-``lossconfig``, ``n_embed``, ``embed_dim``), else are inferred from tensor shapes; explicit
-``params`` override both. This is the one place genfw reads a pickle-based file, and it does so
-with ``torch.load(weights_only=True)``, which refuses to run code from the file.
+The architecture is read off the tensor layout (widths, levels, blocks, which levels have
+attention); ``n_embed``/``embed_dim``/``ddconfig``/``lossconfig`` hyper-parameters, when the file
+holds them, add what the layout cannot say (dropout, the training resolution, the loss settings).
+Explicit ``params`` override both. A generator-only file (no ``loss.discriminator.*``, as
+released for inference) converts too: the discriminator is freshly initialised, and the output
+file says so. The model is first built on the ``meta`` device and checked against the file's
+tensor shapes with the bounds of ``genfw.load`` (:func:`genfw.checkpoint.build_checked`) before
+any weight is read. This is the one place genfw reads a pickle-based file, and it does so with
+``torch.load(weights_only=True)`` (memory-mapped when the file allows), which refuses to run
+code from the file.
 """
 
 from __future__ import annotations
@@ -33,12 +39,20 @@ FRESH_BUFFERS = ("quantize.unused_steps", "quantize.initialised", "quantize.ema_
 
 
 def read_torch_file(path: str | os.PathLike) -> Any:
-    """Load a user's own ``.pth``/``.ckpt`` safely: tensors and plain containers only."""
+    """Load a user's own ``.pth``/``.ckpt`` safely: tensors and plain containers only.
+
+    Memory-mapped when the file is in torch's zip format, so tensors are read only when used.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # noqa: BLE001 - turned into one clear line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -53,12 +67,21 @@ def _state_and_hparams(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], 
         raise CheckpointError(f"{source} does not hold a state dict (got {type(obj).__name__})")
     hparams = obj.get("hyper_parameters") or obj.get("hparams") or {}
     state = obj.get("state_dict", obj)
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: its state_dict is a {type(state).__name__}, not a mapping")
+    state = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     if "quantize.embedding.weight" not in state or "encoder.conv_in.weight" not in state:
         raise CheckpointError(f"{source} is not a taming-transformers VQModel checkpoint "
                               "(no quantize.embedding.weight / encoder.conv_in.weight)")
+    for key, t in state.items():
+        # A pickle may give a tensor a shape its stored data does not fill (zero strides): the
+        # sizes inferred from it would then not be backed by the file.
+        need = t.numel() * t.element_size()
+        if need > t.untyped_storage().nbytes() - t.storage_offset() * t.element_size():
+            raise CheckpointError(f"{source}: tensor {key} claims shape {tuple(t.shape)} that its stored data "
+                                  f"({t.untyped_storage().nbytes()} bytes) does not hold: the file is corrupt or hostile")
     return state, dict(hparams) if isinstance(hparams, dict) else {}
 
 
@@ -67,36 +90,74 @@ def _indices(state: dict[str, torch.Tensor], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in state if (m := rx.match(k))})
 
 
-def infer_params(state: dict[str, torch.Tensor], hparams: dict[str, Any], resolution: int) -> dict[str, Any]:
-    """``vqgan`` params from taming hyper-parameters when present, else from tensor shapes."""
-    codebook_size, embed_dim = state["quantize.embedding.weight"].shape
-    ch = state["encoder.conv_in.weight"].shape[0]
+def _shape(state: dict[str, torch.Tensor], key: str, source: str, ndim: int) -> tuple[int, ...]:
+    if key not in state:
+        raise CheckpointError(f"{source}: the checkpoint lacks {key} (is it a taming-transformers VQModel?)")
+    shape = tuple(state[key].shape)
+    if len(shape) != ndim:
+        raise CheckpointError(f"{source}: tensor {key} has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
+def attention_levels(state: dict[str, torch.Tensor], source: str = "checkpoint") -> list[int]:
+    """Indices of the encoder/decoder levels that hold self-attention blocks (they must agree)."""
+    enc = _indices(state, r"encoder\.down\.(\d+)\.attn\.")
+    dec = _indices(state, r"decoder\.up\.(\d+)\.attn\.")
+    if enc != dec:
+        raise CheckpointError(f"{source}: attention at encoder levels {enc} but decoder levels {dec}; taming's "
+                              "VQModel places both by the same attn_resolutions")
+    return enc
+
+
+def infer_resolution(state: dict[str, torch.Tensor], hparams: dict[str, Any], resolution: int | None,
+                     source: str = "checkpoint") -> int:
+    """The training image size: given, else the checkpoint's ``ddconfig.resolution``, else an error."""
+    dd = hparams.get("ddconfig") or {}
+    value = resolution if resolution is not None else dd.get("resolution")
+    if value is None:
+        raise CheckpointError(f"cannot tell the training resolution of {source} (it holds no ddconfig): "
+                              "pass --resolution, the image size it was trained on (e.g. 256)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= checkpoint.MAX_SIDE:
+        raise CheckpointError(f"{source}: invalid resolution {value!r} (an image side in 1..{checkpoint.MAX_SIDE})")
+    return value
+
+
+# taming's lossconfig.params -> genfw vqgan params (the names the VQGAN loss of genfw understands)
+LOSS_KEYS = (("disc_start", "disc_start"), ("disc_weight", "disc_weight"), ("codebook_weight", "codebook_weight"),
+             ("perceptual_weight", "perceptual_weight"), ("disc_num_layers", "disc_layers"), ("disc_ndf", "disc_ndf"))
+
+
+def infer_params(state: dict[str, torch.Tensor], hparams: dict[str, Any], resolution: int,
+                 source: str = "checkpoint") -> dict[str, Any]:
+    """``vqgan`` params from the tensor layout, completed by taming hyper-parameters when present.
+
+    ``attn_resolutions`` always come from the layout (levels with attention blocks), expressed as
+    feature heights of the given training ``resolution``: a ``ddconfig`` written for another
+    resolution cannot misplace them.
+    """
+    codebook_size, embed_dim = _shape(state, "quantize.embedding.weight", source, 2)
+    ch = _shape(state, "encoder.conv_in.weight", source, 4)[0]
     levels = _indices(state, r"encoder\.down\.(\d+)\.")
-    ch_mult = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels]
+    if not levels or levels != list(range(len(levels))):
+        raise CheckpointError(f"{source}: encoder levels {levels} are not 0..n-1")
+    ch_mult = [_shape(state, f"encoder.down.{i}.block.0.conv1.weight", source, 4)[0] // ch for i in levels]
     num_res_blocks = len(_indices(state, r"encoder\.down\.0\.block\.(\d+)\."))
-    attn = [resolution // 2**i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in state]
-    disc_convs = [k for k, v in state.items() if k.startswith("loss.discriminator.main.") and v.ndim == 4]
+    attn = [resolution // 2**i for i in attention_levels(state, source)]
     params: dict[str, Any] = {
         "codebook_size": int(codebook_size), "embed_dim": int(embed_dim), "ch": int(ch), "ch_mult": ch_mult,
         "num_res_blocks": num_res_blocks, "attn_resolutions": attn,
-        "z_channels": int(state["quant_conv.weight"].shape[1]),
+        "z_channels": int(_shape(state, "quant_conv.weight", source, 4)[1]),
     }
+    disc_convs = [k for k, v in state.items() if k.startswith("loss.discriminator.main.") and v.ndim == 4]
     if disc_convs:
         params["disc_layers"] = len(disc_convs) - 2
         params["disc_ndf"] = int(state["loss.discriminator.main.0.weight"].shape[0])
     dd = hparams.get("ddconfig") or {}
-    for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "dropout"):
-        if key in dd:
-            params[key] = list(dd[key]) if isinstance(dd[key], (list, tuple)) else dd[key]
-    if "n_embed" in hparams:
-        params["codebook_size"] = int(hparams["n_embed"])
-    if "embed_dim" in hparams:
-        params["embed_dim"] = int(hparams["embed_dim"])
+    if "dropout" in dd:
+        params["dropout"] = dd["dropout"]
     loss = (hparams.get("lossconfig") or {}).get("params") or {}
-    for theirs, ours in (("disc_start", "disc_start"), ("disc_weight", "disc_weight"),
-                         ("codebook_weight", "codebook_weight"), ("perceptual_weight", "perceptual_weight"),
-                         ("disc_num_layers", "disc_layers"), ("disc_ndf", "disc_ndf")):
-        if theirs in loss:
+    for theirs, ours in LOSS_KEYS:
+        if theirs in loss and not (disc_convs and ours in ("disc_layers", "disc_ndf")):
             params[ours] = loss[theirs]
     return params
 
@@ -112,32 +173,32 @@ def convert_taming(
     """Read taming checkpoint ``src``, save it as a genfw ``vqgan`` checkpoint at ``out``; return the module.
 
     ``params`` override the inferred ``vqgan`` params (e.g. ``{"perceptual_weight": 0}``);
-    ``resolution`` is the training image size (default: the checkpoint's, else 256).
+    ``resolution`` is the training image size (default: the checkpoint's ``ddconfig``; required
+    when the file has none).
     """
     source = os.fspath(src)
     state, hparams = _state_and_hparams(read_torch_file(src), source)
-    dd = hparams.get("ddconfig") or {}
-    resolution = int(resolution or dd.get("resolution") or 256)
-    channels = int(channels or dd.get("in_channels") or state["encoder.conv_in.weight"].shape[1])
-    merged = {**infer_params(state, hparams, resolution), **(params or {})}
-    model = get_registry().build("tokenizer", "vqgan", merged, channels=channels, resolution=[resolution, resolution])
-    ours = model.state_dict()
+    resolution = infer_resolution(state, hparams, resolution, source)
+    in_channels = _shape(state, "encoder.conv_in.weight", source, 4)[1]
+    if channels is not None and channels != in_channels:
+        raise CheckpointError(f"{source} takes {in_channels}-channel images, not {channels}")
+    merged = {**infer_params(state, hparams, resolution, source), **(params or {})}
     mapped = {k: v for k, v in state.items() if not k.startswith(DROPPED_PREFIXES)}
-    unexpected = sorted(set(mapped) - set(ours))
-    if unexpected:
-        raise CheckpointError(f"{source}: tensors with no place in genfw's vqgan: {unexpected[:5]}"
-                              f"{'...' if len(unexpected) > 5 else ''}")
-    missing = sorted(k for k in set(ours) - set(mapped) if k not in FRESH_BUFFERS)
-    if missing:
-        raise CheckpointError(f"{source}: the checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''} "
-                              "(is it a VQModel with these params?)")
-    for k, v in mapped.items():
-        if tuple(v.shape) != tuple(ours[k].shape):
-            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(v.shape)}, genfw expects "
-                                  f"{tuple(ours[k].shape)} for the inferred params")
-    model.load_state_dict({**ours, **mapped}, strict=True)
+    generator_only = not any(k.startswith("loss.discriminator.") for k in mapped)
+    fresh = set(FRESH_BUFFERS)
+    if generator_only:
+        with torch.device("meta"):
+            probe = get_registry().build("tokenizer", "vqgan", merged, channels=in_channels,
+                                         resolution=[resolution, resolution])
+        fresh |= {k for k in probe.state_dict() if k.startswith("loss.discriminator.")}
+        del probe
+    model = checkpoint.build_checked("tokenizer", "vqgan", merged, {"channels": in_channels,
+                                     "resolution": [resolution, resolution]}, mapped, source, fresh=fresh)
     if model.quantize.ema:  # moving averages consistent with the loaded codebook
         model.quantize.ema_sum.copy_(model.quantize.embedding.weight.detach() * model.quantize.ema_count[:, None])
     model.eval()
-    checkpoint.save(out, model, extra={"converted_from": "taming-transformers", "source": os.path.basename(source)})
+    extra = {"converted_from": "taming-transformers", "source": os.path.basename(source)}
+    if generator_only:
+        extra["discriminator"] = "freshly initialised (the source holds only the generator)"
+    checkpoint.save(out, model, extra=extra)
     return model

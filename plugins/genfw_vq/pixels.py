@@ -22,12 +22,6 @@ class Pixels(Tokenizer):
     class Params(Params):
         levels: int = Field(256, ge=2, le=65536, description="v: quantisation levels per value")
 
-    def __init__(self, params=None, *, channels: int = 1, resolution=(28, 28)) -> None:
-        if isinstance(resolution, int):
-            resolution = (resolution, resolution)
-        super().__init__(params, channels=channels, resolution=list(resolution))
-        self.channels = channels
-
     @property
     def levels(self) -> list[Level]:
         return [Level(codebook_size=self.params.levels, factor=1)]

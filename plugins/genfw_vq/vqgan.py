@@ -236,8 +236,9 @@ class VQGAN(VQTokenizer):
                 raise ValueError(f"quant_convs: false needs z_channels == embed_dim, got {self.z_channels} and {self.embed_dim}")
             return self
 
-    def __init__(self, params=None, *, channels: int = 3, resolution=(256, 256)) -> None:
-        super().__init__(params, channels=channels, resolution=resolution)
+    def __init__(self, params=None, **construct) -> None:
+        super().__init__(params, **construct)  # channels, resolution
+        channels = self.channels
         p = self.params
         self.check_resolution(self.factor)
         arch = dict(ch=p.ch, ch_mult=list(p.ch_mult), num_res_blocks=p.num_res_blocks,

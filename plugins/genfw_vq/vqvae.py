@@ -33,8 +33,9 @@ class VQVAE(VQTokenizer):
             log2_exact(v)
             return v
 
-    def __init__(self, params=None, *, channels: int = 3, resolution=(256, 256)) -> None:
-        super().__init__(params, channels=channels, resolution=resolution)
+    def __init__(self, params=None, **construct) -> None:
+        super().__init__(params, **construct)  # channels, resolution
+        channels = self.channels
         p = self.params
         self.check_resolution(p.factor)
         self.encoder = DownEncoder(channels, p.hidden_channels, p.residual_channels, p.num_res_blocks, p.factor)

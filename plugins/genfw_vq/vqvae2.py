@@ -46,8 +46,9 @@ class VQVAE2(VQTokenizer):
                 log2_exact(s)
             return v
 
-    def __init__(self, params=None, *, channels: int = 3, resolution=(256, 256)) -> None:
-        super().__init__(params, channels=channels, resolution=resolution)
+    def __init__(self, params=None, **construct) -> None:
+        super().__init__(params, **construct)  # channels, resolution
+        channels = self.channels
         p = self.params
         ch, res, blocks, d = p.hidden_channels, p.residual_channels, p.num_res_blocks, p.embed_dim
         self.factors = [math.prod(p.strides[: i + 1]) for i in range(len(p.strides))]  # bottom first
