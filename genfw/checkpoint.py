@@ -31,7 +31,7 @@ from torch import nn
 from genfw import __version__, io, limits
 from genfw.errors import CheckpointError, PluginError
 from genfw.limits import BudgetExceeded
-from genfw.registry import Registry, component_name, get_registry
+from genfw.registry import ComponentClash, Registry, UnknownComponent, component_name, get_registry
 
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # a header larger than this is not one of ours
@@ -62,6 +62,7 @@ def describe(module: nn.Module, role: str = "model") -> dict[str, Any]:
         "dist": getattr(module, "_genfw_dist", "genfw"),
         "version": getattr(module, "_genfw_version", __version__),
         "prefix": f"{role}.",
+        "nested": _nested(module),
     }
 
 
@@ -203,14 +204,36 @@ class Bundle:
 
 
 def _entry_or_error(registry: Registry, comp: dict[str, Any], source: str):
+    """The registry entry a described component needs, or an error naming its distribution."""
     try:
         return registry.get(comp["kind"], comp["name"])
-    except PluginError:
-        dist, version = comp.get("dist", "?"), comp.get("version", "?")
-        raise PluginError(
-            f"{source} needs {comp['kind']} '{comp['name']}' from the distribution '{dist}' "
-            f"(version {version}), which is not installed: pip install {dist}"
-        ) from None
+    except ComponentClash as e:
+        raise PluginError(f"{source} needs {comp['kind']} '{comp['name']}', but {e}") from None
+    except UnknownComponent:
+        dist, version = comp.get("dist"), comp.get("version", "?")
+        what = f"{source} needs {comp['kind']} '{comp['name']}'"
+        if not dist:
+            raise PluginError(f"{what}, which no installed plugin registers (the file does not say which "
+                              f"distribution provided it){registry.broken_hint()}") from None
+        broken = registry.broken_hint(dist)
+        if broken:
+            raise PluginError(f"{what} from the distribution '{dist}' (version {version}), which is installed "
+                              f"but failed to load{broken}") from None
+        raise PluginError(f"{what} from the distribution '{dist}' (version {version}), which is not installed: "
+                          f"pip install {dist}") from None
+
+
+def _nested(module: nn.Module) -> list[dict[str, Any]]:
+    """Components built through the registry inside ``module`` (a prior's backbone...), with provenance."""
+    out = []
+    for path, sub in module.named_modules():
+        if not path or getattr(sub, "_genfw_name", None) is None:
+            continue
+        params = getattr(sub, "params", None)
+        out.append({"path": path, "kind": getattr(sub, "kind", "?"), "name": sub._genfw_name,
+                    "dist": getattr(sub, "_genfw_dist", "genfw"), "version": getattr(sub, "_genfw_version", __version__),
+                    "params": params.model_dump(mode="json") if params is not None else {}})
+    return out
 
 
 def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor], source: str,
@@ -221,6 +244,11 @@ def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor], sour
         if key not in comp:
             raise CheckpointError(f"{source}: component metadata lacks '{key}'")
     entry = _entry_or_error(registry, comp, source)
+    nested = comp.get("nested") or []
+    if not isinstance(nested, list) or not all(isinstance(n, dict) and "kind" in n and "name" in n for n in nested):
+        raise CheckpointError(f"{source}: corrupt 'nested' metadata of {comp['kind']} '{comp['name']}'")
+    for inner in nested:
+        _entry_or_error(registry, inner, source)
     prefix = comp["prefix"]
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     return build_checked(comp["kind"], comp["name"], comp["params"], comp["construct"], state, source,
@@ -265,6 +293,8 @@ def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], 
         del probe, expected
     except (CheckpointError, BudgetExceeded) as e:
         raise CheckpointError(str(e)) from None
+    except PluginError:
+        raise
     except Exception:  # noqa: BLE001 - some modules cannot be built on meta; the strict load still checks
         pass
     try:

@@ -84,11 +84,22 @@ def command(fn):
 
 
 @command
-def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False) -> None:
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Import every component; exit 1 on broken or clashing plugins")] = False,
+    params: Annotated[str | None, typer.Option("--params", metavar="NAME",
+                                               help="Print a component's params (NAME or KIND:NAME)")] = None,
+) -> None:
     """List registered components and plugins that failed to load."""
     from genfw.registry import get_registry
 
     registry = get_registry()
+    if params is not None:
+        _print_params(registry, params)
+        return
+    if check:
+        _check_plugins(registry, as_json)
+        return
     entries = [e.summary() for e in registry.entries()]
     conflicts = [{"kind": k, "name": n, "distributions": [e.dist for e in es]} for (k, n), es in registry.conflicts.items()]
     broken = [b.__dict__ for b in registry.broken]
@@ -108,16 +119,91 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON ins
                   f"{', '.join(c['distributions'])}[/red]")
 
 
+def _print_params(registry, ref: str) -> None:
+    from genfw.schema import describe_params, find_component
+
+    kind, name = find_component(registry, ref)
+    entry = registry.get(kind, name)
+    cls = entry.load()
+    models = [("params", cls.Params)]
+    if kind == "prior":
+        models.append(("sample.params", cls.SamplerParams))
+    for title, model in models:
+        table = Table(title=f"{kind} '{name}' ({entry.dist} {entry.version}): {title}")
+        for col in ("key", "type", "default", "description"):
+            table.add_column(col)
+        rows = describe_params(model)
+        for r in rows:
+            table.add_row(r["name"], r["type"], r["default"], r["description"])
+        if rows:
+            out.print(table)
+        else:
+            out.print(f"{kind} '{name}' takes no {title}")
+
+
+def _check_plugins(registry, as_json: bool) -> None:
+    from genfw.registry import check_entries
+
+    problems = check_entries(registry)
+    if as_json:
+        out.print_json(json.dumps({"ok": not problems, "problems": problems}))
+    else:
+        for p in problems:
+            err.print(f"[red]✗[/red] {p}", highlight=False, soft_wrap=True)
+        n = len(registry.entries())
+        if not problems:
+            out.print(f"[green]✓[/green] {n} components from {len(registry.distributions())} distribution(s) import "
+                      "and have the right base class")
+    if problems:
+        raise typer.Exit(1)
+
+
+@command
+def schema(
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Write here instead of printing")] = None,
+) -> None:
+    """Write the recipe JSON schema (every registered component's params) for editor completion."""
+    from genfw import io
+    from genfw.registry import get_registry
+    from genfw.schema import recipe_schema
+
+    result, skipped = recipe_schema(get_registry())
+    for s in skipped:
+        err.print(f"[yellow]warning:[/yellow] left out {s}", highlight=False, soft_wrap=True)
+    text = json.dumps(result, indent=2) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    io.write_bytes(output, text.encode())
+    out.print(f"[green]✓[/green] recipe schema -> {output}")
+
+
+_warned: set[str] = set()
+
+
+def _warn_plugin_problems() -> None:
+    """Once per process: say that some plugins failed to load or clash (their components are unusable)."""
+    from genfw.registry import get_registry
+
+    registry = get_registry()
+    if "plugins" in _warned or not (registry.broken or registry.conflicts):
+        return
+    _warned.add("plugins")
+    what = [f"plugin '{b.plugin}' ({b.dist} {b.version}) failed to load: {b.error}" for b in registry.broken]
+    what += [f"{k} '{n}' is registered by {' and '.join(e.dist for e in es)}" for (k, n), es in registry.conflicts.items()]
+    err.print(f"[yellow]warning:[/yellow] {'; '.join(what)} (see `genfw plugins --check`)", highlight=False, soft_wrap=True)
+
+
 def _load_recipe(recipe: str, overrides: list[str] | None):
-    """Load and validate a recipe, printing the notes of its overrides (e.g. dropped params)."""
+    """Load and validate a recipe, then print the notes of its overrides (e.g. dropped params)."""
     from genfw.config import load_recipe
 
+    _warn_plugin_problems()
     notes: list[str] = []
-    try:
-        return load_recipe(recipe, overrides, notes=notes)
-    finally:
-        for note in notes:
-            err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+    resolved = load_recipe(recipe, overrides, notes=notes)  # an error stays one line: notes only on success
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+    return resolved
 
 
 @command
@@ -265,10 +351,17 @@ def inspect(path: Annotated[str, typer.Argument(help="A genfw .safetensors file 
     for c in comps:
         table.add_row(c.get("role", ""), c.get("kind", ""), c.get("name", ""), f"{c.get('dist')} {c.get('version')}",
                       f"{c['parameters']:,}", str(c["tensors"]))
+        for n in c.get("nested") or []:  # e.g. a prior's backbone, which may come from another plugin
+            if isinstance(n, dict):
+                table.add_row(f"  {c.get('role')}/{n.get('path')}", str(n.get("kind", "")), str(n.get("name", "")),
+                              f"{n.get('dist')} {n.get('version')}", "", "")
     out.print(table)
     for c in comps:
         out.print(f"[dim]{c.get('role')} params:[/dim] {json.dumps(c.get('params'))}")
         out.print(f"[dim]{c.get('role')} construct:[/dim] {json.dumps(c.get('construct'))}")
+        for n in c.get("nested") or []:
+            if isinstance(n, dict):
+                out.print(f"[dim]{c.get('role')}/{n.get('path')} params:[/dim] {json.dumps(n.get('params'))}")
     by_dtype: dict[str, int] = {}
     for v in tensors.values():
         by_dtype[str(v.dtype)] = by_dtype.get(str(v.dtype), 0) + v.numel()
@@ -277,6 +370,7 @@ def inspect(path: Annotated[str, typer.Argument(help="A genfw .safetensors file 
 
 def _load_models(model: str, device):
     """A bundle file or a run directory -> tokenizer, priors, extras."""
+    _warn_plugin_problems()
     from genfw import checkpoint
     from genfw.pipeline import load_run_models
 

@@ -442,9 +442,13 @@ def _check_required_plugins(recipe: Recipe, registry: Registry) -> None:
         return
     from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-    installed = {e.dist: e.version for e in registry.entries()}
+    installed = registry.distributions()
     for dist, spec in recipe.plugins.items():
         if dist not in installed:
+            broken = registry.broken_hint(dist)
+            if broken:
+                raise ConfigError(f"recipe needs plugin distribution '{dist}' {spec}, which is installed but failed to "
+                                  f"load{broken}")
             raise ConfigError(f"recipe needs plugin distribution '{dist}' {spec}, which is not installed: pip install '{dist}{spec}'")
         try:
             ok = installed[dist] in SpecifierSet(spec)

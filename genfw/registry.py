@@ -23,6 +23,15 @@ from genfw.errors import PluginError
 from genfw.interfaces import KINDS
 
 ENTRY_POINT_GROUP = "genfw"
+
+
+class UnknownComponent(PluginError):
+    """No installed plugin registers this kind and name."""
+
+
+class ComponentClash(PluginError):
+    """Several distributions register this kind and name."""
+
 ALLOWLIST_ENV = "GENFW_PLUGINS"
 
 
@@ -166,16 +175,31 @@ class Registry:
         """The entry for a component; clear errors for unknown or clashing names."""
         key = (kind, name)
         if key in self.conflicts:
-            who = " and ".join(f"{e.dist} {e.version} (plugin '{e.plugin}')" for e in self.conflicts[key])
-            raise PluginError(f"{kind} '{name}' is registered by both {who}: uninstall one of them")
+            raise ComponentClash(self.clash_message(kind, name))
         if key not in self._entries:
             known = ", ".join(self.names(kind)) or "none"
-            hint = ""
-            broken = [b.plugin for b in self.broken]
-            if broken:
-                hint = f" (plugins that failed to load: {', '.join(broken)}; see `genfw plugins`)"
-            raise PluginError(f"unknown {kind} '{name}'; registered {kind}s: {known}{hint}")
+            raise UnknownComponent(f"unknown {kind} '{name}'; registered {kind}s: {known}{self.broken_hint()}")
         return self._entries[key]
+
+    def clash_message(self, kind: str, name: str) -> str:
+        """What to say about a kind and name that several distributions register."""
+        who = " and ".join(f"{e.dist} {e.version} (plugin '{e.plugin}')" for e in self.conflicts[(kind, name)])
+        return f"{kind} '{name}' is registered by both {who}: uninstall one of them"
+
+    def broken_hint(self, dist: str | None = None) -> str:
+        """`` (plugins that failed to load: ...)`` with their errors, or '' when none did."""
+        broken = [b for b in self.broken if dist in (None, b.dist)]
+        if not broken:
+            return ""
+        what = "; ".join(f"{b.plugin} ({b.dist} {b.version}): {b.error}" for b in broken)
+        return f" (plugins that failed to load: {what}; see `genfw plugins`)"
+
+    def distributions(self) -> dict[str, str]:
+        """Version of every distribution that registered a component (clashing ones included)."""
+        out = {e.dist: e.version for e in self._entries.values()}
+        for entries in self.conflicts.values():
+            out.update({e.dist: e.version for e in entries})
+        return out
 
     def load(self, kind: str, name: str) -> type:
         return self.get(kind, name).load()
@@ -187,6 +211,42 @@ class Registry:
         # Provenance, so that checkpoints can name the component and the plugin it needs.
         module._genfw_name, module._genfw_dist, module._genfw_version = name, entry.dist, entry.version
         return module
+
+
+_BASES = {"tokenizer": "Tokenizer", "backbone": "Backbone", "prior": "Prior", "dataset": "ImageDataset"}
+
+
+def check_entries(registry: Registry) -> list[str]:
+    """Import every registered component (lazy targets too); one line per problem found.
+
+    Problems: plugins that failed to load, names registered by several distributions, targets
+    that fail to import, and components of a known kind that do not subclass its base class
+    (or have no pydantic ``Params``). Converters must be callable.
+    """
+    from pydantic import BaseModel
+
+    from genfw import interfaces
+
+    problems = [f"plugin '{b.plugin}' ({b.dist} {b.version}) failed to load: {b.error}" for b in registry.broken]
+    problems += [registry.clash_message(k, n) for (k, n) in registry.conflicts]
+    for entry in registry.entries():
+        where = f"{entry.kind} '{entry.name}' ({entry.dist} {entry.version})"
+        try:
+            obj = entry.load()
+        except PluginError as e:
+            problems.append(str(e))
+            continue
+        base = _BASES.get(entry.kind)
+        if base is not None:
+            cls = getattr(interfaces, base)
+            if not (isinstance(obj, type) and issubclass(obj, cls)):
+                problems.append(f"{where}: {entry.target if isinstance(entry.target, str) else obj!r} is not a "
+                                f"subclass of genfw.interfaces.{base}")
+            elif not (isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):
+                problems.append(f"{where}: its Params is not a pydantic model")
+        elif entry.kind == "converter" and not callable(obj):
+            problems.append(f"{where}: a converter must be callable")
+    return problems
 
 
 def _allowlist_from_env() -> set[str] | None:

@@ -6,8 +6,10 @@ Use them from your plugin's tests::
     def test_my_prior():
         check_prior("maskgit", {"steps": 4}, backbone={"name": "transformer", "params": {...}})
 
-A component is named by its registered name, or given as a class (it is then registered for
-the duration of the check). Each check raises ``AssertionError`` with what is wrong.
+One check per kind: :func:`check_tokenizer`, :func:`check_backbone`, :func:`check_prior`,
+:func:`check_dataset` (signatures and what each asserts: docs/writing-plugins.md). A component
+is named by its registered name, or given as a class (it is then registered for the duration of
+the check). Each check raises ``AssertionError`` with what is wrong and returns the component.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from genfw import checkpoint
 from genfw.errors import ConfigError
 from genfw.hookspecs import hookimpl
-from genfw.interfaces import NLL_KINDS, Backbone, Prior, Tokenizer
+from genfw.interfaces import NLL_KINDS, Backbone, ImageDataset, Prior, Tokenizer
 from genfw.registry import get_registry
 
 
@@ -127,13 +129,24 @@ def check_tokenizer(component: str | type, params: dict[str, Any] | None = None,
 def check_backbone(component: str | type, params: dict[str, Any] | None = None, *, vocab_size: int = 11,
                    out_size: int = 10, grid: tuple[int, int] = (4, 4), num_classes: int = 3,
                    context: list[list[int]] | None = None, batch_size: int = 2) -> Backbone:
-    """Logit shapes, label/context use, bidirectionality or causality, cache, round-trip."""
+    """Logit shapes, bidirectionality, label/context use, causality and cache, params, round-trip.
+
+    ``context=None`` tests a backbone that declares ``uses_context`` with one coarser grid
+    ``[5, 2, 2]`` (pass ``[]`` to test it unconditioned); ``num_classes`` is used only when the
+    backbone declares ``uses_labels``.
+    """
     torch.manual_seed(0)
-    context = context or []
     with _registered("backbone", component) as name:
+        cls = get_registry().load("backbone", name)
+        if context is None:
+            context = [[5, 2, 2]] if getattr(cls, "uses_context", True) else []
+        if not getattr(cls, "uses_labels", True):
+            num_classes = 0
         bb = get_registry().build("backbone", name, params or {}, vocab_size=vocab_size, out_size=out_size,
                                   grid=list(grid), num_classes=num_classes, context=context)
         assert isinstance(bb, Backbone), "a backbone must subclass genfw.interfaces.Backbone"
+        assert (bb.vocab_size, bb.out_size, bb.grid) == (vocab_size, out_size, tuple(grid)), \
+            "the backbone must pass its construction args to Backbone.__init__ unchanged"
         _check_params_reject_typos(type(bb))
         bb.eval()
         tokens = torch.randint(0, vocab_size, (batch_size, *grid))
@@ -143,16 +156,43 @@ def check_backbone(component: str | type, params: dict[str, Any] | None = None, 
             logits = bb(tokens, labels=labels, context=ctx)
         assert tuple(logits.shape) == (batch_size, *grid, out_size), f"logits shape {tuple(logits.shape)}"
         assert torch.isfinite(logits).all()
+        _check_bidirectional(bb, tokens, labels, ctx, logits, vocab_size)
         if num_classes:
             with torch.no_grad():
                 other = bb(tokens, labels=(labels + 1) % num_classes, context=ctx)
-            assert not torch.allclose(other, logits), "labels do not change the logits"
+            assert _differs(other, logits), "labels do not change the logits (the backbone declares uses_labels)"
+        if ctx:
+            changed = [(c + 1) % v for c, (v, _, _) in zip(ctx, context)]
+            with torch.no_grad():
+                other = bb(tokens, labels=labels, context=changed)
+            assert _differs(other, logits), "context does not change the logits (the backbone declares uses_context)"
         if bb.supports_causal:
             _check_causal(bb, tokens, labels, ctx, vocab_size)
         loaded = _roundtrip(bb)
         with torch.no_grad():
             assert torch.equal(loaded(tokens, labels=labels, context=ctx), logits), "round-trip changed the logits"
         return bb
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Every sample's output changed somewhere."""
+    return bool(((a - b).flatten(1).abs().amax(1) > 0).all())
+
+
+def _check_bidirectional(bb: Backbone, tokens, labels, ctx, logits, vocab_size: int) -> None:
+    """Without ``causal``, the first position sees the last token and the last sees the first."""
+    b, h, w = tokens.shape
+    if h * w < 2:
+        return
+    for changed_at, seen_at in ((h * w - 1, 0), (0, h * w - 1)):
+        flat = tokens.clone().view(b, -1)
+        flat[:, changed_at] = (flat[:, changed_at] + 1) % vocab_size
+        with torch.no_grad():
+            other = bb(flat.view(b, h, w), labels=labels, context=ctx)
+        assert _differs(other.view(b, h * w, -1)[:, seen_at], logits.view(b, h * w, -1)[:, seen_at]), (
+            f"position {seen_at} does not see the token at position {changed_at}: without causal=True "
+            "a backbone must be bidirectional (non-autoregressive priors rely on it)"
+        )
 
 
 def _check_causal(bb: Backbone, tokens, labels, ctx, vocab_size: int) -> None:
@@ -274,3 +314,50 @@ def check_logger(component: str | type, params: dict[str, Any] | None = None, *,
                     assert step in got[tag], f"tag '{tag}' step {step} not read back (got steps {sorted(got[tag])})"
                     assert abs(got[tag][step] - value) <= 1e-6 * max(1.0, abs(value)), \
                         f"tag '{tag}' step {step}: read back {got[tag][step]}, logged {value}"
+
+
+# --------------------------------------------------------------------------------------------
+# datasets
+
+
+def check_dataset(component: str | type, params: dict[str, Any] | None = None, *, items: int = 4) -> ImageDataset:
+    """Description (channels, resolution, class names), item format and range, labels, determinism.
+
+    Reads the first and last ``items`` items: each must be ``(float32 [C, H, W] in [-1, 1], int
+    label)`` with label -1 (unlabelled) or in ``range(num_classes)``, the same on a second read;
+    an index past the end raises ``IndexError``.
+    """
+    with _registered("dataset", component) as name:
+        data = get_registry().build("dataset", name, params or {})
+        assert isinstance(data, ImageDataset), "a dataset must subclass genfw.interfaces.ImageDataset"
+        _check_params_reject_typos(type(data))
+        channels, resolution = data.channels, tuple(data.resolution)
+        assert isinstance(channels, int) and channels in (1, 3), f"channels must be 1 or 3, got {channels!r}"
+        assert len(resolution) == 2 and all(isinstance(v, int) and v > 0 for v in resolution), \
+            f"resolution must be (H, W) of positive ints, got {resolution!r}"
+        names = data.class_names
+        assert isinstance(names, list) and all(isinstance(n, str) for n in names), "class_names must be a list of str"
+        assert len(set(names)) == len(names), "class_names must be unique"
+        assert data.num_classes == len(names), "num_classes must equal len(class_names)"
+        n = len(data)
+        assert isinstance(n, int) and n > 0, f"a dataset must not be empty (len {n!r})"
+        for index in sorted({*range(min(items, n)), *range(max(0, n - items), n)}):
+            image, label = data[index]
+            where = f"item {index}"
+            assert isinstance(image, torch.Tensor) and image.dtype == torch.float32, f"{where}: image must be float32"
+            assert tuple(image.shape) == (channels, *resolution), \
+                f"{where}: image shape {tuple(image.shape)} != (channels, *resolution) {(channels, *resolution)}"
+            assert torch.isfinite(image).all() and -1 <= float(image.min()) and float(image.max()) <= 1, \
+                f"{where}: image values must lie in [-1, 1]"
+            assert isinstance(label, int) and not isinstance(label, bool), f"{where}: label must be an int, got {label!r}"
+            assert label == -1 or 0 <= label < data.num_classes, \
+                f"{where}: label {label} is neither -1 (unlabelled) nor in range({data.num_classes})"
+            again, label_again = data[index]
+            assert torch.equal(image, again) and label == label_again, f"{where}: a second read differs"
+        try:
+            data[n]
+        except IndexError:
+            pass
+        else:
+            raise AssertionError(f"data[{n}] (past the end) must raise IndexError")
+        return data

@@ -6,10 +6,9 @@ A new built-in component must add a tiny configuration here, or this test fails.
 import os
 
 import pytest
-import torch
 
 from genfw.registry import get_registry
-from genfw.testing import check_backbone, check_logger, check_prior, check_tokenizer
+from genfw.testing import check_backbone, check_dataset, check_logger, check_prior, check_tokenizer
 
 os.environ.setdefault("GENFW_PLUGINS", "genfw")
 
@@ -55,8 +54,4 @@ def test_builtin_conforms(kind, name):
     elif kind == "logger":
         check_logger(name, config)
     elif kind == "dataset" and config is not None:
-        data = get_registry().build("dataset", name, config)
-        image, label = data[0]
-        assert image.shape == (data.channels, *data.resolution) and image.dtype == torch.float32
-        assert -1.0 <= float(image.min()) and float(image.max()) <= 1.0
-        assert len(data) > 0 and (label == -1 or 0 <= label < data.num_classes)
+        check_dataset(name, config)
