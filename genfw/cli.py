@@ -178,17 +178,14 @@ def schema(
     out.print(f"[green]✓[/green] recipe schema -> {output}")
 
 
-_warned: set[str] = set()
-
-
 def _warn_plugin_problems() -> None:
-    """Once per process: say that some plugins failed to load or clash (their components are unusable)."""
+    """Once per discovery: say that some plugins failed to load or clash (their components are unusable)."""
     from genfw.registry import get_registry
 
     registry = get_registry()
-    if "plugins" in _warned or not (registry.broken or registry.conflicts):
+    if getattr(registry, "_warned", False) or not (registry.broken or registry.conflicts):
         return
-    _warned.add("plugins")
+    registry._warned = True
     what = [f"plugin '{b.plugin}' ({b.dist} {b.version}) failed to load: {b.error}" for b in registry.broken]
     what += [f"{k} '{n}' is registered by {' and '.join(e.dist for e in es)}" for (k, n), es in registry.conflicts.items()]
     err.print(f"[yellow]warning:[/yellow] {'; '.join(what)} (see `genfw plugins --check`)", highlight=False, soft_wrap=True)

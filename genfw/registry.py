@@ -227,6 +227,13 @@ def check_entries(registry: Registry) -> list[str]:
 
     from genfw import interfaces
 
+    bases = {kind: getattr(interfaces, name) for kind, name in _BASES.items()}
+    try:
+        from genfw.loggers import Logger
+
+        bases["logger"] = Logger
+    except ImportError:  # a genfw without the logger kind
+        pass
     problems = [f"plugin '{b.plugin}' ({b.dist} {b.version}) failed to load: {b.error}" for b in registry.broken]
     problems += [registry.clash_message(k, n) for (k, n) in registry.conflicts]
     for entry in registry.entries():
@@ -236,12 +243,11 @@ def check_entries(registry: Registry) -> list[str]:
         except PluginError as e:
             problems.append(str(e))
             continue
-        base = _BASES.get(entry.kind)
-        if base is not None:
-            cls = getattr(interfaces, base)
+        cls = bases.get(entry.kind)
+        if cls is not None:
             if not (isinstance(obj, type) and issubclass(obj, cls)):
                 problems.append(f"{where}: {entry.target if isinstance(entry.target, str) else obj!r} is not a "
-                                f"subclass of genfw.interfaces.{base}")
+                                f"subclass of {cls.__module__}.{cls.__name__}")
             elif not (isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):
                 problems.append(f"{where}: its Params is not a pydantic model")
         elif entry.kind == "converter" and not callable(obj):
