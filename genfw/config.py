@@ -412,8 +412,24 @@ def validate_recipe(raw: dict[str, Any], registry: Registry | None = None,
                 f"{base}: prior '{spec.name}' needs a causal backbone but '{spec.backbone.name}' cannot be "
                 f"causal{why}; use one of: {', '.join(causal) or 'none installed'}"
             )
+        _check_conditioning(recipe, bb_cls, spec.backbone.name, base, i, data_cls, data_params)
         specs.append(spec)
     return ResolvedRecipe(recipe, raw, data_params, tok_params, specs, prior_params, backbone_params, sampler_params)
+
+
+def _check_conditioning(recipe: Recipe, bb_cls, name: str, base: str, level: int, data_cls, data_params) -> None:
+    """A backbone that declares it cannot use labels or coarser grids is refused where they would be given."""
+    if level > 0 and not getattr(bb_cls, "uses_context", True):
+        raise ConfigError(f"{base}.backbone: '{name}' cannot be conditioned on coarser code grids, which level {level} "
+                          "of a hierarchical tokenizer needs; use another backbone for this level")
+    if recipe.class_conditional and not getattr(bb_cls, "uses_labels", True):
+        try:
+            num_classes = data_cls(data_params).num_classes
+        except Exception:  # noqa: BLE001 - a dataset that cannot count its classes cheaply: checked at build
+            return
+        if num_classes:
+            raise ConfigError(f"{base}.backbone: '{name}' cannot be conditioned on labels, and the data has "
+                              f"{num_classes} classes: set class_conditional: false, or use another backbone")
 
 
 def _count_levels(tok_cls, tok_params, data_cls, data_params) -> int:

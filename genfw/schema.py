@@ -150,6 +150,10 @@ def recipe_schema(registry: Registry) -> tuple[dict[str, Any], list[str]]:
                   required=())
     prior["properties"]["name"] = level["properties"]["name"]
     props["prior"] = prior
+    if "log" in props:  # training loggers: a name, or {name, params}
+        logger = _slot(registry, "logger", defs, skipped, {})
+        props["log"] = {"type": "array", "description": props["log"].get("description", "training loggers"),
+                        "items": {"anyOf": [{"enum": logger["properties"]["name"]["enum"]}, logger]}}
     # sample.params are the SamplerParams of the prior named at the top level
     samplers = []
     for entry in registry.entries("prior"):

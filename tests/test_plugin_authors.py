@@ -16,7 +16,7 @@ from genfw import build, hookimpl, load, save
 from genfw.checkpoint import read
 from genfw.cli import app
 from genfw.config import apply_overrides, validate_recipe
-from genfw.errors import PluginError
+from genfw.errors import ConfigError, PluginError
 from genfw.interfaces import Backbone
 from genfw.interfaces import Params as BaseParams
 from genfw.nn import GridEmbedding
@@ -164,3 +164,52 @@ def test_nested_backbone_provenance_survives_a_changed_default(tmp_path, toy_plu
     with pytest.raises(PluginError, match=r"needs backbone 'toy' from the distribution 'genfw-toy' \(version 1.0\), "
                                           r"which is not installed: pip install genfw-toy"):
         load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# check_backbone catches what it claims to; declared conditioning is enforced
+
+
+class _Local(Backbone):
+    """Each position sees only its own token (plus labels/context): not bidirectional."""
+
+    def __init__(self, params=None, **construct):
+        super().__init__(params, **construct)
+        self.embed = GridEmbedding(self.vocab_size, 8, self.num_classes, self.context)
+        self.head = nn.Linear(8, self.out_size)
+
+    def forward(self, tokens, labels=None, context=None, causal=False):
+        return self.head(self.embed(tokens, labels, context))
+
+
+class _DeafToLabels(_toy_backbone(8)):
+    def forward(self, tokens, labels=None, context=None, causal=False):
+        return super().forward(tokens, None, context)
+
+
+class _NoLabels(_toy_backbone(8)):
+    uses_labels = False
+
+
+def test_check_backbone_catches_a_backbone_that_is_not_bidirectional_or_ignores_labels():
+    from genfw.testing import check_backbone
+
+    with pytest.raises(AssertionError, match="does not see the token"):
+        check_backbone(_Local)
+    with pytest.raises(AssertionError, match="labels do not change the logits"):
+        check_backbone(_DeafToLabels, {"width": 8})
+    check_backbone(_NoLabels, {"width": 8})  # declared: checked without labels
+    check_backbone(_toy_backbone(8), {"width": 8})
+
+
+def test_a_backbone_without_labels_is_refused_for_class_conditional_recipes(registry):
+    registry.add_plugin(_ToyPlugin(_NoLabels), name="nolabels", dist="genfw-nolabels", version="1.0")
+    try:
+        raw = apply_overrides(BASE, ["prior.backbone.name=toy"], [])
+        with pytest.raises(ConfigError, match="cannot be conditioned on labels.*class_conditional: false"):
+            validate_recipe(raw)
+        validate_recipe({**raw, "class_conditional": False})
+        with pytest.raises(ConfigError, match="cannot be conditioned on labels"):
+            build("backbone", "toy", {}, vocab_size=4, out_size=4, grid=[2, 2], num_classes=3)
+    finally:
+        registry.remove_plugin("nolabels")
