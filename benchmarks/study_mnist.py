@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["study_priors", "study_resampling", "study_elbo", "study_proportion"]
 SMOKE = ["train.tokenizer.steps=10", "train.prior.steps=4", "sample.n=20", "sample.batch_size=20",
-         "evaluate.n_samples=20", "evaluate.classifier_steps=10", "sample.params.steps=4"]
+         "evaluate.n_samples=20", "evaluate.classifier_steps=10"]
 
 
 def values(results: dict[str, Any], name: str, key: str, steps: int | None = None) -> list[float]:
