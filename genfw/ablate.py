@@ -201,6 +201,8 @@ def _prior_costs(run, flops_cache: dict[str, int]) -> dict[str, Any]:
         stage = run.path(f"prior{level}")
         seconds += float(io.read_json(os.path.join(stage, "stage.json")).get("seconds", 0.0))
         key = os.path.realpath(stage)
+        if run.resolved.prior_specs[level].checkpoint or spec.steps == 0:
+            continue  # a prior loaded as it is was not trained here
         if key not in flops_cache:
             prior = checkpoint.load(os.path.join(stage, "model.safetensors"), device=run.device)
             latents = LatentDataset(run.path("latents", "train"))
