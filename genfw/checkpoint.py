@@ -150,6 +150,8 @@ def read_header(data: bytes, source: str = "file") -> tuple[dict[str, Any], dict
         try:
             start, end = info["data_offsets"]
             dtype, shape = info["dtype"], info["shape"]
+            assert _is_ints([start, end, *shape]) and min([start, end, *shape], default=0) >= 0
+            assert isinstance(dtype, str) and isinstance(shape, list)
         except Exception:  # noqa: BLE001
             raise CheckpointError(f"{source}: corrupt header entry for tensor '{key}'") from None
         if end > body or start > end:
@@ -163,6 +165,10 @@ def read_header(data: bytes, source: str = "file") -> tuple[dict[str, Any], dict
         if numel * torch.tensor([], dtype=_DTYPES[dtype]).element_size() != end - start:
             raise CheckpointError(f"{source}: tensor '{key}' size does not match its shape {shape}")
     return header, meta
+
+
+def _is_ints(values: list[Any]) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
