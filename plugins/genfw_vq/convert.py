@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from genfw import checkpoint
+from genfw import checkpoint, limits
 from genfw.errors import CheckpointError
 from genfw.registry import get_registry
 
@@ -117,8 +117,9 @@ def infer_resolution(state: dict[str, torch.Tensor], hparams: dict[str, Any], re
     if value is None:
         raise CheckpointError(f"cannot tell the training resolution of {source} (it holds no ddconfig): "
                               "pass --resolution, the image size it was trained on (e.g. 256)")
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= checkpoint.MAX_SIDE:
-        raise CheckpointError(f"{source}: invalid resolution {value!r} (an image side in 1..{checkpoint.MAX_SIDE})")
+    side = limits.limit("side")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= side:
+        raise CheckpointError(f"{source}: invalid resolution {value!r} (an image side in 1..{side})")
     return value
 
 
