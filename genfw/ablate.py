@@ -45,6 +45,7 @@ import io as _io
 import itertools
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +131,12 @@ def load_ablation(path: str) -> dict[str, Any]:
         if not isinstance(sweep, dict) or set(sweep) != {"steps"}:
             raise ConfigError(f"{path}: sweep must be {{steps: [n1, n2, ...]}} (sampling steps), got {sweep!r}")
         sweep["steps"] = _int_list(path, "sweep.steps", sweep["steps"], 1, MAX_SWEEP_POINTS)
-    if spec.get("primary") is not None and not isinstance(spec["primary"], str):
-        raise ConfigError(f"{path}: primary must be a metric name such as class_accuracy or fidelity/fid")
+    primary = spec.get("primary")
+    known = [c.key for c in BASE_COLUMNS + COST_COLUMNS]
+    if primary is not None and not (isinstance(primary, str) and (
+            primary in known or re.fullmatch(r"prior\d+/(nll|denoising_ce)_bits_per_token", primary))):
+        raise ConfigError(f"{path}: primary must be one of {', '.join(known)} or priorL/nll_bits_per_token, "
+                          f"priorL/denoising_ce_bits_per_token; got {primary!r}")
     return spec
 
 
@@ -364,10 +369,7 @@ def pick_primary(results: dict[str, Any], requested: str | None, columns: list[C
     by_key = {c.key: c for c in columns}
     if requested:
         matches = [c for c in columns if c.key == requested or c.key.startswith(requested + "[")]
-        if not matches:
-            raise ConfigError(f"primary metric '{requested}' is not among the results "
-                              f"({', '.join(c.key for c in columns)})")
-        return matches[0]
+        return matches[0] if matches else None  # e.g. fidelity not evaluated: no test, said in the table
     for key in PRIMARY_DEFAULTS:
         if key in by_key:
             return by_key[key]
@@ -406,7 +408,9 @@ def write_comparison(out_dir: str, results: dict[str, Any], primary: str | None 
     multi = any(n > 1 for n in ns)
     if multi:
         md += [f"Mean ± half-width of the 95% t-interval over N seeds (N = {', '.join(map(str, ns))}); "
-               "every seed's value is in comparison_seeds.csv.", ""]
+               "every seed's value is in comparison_seeds.csv. Shared across seeds: the data split, "
+               "tokenizer, latent set, evaluation classifier and reference images; per seed: the "
+               "prior's initial weights, batch order and noise, and its samples.", ""]
     else:
         md += ["One seed per combination: no interval; differences may be noise "
                "(run with --seeds N or a seeds: list for intervals and tests).", ""]
@@ -424,12 +428,16 @@ def write_comparison(out_dir: str, results: dict[str, Any], primary: str | None 
            "(matmuls, convolutions) x steps; train s = wall time of the prior stage (shared priors "
            "counted in every combination that uses them); evals / image = backbone rows per image "
            "(a cached autoregressive step is one token, a parallel step the whole grid)."]
-    primary_col = pick_primary(results, primary, columns)
-    tests = significance(results, primary_col) if primary_col is not None else []
-    if primary_col is not None:
+    first = pick_primary(results, primary, columns)
+    # a likelihood as primary metric: one test table per kind, never a pair across kinds
+    primaries = [c for c in columns if primary and c.key.startswith(primary + "[")] or ([first] if first else [])
+    if primary and not primaries:
+        md += ["", f"No significance test: the primary metric '{primary}' is not among the results."]
+    for primary_col in primaries:
+        tests = significance(results, primary_col)
         md += ["", f"## Differences in {primary_col.label}", ""]
         if not tests:
-            md.append("No test: each combination needs at least two seeds.")
+            md.append("No test: it needs two combinations with at least two seeds each.")
         else:
             md += [f"Welch's t-test per pair (two-sided), Holm-corrected over {len(tests)} pairs at "
                    f"{ALPHA}; difference = first - second.", "",
@@ -512,8 +520,11 @@ def write_sweep(out_dir: str, results: dict[str, Any], primary: str | None = Non
                                                              for k, m in per.items()}}}
                              for n, r in results.items()})
     quality = pick_primary(results, primary, columns)
-    if quality is None:
-        raise ConfigError("the steps sweep needs a quality metric (fidelity or class_accuracy) or `primary:`")
+    md_path = os.path.join(out_dir, "comparison.md")
+    if quality is None:  # nothing to plot: say so rather than fail after the runs
+        io.write_text(md_path, io.read_bytes(md_path).decode() + "\nNo sweep plot: no quality metric "
+                      "(fidelity or class_accuracy, or `primary:`) among the results.\n")
+        return
     rows = []
     for name, r in results.items():
         points = sorted(r["sweep"].items()) or [(None, r["seeds"])]
@@ -567,7 +578,6 @@ def write_sweep(out_dir: str, results: dict[str, Any], primary: str | None = Non
         q = Summary(r[quality.key], r[f"{quality.key}:ci95"], r["n"], 0.0)
         lines.append(f"| {r['combination']} | {r['steps']} | {r['evaluations_per_image']:.4g} | "
                      f"{r['seconds_per_image']:.4g} | {q.text()} |")
-    md_path = os.path.join(out_dir, "comparison.md")
     io.write_text(md_path, io.read_bytes(md_path).decode() + "\n".join(lines) + "\n")
 
 

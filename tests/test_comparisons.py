@@ -239,3 +239,38 @@ def test_ablate_seeds_costs_and_steps_sweep(tmp_path):
     assert evals[0] < evals[1]  # more steps, more evaluations (self-stopping after min_steps 2)
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "Quality vs sampling cost" in md or "Quality vs sampling cost" in (out / "comparison.md").read_text()
+
+
+def test_significance_only_within_one_likelihood_kind(tmp_path):
+    from genfw.ablate import write_comparison
+
+    def seeds(kind: str, values: list[float], acc: list[float]) -> dict:
+        key = f"prior0/{metrics.nll_value_key(kind)}"
+        return {"overrides": {}, "seeds": {i: {key: v, "prior0/nll_kind": kind, "class_accuracy": a}
+                                           for i, (v, a) in enumerate(zip(values, acc))}}
+
+    results = {"ar": seeds("exact", [3.0, 3.1, 3.05], [0.90, 0.91, 0.92]),
+               "ar_small": seeds("exact", [3.5, 3.6, 3.55], [0.90, 0.92, 0.91]),
+               "absorbing": seeds("bound", [2.0, 2.1, 2.05], [0.50, 0.52, 0.51])}
+    write_comparison(str(tmp_path), results, primary="prior0/nll_bits_per_token")
+    md = (tmp_path / "comparison.md").read_text()
+    assert "Shared across seeds" in md and "N = 3" in md
+    pairs = [line for line in md.splitlines() if " vs " in line]
+    # one test table per kind: the two exact NLLs are compared, the bound with neither
+    assert len(pairs) == 1 and "ar vs ar_small" in pairs[0] and "| significant |" in pairs[0]
+    assert "Differences in NLL bound" in md and "Differences in NLL exact" in md
+    write_comparison(str(tmp_path), results, primary="class_accuracy")
+    pairs = {line.split("|")[1].strip(): line for line in (tmp_path / "comparison.md").read_text().splitlines()
+             if " vs " in line}
+    assert "not significant" in pairs["ar vs ar_small"] and "| significant |" in pairs["ar vs absorbing"]
+
+
+def test_ablation_file_checks_seeds_sweep_and_primary_before_running(tmp_path):
+    from genfw.ablate import load_ablation
+
+    for bad, words in (("seeds: [0, 0]", "repeated"), ("seeds: [-1]", "seeds"), ("seeds: 3", "seeds"),
+                       ("sweep: {steps: [0]}", "sweep.steps"), ("sweep: {temperature: [1]}", "sweep"),
+                       ("primary: fid", "primary")):
+        (tmp_path / "a.yaml").write_text(f"base: b.yaml\nvariants: {{x: {{seed: 1}}}}\n{bad}\n")
+        with pytest.raises(ConfigError, match=words):
+            load_ablation(str(tmp_path / "a.yaml"))
