@@ -251,7 +251,8 @@ def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor], sour
             raise CheckpointError(f"{source}: component metadata lacks '{key}'")
     entry = _entry_or_error(registry, comp, source)
     nested = comp.get("nested") or []
-    if not isinstance(nested, list) or not all(isinstance(n, dict) and "kind" in n and "name" in n for n in nested):
+    if not isinstance(nested, list) or not all(
+            isinstance(n, dict) and isinstance(n.get("kind"), str) and isinstance(n.get("name"), str) for n in nested):
         raise CheckpointError(f"{source}: corrupt 'nested' metadata of {comp['kind']} '{comp['name']}'")
     for inner in nested:
         _entry_or_error(registry, inner, source)

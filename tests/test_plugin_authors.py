@@ -213,3 +213,18 @@ def test_a_backbone_without_labels_is_refused_for_class_conditional_recipes(regi
             build("backbone", "toy", {}, vocab_size=4, out_size=4, grid=[2, 2], num_classes=3)
     finally:
         registry.remove_plugin("nolabels")
+
+
+def test_corrupt_nested_metadata_is_one_clear_error(tmp_path):
+    from helpers import edit_meta
+
+    from genfw.errors import CheckpointError
+
+    prior = build("prior", "sundae", {}, codebook_size=4, grid=[2, 2],
+                  backbone={"name": "transformer", "params": {"dim": 8, "depth": 1, "heads": 2}})
+    path = tmp_path / "p.safetensors"
+    save(path, prior)
+    for bad in ([{"kind": ["backbone"], "name": "transformer"}], "backbone", [{"name": "transformer"}]):
+        edit_meta(path, lambda meta, bad=bad: meta["components"][0].update(nested=bad))
+        with pytest.raises(CheckpointError, match="corrupt 'nested' metadata"):
+            load(path)
