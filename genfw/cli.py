@@ -242,14 +242,21 @@ def run(
     output_dir: Annotated[str | None, typer.Option(help="Run directory (default: recipe output_dir or runs/NAME)")] = None,
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option(help="Reuse a run directory that belongs to another recipe")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Delete stage folders made from other inputs "
+                                                        "(default: move them aside as <stage>.replaced-<time>)")] = False,
 ) -> None:
-    """Validate a recipe, then train, sample, evaluate and report into its run directory."""
+    """Validate a recipe, then train, sample, evaluate and report into its run directory.
+
+    Unchanged stages are reused, interrupted ones resume, raising train.*.steps continues
+    training; one run per directory at a time.
+    """
     from genfw import dist
     from genfw.pipeline import Run
 
     dist.init_from_env()
     resolved = _load_recipe(recipe, set_)
-    pipeline = Run(resolved, output_dir=output_dir, device=None if device == "auto" else device, overwrite=overwrite)
+    pipeline = Run(resolved, output_dir=output_dir, device=None if device == "auto" else device, overwrite=overwrite,
+                   force=force)
     if dry_run:
         _print_plan(pipeline.plan())
         return
@@ -277,8 +284,14 @@ def eval(  # noqa: A001 - the command is called eval
     run_dir: Annotated[str, typer.Argument(help="A run directory (made by genfw run)")],
     set_: Sets = None,
     device: Device = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Recompute even when nothing changed "
+                                                        "(earlier results stay in metrics_history.jsonl)")] = False,
 ) -> None:
-    """(Re)compute a run's metrics: fidelity, class accuracy, reconstruction, NLL, speed."""
+    """(Re)compute a run's metrics: fidelity, class accuracy, reconstruction, NLL, speed.
+
+    --set overrides apply to this evaluation only: the run's recipe.yaml is never rewritten;
+    every evaluation is appended to metrics_history.jsonl with what it changed.
+    """
     from genfw.config import apply_overrides, load_yaml, validate_recipe
     from genfw.pipeline import Run
 
@@ -286,7 +299,10 @@ def eval(  # noqa: A001 - the command is called eval
     if not os.path.exists(recipe_file):
         raise GenfwError(f"{run_dir} is not a genfw run directory (no recipe.yaml)")
     resolved = validate_recipe(apply_overrides(load_yaml(recipe_file), set_))
-    pipeline = Run(resolved, output_dir=run_dir, device=None if device == "auto" else device)
+    pipeline = Run(resolved, output_dir=run_dir, device=None if device == "auto" else device, force=force,
+                   write_recipe=False, changed_from_recipe=set_)
+    if force:
+        pipeline.stage("evaluate").redo = True
     metrics = pipeline.run(["sample", "evaluate", "report"])
     _print_metrics(metrics)
     out.print(f"[green]✓[/green] metrics -> {pipeline.path('metrics.json')}")
@@ -467,12 +483,17 @@ def inpaint(
 def export(
     run_dir: Annotated[str, typer.Argument(help="A finished run directory")],
     output: Annotated[str, typer.Option("-o", "--output", help="Bundle file to write")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file at --output")] = False,
 ) -> None:
     """Write one self-describing bundle (tokenizer, priors, sampler defaults, label names)."""
     from genfw import checkpoint
     from genfw.pipeline import load_run_models
+    from genfw.rundir import check_write_target
 
+    check_write_target(output, overwrite, "bundle")
     tokenizer, priors, extra = load_run_models(run_dir)
+    for stage, step in extra.get("snapshots", {}).items():
+        err.print(f"[yellow]•[/yellow] {stage} is still training: exporting its snapshot at step {step}")
     modules = {"tokenizer": tokenizer, **{f"prior.{i}": p for i, p in enumerate(priors)}}
     keep = {k: extra[k] for k in ("sampler", "class_names", "recipe") if k in extra}
     checkpoint.save(output, modules, extra=keep)
@@ -499,9 +520,13 @@ def convert(
     import yaml
 
     from genfw.registry import get_registry
+    from genfw.rundir import is_inside_stage
 
     if os.path.exists(output) and not overwrite:
         raise GenfwError(f"{output} exists: pass --overwrite to replace it, or choose another -o")
+    if is_inside_stage(output) is not None:
+        raise GenfwError(f"{output} lies inside the stage folders of the run directory {is_inside_stage(output)}: "
+                         "genfw writes those itself; write the model file somewhere else")
     converter = get_registry().load("converter", source_format)
     try:
         accepted = inspect.signature(converter).parameters
@@ -581,8 +606,19 @@ def bench(
         out.print(f"[green]✓[/green] JSON -> {json_file}")
 
 
+def _interrupt(signum, frame) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    # What schedulers send before preempting a job is handled like Ctrl-C: training saves its
+    # state (genfw.train), sampling keeps the images written so far.
+    for sig in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, sig):
+            signal.signal(getattr(signal, sig), _interrupt)
     try:
         app()
     except KeyboardInterrupt:

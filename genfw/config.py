@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genfw import io, limits
 from genfw.errors import ConfigError, GenfwError
@@ -31,13 +31,26 @@ class ComponentSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+def _one_source(spec):
+    if spec.checkpoint and spec.init_from:
+        raise ValueError("give checkpoint (use these weights as they are, no training) or init_from "
+                         "(start training from these weights), not both")
+    return spec
+
+
 class TokenizerSpec(ComponentSpec):
     checkpoint: str | None = None  # load this instead of training
+    init_from: str | None = None  # a genfw model file or run directory: fine-tune from its weights
+
+    _one_source = model_validator(mode="after")(_one_source)
 
 
 class PriorSpec(ComponentSpec):
     backbone: ComponentSpec
     checkpoint: str | None = None  # load this instead of training
+    init_from: str | None = None  # a genfw model file or run directory: fine-tune from its weights
+
+    _one_source = model_validator(mode="after")(_one_source)
 
 
 class PriorSection(_Strict):
@@ -47,7 +60,10 @@ class PriorSection(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     backbone: ComponentSpec | None = None
     checkpoint: str | None = None
+    init_from: str | None = None  # a model file (one level) or a run directory (its prior<i> per level)
     levels: list[PriorSpec] | None = None
+
+    _one_source = model_validator(mode="after")(_one_source)
 
     def for_level(self, index: int, num_levels: int) -> PriorSpec:
         if self.levels is not None:
@@ -59,7 +75,7 @@ class PriorSection(_Strict):
         if self.name is None or self.backbone is None:
             raise ConfigError("prior needs 'name' and 'backbone' (or 'levels', one spec per level)")
         return PriorSpec(name=self.name, params=self.params, backbone=self.backbone,
-                         checkpoint=self.checkpoint if num_levels == 1 else None)
+                         checkpoint=self.checkpoint if num_levels == 1 else None, init_from=self.init_from)
 
 
 def _check_betas(v: tuple[float, float]) -> tuple[float, float]:
@@ -117,6 +133,8 @@ class TrainSpec(_Strict):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA; CPU is fp32
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
+    snapshot_every: int | None = Field(None, ge=1)  # write a loadable snapshot.safetensors (EMA weights if on)
+    sample_every: int | None = Field(None, ge=1)  # priors: write a sample grid into previews/
     num_workers: int = Field(0, ge=0)
     compile: bool = False
 

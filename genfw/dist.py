@@ -54,6 +54,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_true(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (every rank must call it)."""
+    if not is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if td.get_backend() == "nccl" else "cpu")
+    td.all_reduce(t)
+    return bool(t.item() > 0)
+
+
 def broadcast_module(module: torch.nn.Module) -> None:
     """Copy rank 0's parameters and buffers to every rank."""
     if is_initialized():

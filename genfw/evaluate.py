@@ -22,7 +22,7 @@ from genfw.progress import console
 from genfw.sampling import generate, sample_labels
 
 if TYPE_CHECKING:
-    from genfw.pipeline import Run
+    from genfw.context import RunContext as Run
 
 
 def _stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

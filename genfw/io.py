@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,43 @@ def backend_error(path: str | os.PathLike, e: Exception) -> GenfwError:
     if isinstance(e, ImportError):
         return GenfwError(f"cannot open {url}: the fsspec backend for '{protocol}://' is not installed ({e})")
     return GenfwError(f"cannot open {url}: {e} (is the URL right, and its fsspec backend installed?)")
+
+
+# ``.{name}.{8 random characters}.tmp``: what ``tempfile.mkstemp`` makes for ``write_bytes``
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def file_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open()`` would give a new file (mkstemp gives 0600)."""
+    try:
+        with open("/proc/self/status") as f:  # reads the umask without changing it (Linux)
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files an interrupted ``write_bytes`` left under ``folder``.
+
+    Only names of genfw's own pattern are touched; call it only while no other genfw process
+    writes there (a run holds its directory's lock). Returns the removed paths.
+    """
+    removed = []
+    for root, _dirs, files in os.walk(os.fspath(folder)):
+        for name in files:
+            if TEMP_NAME.match(name):
+                path = os.path.join(root, name)
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -69,6 +107,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, file_mode())  # as any new file would get, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

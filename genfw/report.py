@@ -11,7 +11,7 @@ import yaml
 from genfw import io
 
 if TYPE_CHECKING:
-    from genfw.pipeline import Run
+    from genfw.context import RunContext as Run
 
 
 def read_log(path: str) -> list[dict[str, Any]]:
@@ -72,7 +72,7 @@ def _fmt(v: Any) -> str:
 
 def write_report(run: Run, tokenizer, priors) -> None:
     """Write ``report.md`` (and ``curves.png``) into the run directory."""
-    from genfw.pipeline import count_parameters
+    from genfw.context import count_parameters
 
     lines = [f"# {run.recipe.name}", ""]
     lines += ["## Models", "", "| component | name | parameters |", "|---|---|---|"]

@@ -16,8 +16,11 @@ says otherwise); ``Trainer.loggers`` also takes images (``loggers.log_image(step
 
 Everything needed to continue — weights, optimizers, schedulers, EMA, step, RNG states, the
 position in the data — is saved without pickle in ``train_state.safetensors`` every
-``checkpoint_every`` steps, at the end, and on Ctrl-C; running again resumes, and on CPU with
-the same seed the final weights equal those of an uninterrupted run bit for bit.
+``checkpoint_every`` steps, at the end, and on Ctrl-C, SIGTERM or SIGUSR1 (what schedulers such as
+Slurm and Kubernetes send before preempting a job); running again resumes, and on CPU with the
+same seed the final weights equal those of an uninterrupted run bit for bit. Every
+``snapshot_every`` steps a loadable model file, ``snapshot.safetensors`` (the EMA weights when
+EMA is on), lets a run be sampled or evaluated while it trains.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ from genfw.loggers import LoggerSet
 from genfw.progress import progress_bar
 
 STATE_FILE = "train_state.safetensors"
+SNAPSHOT_FILE = "snapshot.safetensors"
+# Signals that stop training after the current step, with the state saved (as Ctrl-C does).
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None))
+                     if s is not None)
 
 
 class ResumableBatches(torch.utils.data.Sampler):
@@ -125,10 +132,12 @@ class Trainer:
         description: str = "train",
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         log: list[Any] | None = None,
+        every: list[tuple[int, Callable[[Trainer], None]]] | None = None,
     ) -> None:
         self.module, self.dataset, self.spec = module, dataset, spec
         self.out_dir, self.seed, self.device = os.fspath(out_dir), seed, torch.device(device)
         self.prepare, self.collate_fn, self.description, self.on_step = prepare, collate_fn, description, on_step
+        self.every = [(n, fn) for n, fn in (every or []) if n]  # (period, fn(trainer)) on rank 0
         world = dist.world_size()
         if spec.batch_size % world:
             raise ConfigError(
@@ -226,6 +235,15 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = step
 
+    @property
+    def snapshot_path(self) -> str:
+        return os.path.join(self.out_dir, SNAPSHOT_FILE)
+
+    def save_snapshot(self) -> None:
+        """A loadable model file of the current weights (EMA when on), with its step (rank 0)."""
+        if dist.is_main():
+            checkpoint.save(self.snapshot_path, self.final_module(), extra={"step": self.step, "snapshot": True})
+
     def final_module(self) -> nn.Module:
         """The trained weights: the EMA copy when EMA is on, else the module itself."""
         return self.ema.module if self.ema is not None else self.module
@@ -294,15 +312,21 @@ class Trainer:
     def fit(self) -> nn.Module:
         """Train to ``spec.steps`` (resuming if a state exists) and return the final module."""
         resumed = self.load_state()
+        if self.step > self.spec.steps:
+            raise ConfigError(
+                f"{self.description}: the saved state ({self.state_path}) is at step {self.step}, beyond the "
+                f"{self.spec.steps} steps asked for: ask for {self.step} or more, or train into another output directory"
+            )
         if self.step >= self.spec.steps:
             return self.final_module()
         self.module.train()
         data = self._loader()
-        previous = None
+        previous = {}
         try:
-            previous = signal.signal(signal.SIGINT, self._request_stop)
+            for sig in STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, self._request_stop)
         except ValueError:  # not in the main thread
-            previous = None
+            pass
         t0, last = time.perf_counter(), self.step
         self.loggers.open(start_step=self.step)
         try:
@@ -329,6 +353,13 @@ class Trainer:
                     bar.update(self.step, loss=main_loss)
                     if self.step % self.spec.checkpoint_every == 0 or self.step == self.spec.steps:
                         self.save_state()
+                    if self.spec.snapshot_every and self.step % self.spec.snapshot_every == 0:
+                        self.save_snapshot()
+                    for period, fn in self.every:
+                        if self.step % period == 0 and dist.is_main():
+                            fn(self)
+                    if dist.is_initialized():  # every rank stops at the same step
+                        self._stop_requested = dist.any_true(self._stop_requested)
                     if self._stop_requested:
                         self.save_state()
                         raise KeyboardInterrupt
@@ -341,7 +372,7 @@ class Trainer:
             ) from None
         finally:
             self.loggers.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         self.module.eval()
         return self.final_module()
