@@ -250,6 +250,10 @@ def run(
     Unchanged stages are reused, interrupted ones resume, raising train.*.steps continues
     training; one run per directory at a time.
     """
+    from genfw.rundir import fail_fast_if_locked
+
+    if not dry_run and int(os.environ.get("RANK", "0")) == 0:
+        fail_fast_if_locked(recipe, set_, output_dir)  # in a second, before torch is imported
     from genfw import dist
     from genfw.pipeline import Run
 
@@ -427,15 +431,23 @@ def sample(
     out_dir: Annotated[str, typer.Option("--out", help="Folder for the PNGs")] = "samples",
     grid: Annotated[str | None, typer.Option(help="Also write a grid PNG here")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Sampler param: key=value")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing PNGs of the same names")] = False,
 ) -> None:
-    """Generate images from an exported model or a run directory."""
+    """Generate images from an exported model or a run directory (mid-run: its latest snapshots).
+
+    Images are written as they are made; Ctrl-C (or SIGTERM) keeps those already written.
+    """
     import yaml
 
-    from genfw.pipeline import write_samples
+    from genfw import io
+    from genfw.rundir import check_write_target
+    from genfw.samples import image_name, write_grid, write_images
     from genfw.sampling import apply_flag_overrides, flag_overrides, generate, resolve_device, sample_labels
 
     dev = resolve_device(device)
     tokenizer, priors, extra = _load_models(model, dev)
+    for stage, step in (extra.get("snapshots") or {}).items():
+        err.print(f"[yellow]•[/yellow] {stage} is still training: using its snapshot at step {step}")
     overrides: dict[str, Any] = dict(extra.get("sampler") or {})
     for item in set_ or []:
         key, _, value = item.partition("=")
@@ -443,17 +455,27 @@ def sample(
     sampler = apply_flag_overrides(priors, overrides, flag_overrides(steps, temperature, temperature_end,
                                                                      proportion, proportion_end))
     labels = sample_labels(n, priors[0].num_classes, label)
-    result = generate(tokenizer, priors, n, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler,
-                      device=dev, precision=precision, grid=_parse_size(size))
-    write_samples(out_dir, result.images, labels, extra.get("class_names") or [])
-    if grid:
-        import io as _io
+    class_names = extra.get("class_names") or []
+    # every file this command would write is checked before any work
+    targets = [os.path.join(out_dir, image_name(i, int(labels[i]) if labels is not None else None, class_names))
+               for i in range(n)] + ([grid] if grid else [])
+    for target in targets:
+        check_write_target(target, overwrite, "images")
+    if os.path.isdir(out_dir):
+        io.remove_temp_files(out_dir)  # left by an earlier interrupted write
+    written: list[str] = []
 
-        from genfw import io
-        from genfw.data import make_grid
-        buf = _io.BytesIO()
-        make_grid(result.images).save(buf, format="PNG")
-        io.write_bytes(grid, buf.getvalue())
+    def keep(start: int, images, _codes) -> None:
+        chunk = labels[start : start + images.shape[0]] if labels is not None else None
+        written.extend(write_images(out_dir, images, chunk, class_names, start=start))
+
+    try:
+        result = generate(tokenizer, priors, n, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler,
+                          device=dev, precision=precision, grid=_parse_size(size), on_chunk=keep)
+    except KeyboardInterrupt:
+        raise GenfwError(f"interrupted: {len(written)} of {n} images were written to {out_dir} and are kept") from None
+    if grid:
+        write_grid(grid, result.images)
     out.print(f"[green]✓[/green] {n} images -> {out_dir} in {result.seconds:.2f}s "
               f"({result.images_per_second:.2f} images/s on {dev})")
 

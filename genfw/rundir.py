@@ -119,8 +119,7 @@ class RunLock:
             holder = self._read()
             if not locked:
                 os.close(fd)
-                raise GenfwError(f"run directory {self.folder} is in use by {describe_holder(holder)}: wait for it "
-                                 f"to finish or stop it; one genfw run per directory")
+                raise GenfwError(in_use_message(self.folder, holder))
             if holder.get("pid") and holder.get("pid") != os.getpid():
                 if holder.get("host") != socket.gethostname():
                     os.close(fd)
@@ -130,8 +129,7 @@ class RunLock:
                     )
                 if pid_alive(int(holder["pid"]), holder.get("proc_start")):
                     os.close(fd)  # alive although its flock is gone (a filesystem without flock)
-                    raise GenfwError(f"run directory {self.folder} is in use by {describe_holder(holder)}: wait for "
-                                     "it to finish or stop it; one genfw run per directory")
+                    raise GenfwError(in_use_message(self.folder, holder))
                 from genfw.progress import console
 
                 console.print(f"[yellow]•[/yellow] taking over the lock of {describe_holder(holder)}, "
@@ -205,6 +203,36 @@ def holder_if_running(folder: str) -> dict | None:
             return {}
     finally:
         os.close(fd)
+
+
+def in_use_message(folder: str, holder: dict) -> str:
+    return (f"run directory {folder} is in use by {describe_holder(holder)}: wait for it to finish or stop it; "
+            "one genfw run per directory")
+
+
+def fail_fast_if_locked(recipe: str, overrides: list[str] | None, output_dir: str | None) -> None:
+    """Before anything heavy is imported: fail when a live run holds the directory this run would use.
+
+    Only a quick look (the recipe's ``output_dir``/``name`` as YAML); the lock itself is taken
+    later, after validation, and decides.
+    """
+    try:
+        target = output_dir
+        if target is None:
+            import yaml
+
+            raw = yaml.safe_load(io.read_bytes(recipe).decode("utf-8")) or {}
+            for item in overrides or []:
+                key, _, value = item.partition("=")
+                if key.strip() in ("output_dir", "name"):
+                    raw[key.strip()] = yaml.safe_load(value)
+            target = raw.get("output_dir") or os.path.join("runs", str(raw["name"]))
+        folder = check_output_dir(str(target))
+    except Exception:  # noqa: BLE001 - validation will say what is wrong
+        return
+    holder = holder_if_running(folder)
+    if holder is not None:
+        raise GenfwError(in_use_message(folder, holder))
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ under ``torch.inference_mode`` with bf16/fp16 autocast on CUDA, in chunks of ``b
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,7 @@ def generate(
     grid: tuple[int, int] | None = None,
     init_codes: list[torch.Tensor] | None = None,
     masks: list[torch.Tensor] | None = None,
+    on_chunk: Callable[[int, torch.Tensor, list[torch.Tensor]], None] | None = None,
 ) -> SampleResult:
     """Sample ``n`` images top-down through the levels, in chunks of ``batch_size``.
 
@@ -153,7 +155,8 @@ def generate(
     ``init_codes``/``masks`` (per level, [n, h, w]) inpaint: only masked positions change.
     ``grid`` asks for a code grid larger than the training one (single-level models only).
     Chunk ``k`` uses a generator seeded with ``seed + k``, so results depend on seed and
-    batch size only.
+    batch size only. ``on_chunk(start, images, codes)`` receives each chunk as it is made (for
+    writing images as they come, so an interruption keeps them).
     """
     device = torch.device(device)
     if len(priors) != len(tokenizer.levels):
@@ -187,6 +190,8 @@ def generate(
         images.append(out.float().clamp(-1, 1).cpu())
         for level, c in enumerate(codes):
             all_codes[level].append(c.cpu())
+        if on_chunk is not None:
+            on_chunk(start, images[-1], [c[-1] for c in all_codes])
     _sync(device)
     seconds = time.perf_counter() - t0
     stats = {"backbone_evaluations": evaluations} if evaluations else {}
