@@ -56,7 +56,6 @@ class PriorStage(TrainingStage):
                 raise ConfigError(f"no trained prior for level {self.level} in {self.run.dir}: run the prior stage first")
             return self.load()
         t0 = time.perf_counter()
-        recipe = self.run.recipe
         seed = self.run.train_seed("prior")
         torch.manual_seed(seed + 1000 + self.level)  # initial weights from the seed only
         prior = self.run.build_prior(tokenizer, self.level)
