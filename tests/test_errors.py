@@ -163,6 +163,50 @@ def _other_recipe_run(tmp, fin, mp):
     return ["run", str(other), "--output-dir", str(fin / "run")], [fin / "run" / "prior0" / "model.safetensors"]
 
 
+def _foreign_recipe_yaml(tmp, fin, mp):
+    folder = tmp / "mine"
+    folder.mkdir()
+    (folder / "recipe.yaml").write_text("my notes\n")
+    return ["run", str(write_recipe(tmp, TINY)), "--output-dir", str(folder)], [folder / "recipe.yaml"]
+
+
+def _run_in_use(tmp, fin, mp):
+    from genfw.rundir import RunLock
+
+    RunLock(str(tmp / "run")).acquire()  # held until the test's tmp folder goes
+    return ["run", str(write_recipe(tmp, TINY)), "--output-dir", str(tmp / "run")], [tmp / "run" / "run.lock"]
+
+
+def _fewer_steps(tmp, fin, mp):
+    return (["run", str(write_recipe(tmp, TINY)), "--output-dir", str(fin / "run"), "--set", "train.prior.steps=2"],
+            [fin / "run" / "prior0" / "model.safetensors", fin / "run" / "prior0" / "stage.json"])
+
+
+def _checkpoint_in_replaced_stage(tmp, fin, mp):
+    tok = fin / "run" / "tokenizer" / "model.safetensors"
+    return (["run", str(write_recipe(tmp, TINY)), "--output-dir", str(fin / "run"), "--set",
+             f"tokenizer.checkpoint={tok}"], [tok, fin / "run" / "tokenizer" / "stage.json"])
+
+
+def _export_exists(tmp, fin, mp):
+    target = tmp / "b.safetensors"
+    target.write_bytes(b"mine")
+    return ["export", str(fin / "run"), "-o", str(target)], [target]
+
+
+def _export_into_stage(tmp, fin, mp):
+    target = fin / "run" / "prior0" / "model.safetensors"
+    return ["export", str(fin / "run"), "-o", str(target), "--overwrite"], [target]
+
+
+def _init_from_mismatch(tmp, fin, mp):
+    other = tmp / "other.safetensors"
+    genfw.save(other, build("prior", "sundae", {"unroll_steps": 2}, codebook_size=4, grid=[4, 4], num_classes=2,
+                            context=[], backbone={"name": "transformer", "params": {"dim": 8, "depth": 1, "heads": 2}}))
+    return (["run", str(write_recipe(tmp, TINY)), "--output-dir", str(tmp / "run"), "--set",
+             f"prior.init_from={other}"], [other])
+
+
 def _mask_case(tmp, fin, mp):
     sample = sorted((fin / "run" / "samples").glob("00000_*.png"))[0]
     Image.fromarray(np.zeros((3, 7), dtype=np.uint8)).save(tmp / "mask.png")
@@ -267,6 +311,17 @@ CASES = [
      "CUDA is not available", 2),
     ("not-a-run-dir", lambda tmp, fin, mp: (["export", str(tmp), "-o", str(tmp / "x.safetensors")], []),
      "not a finished genfw run directory", 1),
+    ("foreign-recipe-yaml", _foreign_recipe_yaml, "was not written by genfw and would be replaced", 2),
+    ("output-dir-url", lambda tmp, fin, mp: (["run", str(write_recipe(tmp, TINY)), "--output-dir", "memory://x"], []),
+     "a run directory must be a local path or a file:// URL", 2),
+    ("run-dir-in-use", _run_in_use, f"is in use by PID {os.getpid()}", 1),
+    ("steps-lowered", _fewer_steps, "prior0 was trained for 3 steps and the recipe now asks for 2", 2),
+    ("checkpoint-in-replaced-stage", _checkpoint_in_replaced_stage, "lies inside", 2),
+    ("export-target-exists", _export_exists, "already exists: pass --overwrite", 2),
+    ("write-into-stage-folder", _export_into_stage, "lies inside the stage folders of the run directory", 2),
+    ("init-from-mismatch", _init_from_mismatch, "do not fit the recipe's prior", 2),
+    ("init-from-and-checkpoint", _recipe_case(TINY, "--set", "prior.init_from=a.safetensors", "--set",
+                                              "prior.checkpoint=b.safetensors"), "not both", 2),
 ]
 
 

@@ -108,5 +108,5 @@ class PriorStage(TrainingStage):
         io.write_bytes(path, buf.getvalue())
         loggers = getattr(trainer, "loggers", None)
         if loggers is not None and hasattr(loggers, "log_image"):
-            loggers.log_image(trainer.step, "samples", result.images)
+            loggers.log_image(trainer.step, "samples", grid)
         console.print(f"[dim]{self.name}: preview at step {trainer.step} -> {path}[/dim]")
