@@ -303,6 +303,24 @@ def eval(  # noqa: A001 - the command is called eval
     if not os.path.exists(recipe_file):
         raise GenfwError(f"{run_dir} is not a genfw run directory (no recipe.yaml)")
     resolved = validate_recipe(apply_overrides(load_yaml(recipe_file), set_))
+    from genfw.rundir import describe_holder, holder_if_running
+
+    holder = holder_if_running(run_dir)
+    if holder is not None:  # mid-run: the latest snapshots, evaluated beside the run
+        from genfw.pipeline import SnapshotEvaluation, load_run_models
+        from genfw.sampling import resolve_device
+
+        dev = resolve_device(None if device == "auto" else device)
+        tokenizer, priors, extra = load_run_models(run_dir, dev)
+        steps = ", ".join(f"{stage} snapshot at step {step}" for stage, step in extra["snapshots"].items())
+        err.print(f"[yellow]•[/yellow] the run is still going ({describe_holder(holder)}): evaluating "
+                  f"{steps or 'its finished models'}", soft_wrap=True)
+        pipeline = SnapshotEvaluation(resolved, run_dir, tokenizer, priors, extra["snapshots"], device=str(dev),
+                                      changed_from_recipe=set_)
+        metrics = pipeline.run(["sample", "evaluate"])
+        _print_metrics(metrics)
+        out.print(f"[green]✓[/green] metrics -> {pipeline.path('metrics.json')}")
+        return
     pipeline = Run(resolved, output_dir=run_dir, device=None if device == "auto" else device, force=force,
                    write_recipe=False, changed_from_recipe=set_)
     if force:

@@ -276,6 +276,28 @@ class Run(RunContext):
         self.stage("report").execute(tokenizer, priors)
 
 
+class SnapshotEvaluation(Run):
+    """``genfw eval`` while the run trains: the given (snapshot) models are sampled and evaluated
+    in ``RUN/evaluations/<UTC time>-<stage>-step<N>/``; the run's own stage folders are only read,
+    and the evaluation is appended to the run's ``metrics_history.jsonl``."""
+
+    def __init__(self, resolved, run_dir: str, tokenizer: Tokenizer, priors: list[Prior],
+                 snapshots: dict[str, int | None], device: str | None = None,
+                 changed_from_recipe: list[str] | None = None) -> None:
+        label = "-".join(f"{stage}-step{step}" for stage, step in snapshots.items()) or "final"
+        folder = os.path.join(run_dir, "evaluations", f"{rundir.utc_stamp()}-{label}")
+        super().__init__(resolved, output_dir=folder, device=device, write_recipe=False,
+                         changed_from_recipe=changed_from_recipe)
+        self.run_dir, self.snapshots = run_dir, dict(snapshots)
+        self._tokenizer, self._priors = tokenizer, priors
+
+    def path(self, *parts: str) -> str:
+        first = parts[0] if parts else ""
+        if first in ("tokenizer", "latents", "metrics_history.jsonl") or (first.startswith("prior") and first[5:].isdigit()):
+            return os.path.join(self.run_dir, *parts)  # what the run made (read), and the shared history
+        return super().path(*parts)
+
+
 def prior_forward_flops(prior: Prior, batch_size: int = 1) -> int | None:
     """FLOPs of one backbone forward on the training grid (counted with FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode

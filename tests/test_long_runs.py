@@ -344,6 +344,14 @@ def test_lock_sigterm_snapshot_sigkill_stale_lock_then_bitwise_equal(tmp_path):
     assert result.exit_code == 0, result.output
     assert re.search(r"prior0 is still training: using its snapshot at step \d+", result.output)
     assert len(list((tmp_path / "mid").glob("*.png"))) == 2
+    result = CliRunner().invoke(app, ["eval", str(out)])  # evaluated beside the run, on the snapshot
+    assert result.exit_code == 0, result.output
+    assert re.search(r"the run is still going \(PID \d+ .*\): evaluating prior0 snapshot at step \d+",
+                     " ".join(result.output.split()))
+    (folder,) = (out / "evaluations").iterdir()
+    assert (folder / "metrics.json").exists() and not (out / "metrics.json").exists()
+    (record,) = [json.loads(line) for line in (out / "metrics_history.jsonl").read_text().splitlines()]
+    assert record["snapshots"]["prior0"] >= 2
     assert holder.poll() is None  # training went on
 
     # SIGTERM (Slurm, Kubernetes): the state is saved, the message is Ctrl-C's

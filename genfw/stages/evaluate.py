@@ -40,7 +40,8 @@ class EvaluateStage(Stage):
     def append_history(self, metrics: dict[str, Any]) -> None:
         """One JSON line per evaluation: the history survives recomputation."""
         record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "genfw_version": __version__,
-                  "changed": self.run.changed_from_recipe, "fingerprint": self.fingerprint(), "metrics": metrics}
+                  "changed": self.run.changed_from_recipe, "fingerprint": self.fingerprint(),
+                  "snapshots": getattr(self.run, "snapshots", {}), "folder": self.run.dir, "metrics": metrics}
         path = self.run.path(HISTORY_FILE)
         # append-only like the trainer's log: a crash can at worst cut the last line
         with open(path, "a", encoding="utf-8") as f:
