@@ -344,7 +344,9 @@ def test_lock_sigterm_snapshot_sigkill_stale_lock_then_bitwise_equal(tmp_path):
     assert result.exit_code == 0, result.output
     assert re.search(r"prior0 is still training: using its snapshot at step \d+", result.output)
     assert len(list((tmp_path / "mid").glob("*.png"))) == 2
+    holder.send_signal(signal.SIGSTOP)  # the evaluation is slower than the rest of the training here
     result = CliRunner().invoke(app, ["eval", str(out)])  # evaluated beside the run, on the snapshot
+    holder.send_signal(signal.SIGCONT)
     assert result.exit_code == 0, result.output
     assert re.search(r"the run is still going \(PID \d+ .*\): evaluating prior0 snapshot at step \d+",
                      " ".join(result.output.split()))
@@ -434,3 +436,9 @@ def test_readme_tour_continues_the_quickstart_prior():
         assert base.stage(stage).fingerprint() == longer.stage(stage).fingerprint(), stage
     assert base.stage("prior0").steps() == 1200 and longer.stage("prior0").steps() == 2000
     assert base.stage("samples").fingerprint() != longer.stage("samples").fingerprint()  # new samples
+
+
+def test_no_import_circle_between_pipeline_evaluate_and_report():
+    root = Path(__file__).parents[1] / "genfw"
+    for path in [root / "evaluate.py", root / "report.py", root / "context.py", *(root / "stages").glob("*.py")]:
+        assert "genfw.pipeline" not in path.read_text().replace("``genfw.pipeline", ""), path
