@@ -445,7 +445,7 @@ def test_disk_full_keeps_the_old_file(tmp_path, finished, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(genfw_io.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
-    result = CliRunner().invoke(app, ["export", str(finished / "run"), "-o", str(target)])
+    result = CliRunner().invoke(app, ["export", str(finished / "run"), "-o", str(target), "--overwrite"])
     assert result.exit_code == 1 and "disk full" in result.output and "Traceback" not in result.output
     assert _digest([target]) == before
     assert not list(tmp_path.glob(".bundle.safetensors.*")), "temporary file left behind"

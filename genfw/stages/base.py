@@ -150,6 +150,8 @@ class Stage:
         if rec.fingerprint == "unreadable":
             return "replace", "its stage.json is unreadable"
         if rec.fingerprint != fp:
+            if not rec.inputs:
+                return "replace", "made by an earlier genfw, whose fingerprints differ"
             old, new = _flatten(rec.inputs), _flatten(self.inputs())
             changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             return "replace", "inputs changed" + (f" ({', '.join(changed[:6])})" if changed else "")
