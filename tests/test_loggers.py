@@ -30,8 +30,10 @@ RECIPE = {
     "tokenizer": {"name": "pixels", "params": {"levels": 4}},
     "prior": {"name": "sundae", "params": {"unroll_steps": 2},
               "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}}},
-    "train": {"prior": {"steps": 6, "batch_size": 8, "lr": 1e-3, "log_every": 2, "checkpoint_every": 3}},
+    "train": {"prior": {"steps": 6, "batch_size": 8, "lr": 1e-3, "log_every": 2, "checkpoint_every": 3,
+                        "sample_every": 3}},
     "latents": {"holdout": 0.25},
+    "sample": {"n": 4, "batch_size": 4, "params": {"steps": 4, "min_steps": 2}},
 }
 
 
@@ -99,6 +101,21 @@ def test_tensorboard_events_hold_the_training_scalars(logged_run):
     jsonl = read_jsonl(logged_run / "prior0")
     for tag in tags:  # the same numbers as log.jsonl (float32 in the event file)
         assert {e.step: pytest.approx(e.value, rel=1e-6) for e in acc.Scalars(tag)} == jsonl[tag]
+
+
+def test_sample_grids_during_training_reach_tensorboard(logged_run):
+    """train.prior.sample_every: each preview grid is also an image in TensorBoard, pixel for pixel."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    images = events(logged_run / "prior0").Images("samples")
+    assert [e.step for e in images] == [3, 6]
+    for e in images:
+        stored = Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")
+        preview = Image.open(logged_run / "prior0" / "previews" / f"step-{e.step:07d}.png").convert("RGB")
+        assert np.array_equal(np.asarray(stored), np.asarray(preview))
 
 
 def test_csv_has_a_header_and_the_rows_of_jsonl(logged_run):
