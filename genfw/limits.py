@@ -35,6 +35,9 @@ LIMITS: dict[str, tuple[int, str]] = {
     "image_pixels": (1 << 28, "pixels of one input image (decompression bombs)"),
     "recipe_bytes": (1 << 24, "bytes of one recipe file"),
     "recipe_nodes": (100_000, "values in a recipe after YAML aliases are expanded"),
+    "modules": (10_000, "modules in one model a recipe builds (the shipped recipes: at most 300)"),
+    # 0: the memory of the device training runs on (GPU memory, or the machine's RAM)
+    "train_gib": (0, "GiB for the weights, gradients and Adam moments of the models a recipe trains"),
 }
 
 
@@ -46,7 +49,7 @@ def limit(name: str) -> int:
     if text is None or not text.strip():
         return default
     try:
-        value = int(text.replace("_", ""))
+        value = int(text.strip().replace("_", ""))
     except ValueError:
         raise ConfigError(f"{var} must be a positive integer, got '{text}'") from None
     if value < 1:

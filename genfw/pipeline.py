@@ -203,6 +203,10 @@ class Run(RunContext):
         unknown = [s for s in wanted if s not in STAGES]
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
+        if "tokenizer" in wanted or "prior" in wanted:
+            from genfw.budget import check_training_memory
+
+            check_training_memory(self)  # before anything is written or allocated
         self.prepare_dir()
         try:
             if dist.is_main():

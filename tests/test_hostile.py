@@ -150,6 +150,13 @@ def _run(make_recipe, *extra, command="run"):
     return setup
 
 
+def _with_env(name, value, setup):
+    def wrapped(tmp, bundle, mp):
+        mp.setenv(name, value)
+        return setup(tmp, bundle, mp)
+    return wrapped
+
+
 def _bomb_dataset(tmp):
     folder = images(tmp / "data")
     png_bomb(folder / "bomb.png")
@@ -238,6 +245,10 @@ CASES = [
     ("sample-batch-size-huge", _sample(None, "--batch-size", "10000000"), "the batch size is 10,000,000", 2),
     ("stored-steps-huge", _sample(meta_edit(lambda m: m["extra"]["sampler"].__setitem__("steps", 10**12))),
      "sampler param steps is 1,000,000,000,000", 2),
+    ("recipe-model-too-large", _run(lambda tmp: RECIPE, "--set", "prior.backbone.params.dim=100000"),
+     "for weights, gradients and Adam state alone", 2),
+    ("recipe-too-many-modules", _with_env("GENFW_MAX_MODULES", "300", _run(
+        lambda tmp: RECIPE, "--set", "prior.backbone.params.depth=20000")), "would create more than 300 modules", 2),
     ("inpaint-image-huge", _inpaint_huge, "is 3000x3000 but the model expects 4x4", 2),
     # silent garbage
     ("nan-weights", _nan_weights, "tensor 'backbone.embed.tokens.weight' of prior 'sundae' holds 1 NaN/inf", 1),

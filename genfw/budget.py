@@ -1,0 +1,87 @@
+"""What a recipe's models will need, known from a build on the ``meta`` device before any allocation.
+
+A recipe asking for ``dim: 1000000`` or ``depth: 20000`` must fail in one line at the start of
+``genfw run``, not after minutes of building or in an out-of-memory kill. The tokenizer and
+priors the recipe trains are built on ``meta`` under a module budget (``GENFW_MAX_MODULES``), and
+their weights plus what training adds for each (a gradient and Adam's two moments; EMA adds one
+more copy) must fit the device's memory (``GENFW_MAX_TRAIN_GIB`` overrides it). That figure is a
+lower bound on training memory: activations come on top and are not estimated here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from genfw import limits
+from genfw.errors import ConfigError, GenfwError
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device``: GPU memory for CUDA, the machine's RAM otherwise (None if unknown)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+def _meta_build(what: str, build) -> torch.nn.Module:
+    bound = limits.limit("modules")
+    try:
+        with limits.construction_budget(what, max_modules=bound,
+                                        reason=f" (genfw's limit; raise it with {limits.env_var('modules')}=N)"), \
+                torch.device("meta"):
+            return build()
+    except limits.BudgetExceeded as e:
+        raise ConfigError(str(e)) from None
+
+
+def recipe_models(run: Any) -> list[tuple[str, torch.nn.Module, Any]]:
+    """(description, meta module, train spec) of each model the recipe trains from scratch."""
+    recipe, resolved = run.recipe, run.resolved
+    data = run.registry.build("dataset", recipe.data.name, resolved.data_params)
+    channels, resolution = data.channels, tuple(data.resolution)
+    try:
+        num_classes = data.num_classes
+    except GenfwError:
+        num_classes = 0
+    tok = _meta_build(f"tokenizer '{recipe.tokenizer.name}'", lambda: run.registry.build(
+        "tokenizer", recipe.tokenizer.name, resolved.tokenizer_params, channels=channels, resolution=list(resolution)))
+    out = []
+    if not recipe.tokenizer.checkpoint and recipe.train.tokenizer.steps > 0:
+        out.append((f"tokenizer '{recipe.tokenizer.name}'", tok, recipe.train.tokenizer))
+    for i, spec in enumerate(resolved.prior_specs):
+        if spec.checkpoint or recipe.train.prior.steps == 0:
+            continue
+        construct = run.prior_construct(tok, i, spec, resolution, num_classes)
+        prior = _meta_build(f"prior {i} '{spec.name}'", lambda spec=spec, construct=construct, i=i: run.registry.build(
+            "prior", spec.name, resolved.prior_params[i], **construct))
+        out.append((f"prior {i} '{spec.name}'", prior, recipe.train.prior))
+    return out
+
+
+def check_training_memory(run: Any) -> int:
+    """Refuse a recipe whose models cannot be trained in this device's memory; returns the bytes needed."""
+    need, parameters, parts = 0, 0, []
+    for what, module, spec in recipe_models(run):
+        size = limits.tensor_bytes([*module.parameters(), *module.buffers()])
+        params = sum(p.numel() for p in module.parameters())
+        weights = limits.tensor_bytes(module.parameters())
+        # weights and buffers, a gradient and Adam's two moments per parameter, an EMA copy
+        total = size + 3 * weights + (size if spec.ema_decay else 0)
+        need, parameters = need + total, parameters + params
+        if params:
+            parts.append(f"{what}: {params:,} parameters")
+    bound_gib = limits.limit("train_gib")
+    bound = bound_gib * 2**30 if bound_gib else device_memory_bytes(run.device)
+    if bound is not None and need > bound:
+        source = f"GENFW_MAX_TRAIN_GIB={bound_gib}" if bound_gib else f"the {bound / 2**30:.1f} GiB of {run.device}"
+        raise ConfigError(
+            f"training this recipe needs at least {need / 2**30:,.1f} GiB for weights, gradients and Adam state alone "
+            f"({'; '.join(parts)}), more than {source}: make the model smaller, or raise the limit with "
+            f"{limits.env_var('train_gib')}=N (GiB)")
+    return need
