@@ -10,6 +10,7 @@ lower bound on training memory: activations come on top and are not estimated he
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -64,8 +65,15 @@ def recipe_models(run: Any) -> list[tuple[str, torch.nn.Module, Any]]:
     return out
 
 
+_checked: dict[str, int] = {}  # recipes already found to fit, in this process (ablations, tests)
+
+
 def check_training_memory(run: Any) -> int:
     """Refuse a recipe whose models cannot be trained in this device's memory; returns the bytes needed."""
+    key = json.dumps([run.resolved.raw, str(run.device), {k: v for k, v in os.environ.items()
+                                                          if k.startswith("GENFW_MAX_")}], sort_keys=True, default=str)
+    if key in _checked:
+        return _checked[key]
     need, parameters, parts = 0, 0, []
     for what, module, spec in recipe_models(run):
         size = limits.tensor_bytes([*module.parameters(), *module.buffers()])
@@ -84,4 +92,5 @@ def check_training_memory(run: Any) -> int:
             f"training this recipe needs at least {need / 2**30:,.1f} GiB for weights, gradients and Adam state alone "
             f"({'; '.join(parts)}), more than {source}: make the model smaller, or raise the limit with "
             f"{limits.env_var('train_gib')}=N (GiB)")
+    _checked[key] = need
     return need

@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import edit_meta
+from helpers import FastCliRunner, edit_meta
 from PIL import Image
-from typer.testing import CliRunner
 
 import genfw
 from genfw.cli import app
@@ -192,7 +191,7 @@ def _run_dir_state(corrupt):
         run = tmp / "run"
         recipe = tmp / "r.yaml"
         recipe.write_text(yaml.safe_dump(RECIPE))
-        result = CliRunner().invoke(app, ["run", str(recipe), "--output-dir", str(run), "--stages",
+        result = FastCliRunner().invoke(app, ["run", str(recipe), "--output-dir", str(run), "--stages",
                                           "tokenizer,latents,prior"])
         assert result.exit_code == 0, result.output
         corrupt(run)
@@ -309,7 +308,7 @@ def test_hostile(setup, fragment, code, tmp_path, bundle, monkeypatch):
     argv, protected = setup(tmp_path, bundle, monkeypatch)
     before = _digest(protected)
     t0 = time.perf_counter()
-    result = CliRunner().invoke(app, argv)
+    result = FastCliRunner().invoke(app, argv)
     assert time.perf_counter() - t0 < 30, "a bad input must be refused quickly"
     assert result.exit_code == code, result.output
     line = one_error_line(result.stderr)
@@ -322,7 +321,7 @@ def test_hostile(setup, fragment, code, tmp_path, bundle, monkeypatch):
 def test_garbage_stage_json_reruns_the_stage(tmp_path, bundle, monkeypatch):
     """A stage.json genfw cannot read means the stage did not finish: it runs again and the run succeeds."""
     argv, _ = _run_dir_state(_garbage_stage_json)(tmp_path, bundle, monkeypatch)
-    result = CliRunner().invoke(app, argv)
+    result = FastCliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert '"complete": true' in (tmp_path / "run" / "prior0" / "stage.json").read_text()
 
@@ -342,14 +341,14 @@ def test_limits_can_be_raised(tmp_path, bundle, monkeypatch):
     """GENFW_MAX_SAMPLES raises the sample-count limit (and a bad value is itself one line)."""
     argv, _ = _sample(None, "-n", "3")(tmp_path, bundle, monkeypatch)
     monkeypatch.setenv("GENFW_MAX_SAMPLES", "2")
-    result = CliRunner().invoke(app, argv)
+    result = FastCliRunner().invoke(app, argv)
     assert result.exit_code == 2 and "GENFW_MAX_SAMPLES=N" in one_error_line(result.stderr)
     monkeypatch.setenv("GENFW_MAX_SAMPLES", "3")
-    result = CliRunner().invoke(app, argv)
+    result = FastCliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "out").glob("0*.png"))) == 3
     monkeypatch.setenv("GENFW_MAX_SAMPLES", "lots")
-    result = CliRunner().invoke(app, argv)
+    result = FastCliRunner().invoke(app, argv)
     assert result.exit_code == 2 and "GENFW_MAX_SAMPLES must be a positive integer" in one_error_line(result.stderr)
 
 
@@ -357,7 +356,7 @@ def test_hostile_class_name_cannot_escape_the_output_folder(tmp_path, bundle):
     path = _copy(tmp_path, bundle)
     edit_meta(path, lambda m: m["extra"].__setitem__("class_names", ["../../escaped", "b"]))
     out = tmp_path / "a" / "b" / "out"
-    result = CliRunner().invoke(app, ["sample", str(path), "-n", "2", "--out", str(out)])
+    result = FastCliRunner().invoke(app, ["sample", str(path), "-n", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in tmp_path.rglob("*.png"))
     assert written == sorted(p.name for p in out.glob("*.png")) and any("escaped" in n for n in written), written
@@ -402,7 +401,7 @@ def test_a_bad_held_out_image_stops_the_run_before_the_tokenizer_stage(tmp_path)
     (folder / "8-empty.png").write_bytes(b"")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(folder_recipe(folder)))
-    result = CliRunner().invoke(app, ["run", str(recipe), "--output-dir", str(tmp_path / "run")])
+    result = FastCliRunner().invoke(app, ["run", str(recipe), "--output-dir", str(tmp_path / "run")])
     line = one_error_line(result.stderr)
     assert result.exit_code == 1 and "empty (zero-byte) image file" in line and "1 more of the 10 images" in line, line
     assert not (tmp_path / "run" / "tokenizer").exists(), "the tokenizer stage started before the data was checked"
