@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
@@ -114,16 +114,23 @@ def save_tensors(target: str | os.PathLike, tensors: dict[str, torch.Tensor], me
 # reading
 
 
-def read_header(data: bytes, source: str = "file") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parse and sanity-check a safetensors header: (tensor table, genfw metadata)."""
-    if len(data) < 8:
-        raise CheckpointError(f"{source} is not a safetensors file (only {len(data)} bytes)")
+def read_header(data: bytes, source: str = "file", file_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parse and sanity-check a safetensors header: (tensor table, genfw metadata).
+
+    ``data`` is the whole file, or only its first bytes (at least the header) with ``file_size``
+    giving the length of the whole file: the checks then need no tensor bytes.
+    """
+    size = len(data) if file_size is None else file_size
+    if size < 8 or len(data) < 8:
+        raise CheckpointError(f"{source} is not a safetensors file (only {size} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or n > len(data) - 8:
+    if n > MAX_HEADER_BYTES or n > size - 8:
         raise CheckpointError(
             f"{source} is not a valid safetensors file (header length {n} exceeds the file): "
             "it is truncated, corrupt or another format"
         )
+    if len(data) < 8 + n:
+        raise CheckpointError(f"{source} is truncated inside its header (copy or download it again)")
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
         assert isinstance(header, dict)
@@ -145,7 +152,7 @@ def read_header(data: bytes, source: str = "file") -> tuple[dict[str, Any], dict
             f"{source} uses checkpoint format {fmt}, newer than this genfw's {FORMAT_VERSION} "
             f"(written by genfw {meta.get('genfw_version', '?')}): upgrade genfw"
         )
-    body = len(data) - 8 - n
+    body = size - 8 - n
     for key, info in header.items():
         try:
             start, end = info["data_offsets"]
@@ -171,21 +178,116 @@ def _is_ints(values: list[Any]) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
+class Reader:
+    """An open checkpoint: the checked header at once, each tensor read only when asked for.
+
+    Local files are memory-mapped through ``safetensors.safe_open``; remote ones (any fsspec URL)
+    are read tensor by tensor with ranged reads. Loading a model therefore holds the model plus
+    one tensor in memory, never a second copy of the whole file. Use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.source = os.fspath(path)
+        self._file = None
+        self._mmap = None
+        try:
+            if io.is_local(path):
+                local = io.local_path(path)
+                self._file = open(local, "rb")  # noqa: SIM115 - closed by close()
+                size = os.fstat(self._file.fileno()).st_size
+            else:
+                fs, remote = io.fsspec.core.url_to_fs(self.source)
+                size = fs.size(remote)
+                self._file = fs.open(remote, "rb")
+            head = self._file.read(8)
+            if len(head) == 8:
+                (n,) = struct.unpack("<Q", head)
+                if n <= MAX_HEADER_BYTES and n <= size - 8:
+                    head += self._file.read(n)
+        except FileNotFoundError:
+            self.close()
+            raise CheckpointError(f"checkpoint not found: {self.source}") from None
+        except IsADirectoryError:
+            self.close()
+            raise CheckpointError(f"{self.source} is a folder, not a checkpoint file") from None
+        except OSError as e:
+            self.close()
+            raise CheckpointError(f"cannot read checkpoint {self.source}: {e}") from None
+        try:
+            self.header, self.meta = read_header(head, self.source, file_size=size)
+        except CheckpointError:
+            self.close()
+            raise
+        self._body = len(head)  # tensors start after the 8-byte length and the header
+        if io.is_local(path):
+            from safetensors import safe_open
+
+            try:
+                self._mmap = safe_open(str(io.local_path(path)), framework="pt")
+            except Exception as e:  # noqa: BLE001
+                self.close()
+                raise CheckpointError(f"{self.source} is corrupt: {e}") from None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._mmap = None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.header
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _DTYPES[self.header[key]["dtype"]]
+
+    def meta_tensor(self, key: str) -> torch.Tensor:
+        """A tensor on the meta device with the stored shape and dtype (for checks; no memory)."""
+        return torch.empty(self.shape(key), dtype=self.dtype(key), device="meta")
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor into memory."""
+        if self._mmap is not None:
+            try:
+                return self._mmap.get_tensor(key)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{self.source} is corrupt: tensor '{key}': {e}") from None
+        start, end = self.header[key]["data_offsets"]
+        self._file.seek(self._body + start)
+        data = self._file.read(end - start)
+        if len(data) != end - start:
+            raise CheckpointError(f"{self.source} is truncated: tensor '{key}' (copy or download it again)")
+        dtype = self.dtype(key)
+        if not data:
+            return torch.empty(self.shape(key), dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(self.shape(key))
+
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Every tensor whose name starts with ``prefix``, read into memory."""
+        return {k: self.get(k) for k in self.header if k.startswith(prefix)}
+
+
+def read_meta(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor table, genfw metadata) from the header alone: no tensor is read."""
+    with Reader(path) as reader:
+        return reader.header, reader.meta
+
+
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read tensors and genfw metadata from a local path or fsspec URL."""
-    source = os.fspath(path)
-    try:
-        data = io.read_bytes(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {source}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {source}: {e}") from None
-    _, meta = read_header(data, source)
-    try:
-        tensors = st_load(data)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{source} is corrupt: {e}") from None
-    return tensors, meta
+    with Reader(path) as reader:
+        return reader.tensors(), reader.meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,10 +344,31 @@ def _nested(module: nn.Module) -> list[dict[str, Any]]:
     return out
 
 
-def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor], source: str,
-                    registry: Registry | None = None) -> nn.Module:
-    """Rebuild one described component and load its tensors strictly."""
+class _Tensors:
+    """A dict of tensors seen through the :class:`Reader` interface (for :func:`build_component`)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._t = tensors
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def meta_tensor(self, key: str) -> torch.Tensor:
+        return torch.empty(self._t[key].shape, dtype=self._t[key].dtype, device="meta")
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._t[key]
+
+
+def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor] | Reader, source: str,
+                    registry: Registry | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild one described component and load its tensors strictly.
+
+    ``tensors`` is a dict or an open :class:`Reader`; with a reader, shapes are checked from
+    the header and each tensor is read and copied into the module one at a time.
+    """
     registry = registry or get_registry()
+    store = tensors if isinstance(tensors, Reader) else _Tensors(tensors)
     for key in ("kind", "name", "params", "construct", "prefix"):
         if key not in comp:
             raise CheckpointError(f"{source}: component metadata lacks '{key}'")
@@ -257,14 +380,16 @@ def build_component(comp: dict[str, Any], tensors: dict[str, torch.Tensor], sour
     for inner in nested:
         _entry_or_error(registry, inner, source)
     prefix = comp["prefix"]
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return build_checked(comp["kind"], comp["name"], comp["params"], comp["construct"], state, source,
-                         registry=registry, entry=entry, exact_dtypes=True)
+    names = {k[len(prefix):]: k for k in store.keys() if k.startswith(prefix)}
+    state = {k: store.meta_tensor(full) for k, full in names.items()}  # shapes and dtypes only
+    module = build_checked(comp["kind"], comp["name"], comp["params"], comp["construct"], state, source,
+                           registry=registry, entry=entry, exact_dtypes=True, read=lambda k: store.get(names[k]))
+    return module.to(device)
 
 
 def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], state: dict[str, torch.Tensor],
                   source: str, *, fresh: Any = (), registry: Registry | None = None, entry: Any = None,
-                  exact_dtypes: bool = False) -> nn.Module:
+                  exact_dtypes: bool = False, read: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
     """Build a registered component whose weights come from a file, checking before allocating.
 
     The one path for ``genfw.load`` and converters: params validated -> construction sizes bounded ->
@@ -274,6 +399,9 @@ def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], 
     unread). Names in ``fresh`` may be absent from ``state``: they keep their freshly built values.
     Every floating tensor must be finite; with ``exact_dtypes`` (genfw's own files) stored dtypes
     must be the ones the model holds, where a converter's foreign file may be cast.
+    With ``read`` (name -> tensor), ``state`` may hold meta tensors (shapes and dtypes only) and
+    each tensor is read, checked finite and copied in one at a time: the module plus one tensor in
+    memory, not two models.
     """
     registry = registry or get_registry()
     entry = entry or registry.get(kind, name)
@@ -285,7 +413,8 @@ def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], 
         msg = str(e).splitlines()
         raise CheckpointError(f"{source}: params of {kind} '{name}' are invalid: {' '.join(msg[:3])}") from None
     _check_sizes(comp, source)
-    _check_finite(state, comp, source)
+    if read is None:  # with read, each tensor is checked as it is read
+        _check_finite(state, comp, source)
     fresh = set(fresh)
     # A first build on the meta device checks shapes against the file without allocating; the
     # budget stops it as soon as it creates far more tensors or modules than the file holds.
@@ -319,7 +448,15 @@ def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], 
     _check_state(own, full, comp, source)
     if exact_dtypes:
         _check_dtypes(own, state, comp, source)
-    module.load_state_dict(full, strict=True)
+    if read is None:
+        module.load_state_dict(full, strict=True)
+    else:
+        with torch.no_grad():
+            for key, dest in own.items():  # names and shapes were checked: a strict load
+                if key in state:
+                    value = read(key)
+                    _check_finite({key: value}, comp, source)
+                    dest.copy_(value)
     module.eval()
     return module
 
@@ -427,15 +564,20 @@ def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
 
 
 def load(path: str | os.PathLike, registry: Registry | None = None, device: str | torch.device = "cpu"):
-    """Rebuild the module (or :class:`Bundle`) saved at ``path`` — a local path or fsspec URL."""
+    """Rebuild the module (or :class:`Bundle`) saved at ``path`` — a local path or fsspec URL.
+
+    The file is memory-mapped (local) or read tensor by tensor (remote): loading needs about the
+    model's size in memory, not twice it.
+    """
     source = os.fspath(path)
-    tensors, meta = read(path)
-    kind = meta.get("type")
-    comps = meta.get("components")
-    if kind not in ("model", "bundle") or not isinstance(comps, list) or not comps:
-        raise CheckpointError(f"{source} holds genfw data of type '{kind}', not a model or bundle")
-    _check_structure(kind, comps, meta.get("extra", {}), source)
-    modules = {c.get("role", "model"): build_component(c, tensors, source, registry).to(device) for c in comps}
+    with Reader(path) as reader:
+        meta = reader.meta
+        kind = meta.get("type")
+        comps = meta.get("components")
+        if kind not in ("model", "bundle") or not isinstance(comps, list) or not comps:
+            raise CheckpointError(f"{source} holds genfw data of type '{kind}', not a model or bundle")
+        _check_structure(kind, comps, meta.get("extra", {}), source)
+        modules = {c.get("role", "model"): build_component(c, reader, source, registry, device) for c in comps}
     if kind == "model":
         return modules["model"]
     return Bundle(modules, meta.get("extra", {}))
