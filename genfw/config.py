@@ -1,4 +1,4 @@
-"""Recipe schema, YAML loading, ``--set`` overrides and validation against the registry.
+"""Recipe schema, YAML loading, ``key=value`` / ``~key`` overrides and validation against the registry.
 
 A recipe names components by registered name; each component's own pydantic ``Params`` model
 validates its ``params``, so a typo fails before any work starts, with its full dotted path.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -282,8 +283,10 @@ def swap_component(node: Any, key: str, value: Any, path: str, keep: set[str] | 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None,
                     notes: list[str] | None = None) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a copy of ``raw``.
+    """Apply overrides to a copy of ``raw``, left to right (see docs/recipes.md, "Overrides").
 
+    ``a.b.c=value`` sets a key (the value is parsed as YAML, as in a recipe file); ``~a.b.c``
+    deletes one (its default then applies). List items are addressed by index (``levels.0``).
     A new key may be added only inside an existing mapping; validation then rejects keys the
     schema or the component does not know, naming the full path. Replacing a component's name
     drops its old params (:func:`swap_component`); the notes saying so go to ``notes``.
@@ -291,28 +294,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None,
     out = copy.deepcopy(raw)
     explicit: set[tuple[str, ...]] = set()
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key.path=value, got '{item}'")
-        path, _, text = item.partition("=")
-        keys = [k for k in path.strip().split(".") if k]
-        if not keys:
-            raise ConfigError(f"--set expects key.path=value, got '{item}'")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
+        path, value, delete = parse_override(item)
+        keys = path.split(".")
         node: Any = out
         for i, key in enumerate(keys[:-1]):
             if isinstance(node, list) and key.isdigit() and int(key) < len(node):
                 node = node[int(key)]
                 continue
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {path}: '{'.'.join(keys[:i])}' is not a mapping")
+                raise ConfigError(f"override {item}: '{'.'.join(keys[:i])}' is not a mapping")
             if key not in node:
+                if delete:
+                    raise ConfigError(f"override {item}: '{'.'.join(keys[:i + 1])}' is not in the recipe")
                 node[key] = {}
             node = node[key]
         last = keys[-1]
-        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        if delete:
+            if isinstance(node, dict) and last in node:
+                del node[last]
+            elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
+                del node[int(last)]
+            else:
+                raise ConfigError(f"override {item}: '{path}' is not in the recipe (nothing to delete)")
+        elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
             node[int(last)] = value
         elif isinstance(node, dict):
             params_path = (*keys[:-1], "params")
@@ -326,8 +330,39 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None,
             node[last] = value
             explicit.add(tuple(keys))
         else:
-            raise ConfigError(f"--set {path}: '{'.'.join(keys[:-1])}' is not a mapping")
+            raise ConfigError(f"override {item}: '{'.'.join(keys[:-1])}' is not a mapping")
     return out
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_override(item: str) -> tuple[str, Any, bool]:
+    """``a.b=value`` -> ("a.b", parsed value, False); ``~a.b`` -> ("a.b", None, True).
+
+    The value is YAML (``10``, ``0.001``, ``[3, 7]``, ``{steps: 50}``, ``null``), and ``1e-3``
+    is a number too (YAML 1.1 would read it as text); text that is not valid YAML stays text.
+    """
+    text = item.strip()
+    if text.startswith("~"):
+        path, value, delete = text[1:], None, True
+        if "=" in path:
+            raise ConfigError(f"an override expects key.path=value (set) or ~key.path (delete, no value), got '{item}'")
+    elif "=" in text:
+        path, _, raw_value = text.partition("=")
+        delete = False
+        try:
+            value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        except yaml.YAMLError:
+            value = raw_value
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 as text; on a command line it is a number
+    else:
+        raise ConfigError(f"an override expects key.path=value (set) or ~key.path (delete), got '{item}'")
+    keys = path.strip().split(".")
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"an override expects key.path=value (set) or ~key.path (delete), got '{item}'")
+    return ".".join(k.strip() for k in keys), value, delete
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
