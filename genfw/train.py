@@ -115,6 +115,25 @@ def autocast_context(device: torch.device, precision: str):
     return nullcontext()
 
 
+COMPILE_TARGETS = ("backbone", "encoder", "decoder")
+
+
+def compile_for_training(module: nn.Module) -> list[str]:
+    """``train.*.compile: true``: ``torch.compile`` the heavy submodules in place.
+
+    The backbone of a prior, the encoder and decoder of a tokenizer (or the module's own forward
+    when it has none of them). In place (``nn.Module.compile``), so parameter names and
+    checkpoints are unchanged. Returns the names compiled.
+    """
+    names = [n for n in COMPILE_TARGETS if isinstance(getattr(module, n, None), nn.Module)]
+    for name in names:
+        getattr(module, name).compile()
+    if not names:
+        module.compile()
+        names = ["forward"]
+    return names
+
+
 class Trainer:
     """Trains ``module`` on ``dataset`` according to ``spec``, checkpointing into ``out_dir``."""
 
@@ -157,6 +176,8 @@ class Trainer:
         self.ema = (AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(spec.ema_decay), use_buffers=True)
                     if spec.ema_decay else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and spec.precision == "fp16")
+        if spec.compile:
+            compile_for_training(module)
         if dist.is_initialized():
             dist.broadcast_module(self.module)  # every rank starts from rank 0's weights
         self.step = 0

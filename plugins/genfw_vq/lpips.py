@@ -168,6 +168,25 @@ def _missing_message(detail: str) -> str:
     )
 
 
+def missing_weights(perceptual_weights: str | os.PathLike | None) -> str | None:
+    """What is missing for :func:`resolve_weights`, from file existence alone (cheap), or None.
+
+    One line for pre-flight checks: a named file that does not exist, or no VGG16 / linear
+    layers in the torch hub cache, with the short fix.
+    """
+    fix = "see docs/tokenizers.md (LPIPS weights) or set tokenizer.params.perceptual_weight=0"
+    if perceptual_weights is not None:
+        path = Path(os.path.expanduser(os.fspath(perceptual_weights)))
+        return None if path.is_file() else f"perceptual_weights file {path} does not exist: {fix}"
+    vgg = hub_dir() / VGG16_FILE
+    if not vgg.is_file():
+        return f"LPIPS needs VGG16 weights at {vgg} (not there; genfw never downloads): {fix}"
+    candidates = [hub_dir() / name for name in LIN_FILES] + [_lpips_package_file()]
+    if not any(c is not None and c.is_file() for c in candidates):
+        return f"LPIPS needs its linear layers at {hub_dir() / LIN_FILES[0]} (not there): {fix}"
+    return None
+
+
 def resolve_weights(perceptual_weights: str | os.PathLike | None) -> dict[str, torch.Tensor]:
     """The full LPIPS state dict from ``perceptual_weights`` and/or the torch hub cache.
 

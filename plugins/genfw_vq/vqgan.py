@@ -259,6 +259,16 @@ class VQGAN(VQTokenizer):
     def factor(self) -> int:
         return 2 ** (len(self.params.ch_mult) - 1)
 
+    @classmethod
+    def preflight(cls, params) -> list[str]:
+        """Files training needs (checked before any stage runs): the LPIPS weights."""
+        from genfw_vq.lpips import missing_weights
+
+        if params.perceptual_weight <= 0:
+            return []
+        problem = missing_weights(params.perceptual_weights)
+        return [problem] if problem else []
+
     @property
     def levels(self) -> list[Level]:
         return [Level(codebook_size=self.params.codebook_size, factor=self.factor)]
