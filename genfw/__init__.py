@@ -1,5 +1,8 @@
 """genfw: two-stage discrete generative image models — tokenizers, priors and backbones as plugins.
 
+The Python API (docs/python-api.md): ``genfw.load(path).sample(4)``, ``genfw.run("quickstart")``,
+``genfw.ablate(...)``.
+
 The core knows interfaces only; every concrete model comes from a plugin registered through the
 ``genfw`` entry-point group. Heavy imports are lazy so that ``genfw --help`` stays fast.
 """
@@ -12,7 +15,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "hookimpl": ("genfw.hookspecs", "hookimpl"),
-    "load": ("genfw.checkpoint", "load"),
+    "load": ("genfw.api", "load"),
+    "run": ("genfw.api", "run"),
+    "ablate": ("genfw.ablate", None),  # the module, callable as genfw.api.ablate (see genfw/ablate.py)
+    "Model": ("genfw.api", "Model"),
     "save": ("genfw.checkpoint", "save"),
     "Bundle": ("genfw.checkpoint", "Bundle"),
     "get_registry": ("genfw.registry", "get_registry"),
@@ -36,7 +42,8 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
+        value = importlib.import_module(module)
+        value = getattr(value, attr) if attr else value
         globals()[name] = value
         return value
     raise AttributeError(f"module 'genfw' has no attribute {name!r}")

@@ -43,9 +43,11 @@ from __future__ import annotations
 import csv
 import io as _io
 import itertools
+import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,6 +283,23 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
                         continue
                     jobs.append((cname, seed, steps, os.path.join(folder, f"steps-{steps}"),
                                  resolve(cname, overrides, _seed_overrides(seed) + [f"sample.params.steps={steps}"])))
+    # ... and check this machine can run each of them before the first stage of the first.
+    from genfw.preflight import preflight
+
+    checked = set()
+    for cname, _, _, _, res in jobs:
+        if res is None:
+            continue
+        r = res.recipe  # what the checks look at; runs that agree on it are checked once
+        key = json.dumps([r.data.model_dump(), r.tokenizer.model_dump(), r.train.model_dump(),
+                          r.evaluate.model_dump(), r.device], sort_keys=True, default=str)
+        if key in checked:
+            continue
+        checked.add(key)
+        report = preflight(res, device)
+        if report.failed:
+            report.checks = [type(c)(f"{cname}: {c.name}", c.ok, c.message) for c in report.checks]
+            report.raise_if_failed()
     results: dict[str, Any] = {c: {"overrides": o, "seeds": {}, "sweep": {}} for c, o in combos}
     shared = shared_dir or os.path.join(out_dir, "_shared")
     flops_cache: dict[str, int] = {}
@@ -597,3 +616,16 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             cells.append(s.text() if s else "")
         rows.append([name, str(n)] + cells)
     return header, rows
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """``genfw.ablate`` is this module and the Python API's function at once: calling the module
+    runs :func:`genfw.api.ablate` (a submodule import would otherwise replace the function)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        from genfw.api import ablate
+
+        return ablate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

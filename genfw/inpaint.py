@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io as _io
 import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from PIL import Image
 from genfw import io
 from genfw.data import decode_image, make_grid, to_pil, to_tensor
 from genfw.errors import ConfigError, DataError
-from genfw.sampling import flag_overrides, generate, latent_masks, resolve_device, sample_labels
+from genfw.sampling import flag_overrides, generate, latent_masks
 
 
 def _open(path: str) -> Image.Image:
@@ -53,40 +52,91 @@ def inpaint(tokenizer, priors, image: torch.Tensor, pixel_mask: torch.Tensor, *,
                     device=device, init_codes=init, masks=masks)
 
 
-def inpaint_file(model: str, image_path: str, mask_path: str, *, n: int, label: int | None, seed: int, device: str,
-                 temperature: float | None, steps: int | None, out_dir: str, loader: Callable) -> str:
-    """The ``genfw inpaint`` command: writes the completions and a side-by-side PNG."""
-    dev = resolve_device(device)
-    tokenizer, priors, extra = loader(model, dev)
+def require_label(num_classes: int, label: int | None, class_names: list[str] | None = None) -> None:
+    """A class-conditional model needs the class of the image being completed: refuse to guess.
+
+    (Cycling through the classes, as sampling does, would complete the top of a 7 as a 0.)
+    """
+    if num_classes and label is None:
+        names = class_names or []
+        listing = ", ".join(f"{i}={n}" for i, n in enumerate(names[:10])) if names else f"0..{num_classes - 1}"
+        more = ", ..." if len(names) > 10 else ""
+        raise ConfigError(f"this model is class-conditional ({num_classes} classes): give the class of the image "
+                          f"with --label N (label=N in Python); classes: {listing}{more}")
+    if not num_classes and label is not None:
+        raise ConfigError("--label was given but the model is unconditional")
+
+
+def prepare_inputs(tokenizer, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image and a mask (paths, PIL images or tensors) -> ([C, H, W] in [-1, 1], bool [H, W]).
+
+    Both must have the model's resolution; the mask must select at least one pixel.
+    """
     channels = getattr(tokenizer, "construct", {}).get("channels", 3)
     resolution = tokenizer.construct.get("resolution")
     if isinstance(resolution, int):
         resolution = [resolution, resolution]
-    img = _open(image_path)
+    source = image if isinstance(image, str) else "the image"
+    mask_source = mask if isinstance(mask, str) else "the mask"
+    if isinstance(image, torch.Tensor):
+        tensor = image[0] if image.dim() == 4 else image
+        h, w = tensor.shape[-2:]
+    else:
+        img = _open(image) if isinstance(image, str) else image
+        h, w = img.height, img.width
     if resolution is None:
-        resolution = [img.height, img.width]
-    if img.size[::-1] != tuple(resolution):  # checked before any resize to the model's size
-        raise ConfigError(f"image {image_path} is {img.height}x{img.width} but the model expects "
+        resolution = [h, w]
+    if (h, w) != tuple(resolution):
+        raise ConfigError(f"image {source} is {h}x{w} but the model expects "
                           f"{resolution[0]}x{resolution[1]}: resize it first")
-    image = to_tensor(img, tuple(resolution), channels)
-    pixel_mask = load_mask(mask_path, tuple(resolution))
+    if not isinstance(image, torch.Tensor):
+        tensor = to_tensor(img, tuple(resolution), channels)
+    if isinstance(mask, torch.Tensor):
+        pixel_mask = (mask[0] if mask.dim() == 3 else mask).bool()
+        if tuple(pixel_mask.shape) != tuple(resolution):
+            raise ConfigError(f"the mask is {tuple(pixel_mask.shape)} but the image is {resolution[0]}x{resolution[1]}")
+    elif isinstance(mask, str):
+        pixel_mask = load_mask(mask, tuple(resolution))
+    else:
+        pixel_mask = _mask_from_pil(mask, tuple(resolution), mask_source)
     if not pixel_mask.any():
-        raise ConfigError(f"mask {mask_path} selects no pixels: white pixels mark what to regenerate")
-    overrides = dict(extra.get("sampler") or {})
+        raise ConfigError(f"mask {mask_source} selects no pixels: white pixels mark what to regenerate")
+    return tensor, pixel_mask
+
+
+def _mask_from_pil(img: Image.Image, size: tuple[int, int], source: str) -> torch.Tensor:
+    img = img.convert("L")
+    if (img.height, img.width) != tuple(size):
+        raise ConfigError(f"mask {source} is {img.height}x{img.width} but the image is {size[0]}x{size[1]}: "
+                          "give a mask of the same size")
+    return torch.from_numpy(np.asarray(img) > 127)
+
+
+def inpaint_file(model, image_path: str, mask_path: str, *, n: int, label: int | None, seed: int,
+                 temperature: float | None, steps: int | None, out_dir: str,
+                 overrides: list[str] | None = None) -> str:
+    """The ``genfw inpaint`` command: writes the completions and a side-by-side PNG.
+
+    ``model`` is a :class:`genfw.api.Model`; its ``inpaint`` does the work.
+    """
+    require_label(model.num_classes, label, model.class_names)
+    image, pixel_mask = prepare_inputs(model.tokenizer, image_path, mask_path)
     flags = flag_overrides(steps, temperature)  # --temperature alone: constant (its end value too)
-    merged = {**overrides, **flags}
-    sampler = [p.sampler_params({k: v for k, v in merged.items() if k in p.SamplerParams.model_fields})
-               for p in priors]
-    labels = sample_labels(n, priors[0].num_classes, [label] if label is not None else None)
-    result = inpaint(tokenizer, priors, image, pixel_mask, n=n, labels=labels, seed=seed, device=dev, sampler=sampler)
+    if label is not None:
+        name = model.class_names[label] if label < len(model.class_names) else str(label)
+        from genfw.progress import console
+
+        console.print(f"[dim]conditioning every completion on class {label} ({name})[/dim]")
+    images = model.inpaint(image, pixel_mask, n, label=label, seed=seed, output="tensor", overrides=overrides,
+                           flags=flags)
     os.makedirs(out_dir, exist_ok=True)
     masked = image.clone()
     masked[:, pixel_mask] = 0.0  # grey where the prior fills in
-    for i, im in enumerate(result.images):
+    for i, im in enumerate(images):
         buf = _io.BytesIO()
         to_pil(im).save(buf, format="PNG")
         io.write_bytes(os.path.join(out_dir, f"{i:03d}.png"), buf.getvalue())
-    side = torch.cat([image[None], masked[None], result.images])
+    side = torch.cat([image[None], masked[None], images])
     buf = _io.BytesIO()
     make_grid(side, columns=side.shape[0]).save(buf, format="PNG")
     target = os.path.join(out_dir, "side_by_side.png")

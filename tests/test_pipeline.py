@@ -56,7 +56,11 @@ def test_run_writes_every_output(finished_run):
     index = json.loads((run / "latents/train/index.json").read_text())
     assert index["flip"] is True
     report = (run / "report.md").read_text()
-    assert "## Metrics" in report and "samples/grid.png" in report
+    assert "## Metrics" in report and "samples/grid.png" in report and "![samples](samples.png)" in report
+    assert "### How they were computed" in report and "| fidelity/num_samples | 8 |" in report.split("### How")[1]
+    assert "kid_std" not in report  # 8 samples against 8 reference images: the subset is the whole set
+    assert "Written 20" in report and "by `genfw run " in report and "Versions: genfw " in report
+    assert (run / "samples.png").exists()
 
 
 def test_second_run_reuses_every_stage(finished_run):
@@ -102,7 +106,7 @@ def test_inpaint_changes_only_the_masked_region(finished_run):
     Image.fromarray(mask).save(root / "mask.png")
     out = root / "inpainted"
     genfw("inpaint", run, "--image", sorted((run / "samples").glob("00000_*.png"))[0], "--mask", root / "mask.png",
-          "-n", 3, "--out", out, "--seed", 1)
+          "-n", 3, "--out", out, "--seed", 1, "--label", 0)
     original = np.asarray(image)
     for i in range(3):
         completion = np.asarray(Image.open(out / f"{i:03d}.png"))
@@ -111,7 +115,7 @@ def test_inpaint_changes_only_the_masked_region(finished_run):
     wrong = Image.fromarray(np.zeros((5, 5), dtype=np.uint8))
     wrong.save(root / "wrong.png")
     bad = genfw("inpaint", run, "--image", sorted((run / "samples").glob("00000_*.png"))[0], "--mask",
-                root / "wrong.png", check=False)
+                root / "wrong.png", "--label", 0, check=False)
     assert bad.returncode != 0 and "mask" in bad.stderr and "Traceback" not in bad.stderr
 
 
