@@ -89,7 +89,7 @@ class Model(checkpoint.Bundle):
                  batch_size: int = DEFAULT_BATCH_SIZE, precision: str = DEFAULT_PRECISION,
                  size: tuple[int, int] | None = None, overrides: list[str] | None = None,
                  flags: dict[str, Any] | None = None, progress: str | None = "sampling",
-                 **sampler: Any) -> SampleResult:
+                 on_chunk: Any = None, **sampler: Any) -> SampleResult:
         """Sample ``n`` images; the full result (images, codes, labels, seconds)."""
         from genfw.sampling import generate
 
@@ -97,7 +97,7 @@ class Model(checkpoint.Bundle):
             raise ConfigError(f"n must be at least 1, got {n}")
         return generate(self.tokenizer, self.priors, n, labels=self.labels(n, labels), seed=seed,
                         batch_size=batch_size, sampler=self.sampler(overrides, flags, **sampler), device=self.device,
-                        precision=precision, grid=size, progress=progress)
+                        precision=precision, grid=size, progress=progress, on_chunk=on_chunk)
 
     def sample(self, n: int = 16, *, labels: int | list[int] | None = None, seed: int = DEFAULT_SEED,
                output: str = "pil", **kwargs: Any) -> list[Image.Image] | torch.Tensor:
@@ -237,10 +237,15 @@ def run(recipe: str | os.PathLike | dict, overrides: list[str] | None = None, ou
 
 
 def ablate(path: str | os.PathLike, overrides: list[str] | None = None, device: str | None = None,
-           output_dir: str | None = None) -> dict[str, Any]:
-    """Run an ablation file like ``genfw ablate``: ``{combination: {"overrides", "metrics"}}``."""
+           output_dir: str | None = None, seeds: int | None = None, sweep_steps: list[int] | None = None,
+           shared_dir: str | None = None) -> dict[str, Any]:
+    """Run an ablation file (or a shipped one, e.g. ``"ablations/priors"``) like ``genfw ablate``.
+
+    Returns ``{combination: {"overrides", "seeds": {seed: metrics}, "metrics": means over seeds,
+    "sweep": ...}}`` (see :func:`genfw.ablate.run_ablation`).
+    """
     from genfw.ablate import run_ablation
     from genfw.catalog import resolve
 
-    kwargs = {"output_dir": output_dir} if output_dir is not None else {}
-    return run_ablation(resolve(os.fspath(path)), overrides, device=device, **kwargs)
+    return run_ablation(resolve(os.fspath(path)), overrides, device=device, seeds=seeds, sweep_steps=sweep_steps,
+                        shared_dir=shared_dir, output_dir=output_dir)

@@ -1,14 +1,19 @@
 """The ``genfw`` command line (Typer + rich).
 
-Errors are one red line and a non-zero exit; ``--debug`` shows the traceback.
+Errors are one red line and a non-zero exit; ``--debug`` (on any command, before or after its
+name) or ``GENFW_DEBUG=1`` shows the traceback. Recipe overrides follow one grammar everywhere:
+positional ``key.path=value`` / ``~key.path`` items, or the same after ``--set`` (docs/recipes.md).
+Every command that writes names its output ``-o/--output``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect as _inspect
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from genfw import __version__
-from genfw.errors import GenfwError
+from genfw.errors import ConfigError, GenfwError
 
 app = typer.Typer(
     name="genfw",
@@ -26,14 +31,30 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # genfw --install-completion [bash|zsh|fish|powershell]
 )
 out = Console()
 err = Console(stderr=True)
 _state = {"debug": False}
 
-Sets = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a recipe key: a.b.c=value (YAML value)")]
+Sets = Annotated[list[str] | None, typer.Option("--set", "-s", help="An override, as the positional ones: "
+                                                                  "a.b.c=VALUE (YAML value) or ~a.b.c (delete)")]
+Overrides = Annotated[list[str] | None, typer.Argument(
+    metavar="OVERRIDES", help="Recipe overrides: a.b.c=VALUE sets (YAML value), ~a.b.c deletes", show_default=False)]
+SamplerOverrides = Annotated[list[str] | None, typer.Argument(
+    metavar="OVERRIDES", help="Sampler overrides in the recipe grammar, relative to sample.params: "
+                                   "steps=50, temperature=0.7, ~temperature_end", show_default=False)]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
+DebugFlag = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors (or GENFW_DEBUG=1)")]
+
+
+def _debug() -> bool:
+    return _state["debug"] or os.environ.get("GENFW_DEBUG", "") not in ("", "0")
+
+
+def _overrides(set_: list[str] | None, positional: list[str] | None) -> list[str]:
+    """``--set`` items first, then the positional ones, each left to right."""
+    return [*(set_ or []), *(positional or [])]
 
 
 def _version(value: bool) -> None:
@@ -44,40 +65,52 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors")] = False,
+    debug: DebugFlag = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version")] = False,
 ) -> None:
     _state["debug"] = debug
 
 
-def command(fn):
-    """Register a command whose GenfwErrors become one red line and a non-zero exit."""
+def command(fn=None, *, group: typer.Typer = app, name: str | None = None):
+    """Register a command whose GenfwErrors become red ``error:`` lines and a non-zero exit.
+
+    Every command also accepts ``--debug`` (added here to its signature).
+    """
+    if fn is None:
+        return lambda f: command(f, group=group, name=name)
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, debug: bool = False, **kwargs):
+        if debug:
+            _state["debug"] = True
         try:
             return fn(*args, **kwargs)
         except GenfwError as e:
-            if _state["debug"]:
+            if _debug():
                 raise
-            # escaped: messages hold brackets (`pip install 'genfw[tensorboard]'`, lists)
-            err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            # escaped: messages hold brackets (`pip install 'genfw[tensorboard]'`, lists); one line each
+            for line in str(e).splitlines() or [""]:
+                err.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except RecursionError:
-            if _state["debug"]:
+            if _debug():
                 raise
             err.print("[bold red]error:[/bold red] an input (recipe, override or file) is nested too deeply",
                       highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as e:
-            if _state["debug"]:
+            if _debug():
                 raise
             what = "disk full" if getattr(e, "errno", None) == 28 else type(e).__name__
             err.print(f"[bold red]error:[/bold red] {escape(f'{what}: {e}')} (files already written were kept)",
                       highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
-    return app.command()(wrapper)
+    sig = _inspect.signature(fn, eval_str=True)
+    debug_param = _inspect.Parameter("debug", _inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugFlag)
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), debug_param])
+    wrapper.__annotations__ = {**typing.get_type_hints(fn, include_extras=True), "debug": DebugFlag}
+    return group.command(name)(wrapper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,18 +238,39 @@ def _load_recipe(recipe: str, overrides: list[str] | None):
 
 @command
 def validate(
-    recipe: Annotated[str, typer.Argument(help="Recipe YAML (path or fsspec URL)")],
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML (path, fsspec URL or shipped name: genfw recipes list)")],
+    overrides: Overrides = None,
     set_: Sets = None,
     summary: Annotated[bool, typer.Option("--summary", help="Also print parameter counts and FLOPs")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail when this machine cannot run it yet "
+                                                          "(missing data or weights, no such device)")] = False,
 ) -> None:
-    """Check a recipe (schema, components, params, combination) without running it."""
-    resolved = _load_recipe(recipe, set_)
+    """Check a recipe (schema, components, params, combination), then whether this machine can run it.
+
+    The machine checks (data, weights, device) are reported but do not fail the command unless
+    --strict: a recipe meant for another machine still validates here.
+    """
+    from genfw.catalog import resolve
+    from genfw.preflight import preflight
+
+    resolved = _load_recipe(resolve(recipe), _overrides(set_, overrides))
     out.print(f"[green]✓[/green] {recipe}: recipe '{resolved.recipe.name}' is valid "
               f"({len(resolved.prior_specs)} prior level(s))")
+    report = preflight(resolved)
+    for check in report.checks:
+        mark = "[green]✓[/green]" if check.ok else "[yellow]✗[/yellow]"
+        out.print(f"  {mark} {check.name}: {escape(check.message)}", highlight=False, soft_wrap=True)
+    if report.failed:
+        out.print(f"[yellow]not ready on this machine[/yellow]: {len(report.failed)} check(s) failed "
+                  "(genfw run would stop before its first stage)")
+        if strict:
+            report.raise_if_failed()
     if summary:
         from genfw.pipeline import Run
+        from genfw.preflight import check_device
 
-        _print_plan(Run(resolved).plan())
+        usable = check_device(resolved.recipe.device) is None
+        _print_plan(Run(resolved, device=None if usable else "cpu").plan())
 
 
 def _print_plan(plan: dict[str, Any]) -> None:
@@ -233,38 +287,58 @@ def _print_plan(plan: dict[str, Any]) -> None:
     out.print(f"stages: {' -> '.join(plan['stages'])}")
 
 
+OutputDir = Annotated[str | None, typer.Option("-o", "--output", help="Run directory (default: the recipe's output_dir "
+                                                                      "or runs/NAME)")]
+_OldOutputDir = Annotated[str | None, typer.Option("--output-dir", hidden=True)]
+
+
 @command
 def run(
-    recipe: Annotated[str, typer.Argument(help="Recipe YAML (path or fsspec URL)")],
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML (path, fsspec URL or shipped name: genfw recipes list)")],
+    overrides: Overrides = None,
     set_: Sets = None,
     stages: Annotated[str | None, typer.Option(help="Comma-separated subset: tokenizer,latents,prior,sample,evaluate,report")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (parameter counts, FLOPs) and stop")] = False,
-    output_dir: Annotated[str | None, typer.Option(help="Run directory (default: recipe output_dir or runs/NAME)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check, print the plan (parameter counts, FLOPs) and stop")] = False,
+    output: OutputDir = None,
+    output_dir: _OldOutputDir = None,
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option(help="Reuse a run directory that belongs to another recipe")] = False,
     force: Annotated[bool, typer.Option("--force", help="Delete stage folders made from other inputs "
                                                         "(default: move them aside as <stage>.replaced-<time>)")] = False,
 ) -> None:
-    """Validate a recipe, then train, sample, evaluate and report into its run directory.
+    """Validate a recipe and check this machine, then train, sample, evaluate and report into its run directory.
 
     Unchanged stages are reused, interrupted ones resume, raising train.*.steps continues
     training; one run per directory at a time.
     """
+    from genfw.catalog import resolve
     from genfw.rundir import fail_fast_if_locked
 
+    recipe = resolve(recipe)
     if not dry_run and int(os.environ.get("RANK", "0")) == 0:
-        fail_fast_if_locked(recipe, set_, output_dir)  # in a second, before torch is imported
+        fail_fast_if_locked(recipe, _overrides(set_, overrides), output or output_dir)  # before torch is imported
     from genfw import dist
-    from genfw.pipeline import Run
+    from genfw.pipeline import STAGES, Run
+    from genfw.preflight import check_device, preflight
+    from genfw.progress import announce
 
     dist.init_from_env()
-    resolved = _load_recipe(recipe, set_)
-    pipeline = Run(resolved, output_dir=output_dir, device=None if device == "auto" else device, overwrite=overwrite,
-                   force=force)
+    resolved = _load_recipe(recipe, _overrides(set_, overrides))
+    wanted = stages.split(",") if stages else None
+    unknown = [s for s in wanted or [] if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
+    requested = None if device == "auto" else device
+    bad_device = check_device(requested or resolved.recipe.device)
+    if bad_device:
+        raise GenfwError(f"device: {bad_device}")
+    pipeline = Run(resolved, output_dir=output or output_dir, device=requested, overwrite=overwrite, force=force)
+    preflight(resolved, pipeline.device, wanted).raise_if_failed()
     if dry_run:
         _print_plan(pipeline.plan())
         return
-    metrics = pipeline.run(stages.split(",") if stages else None)
+    announce(pipeline.device, resolved.recipe.train.prior.precision)
+    metrics = pipeline.run(wanted)
     main = dist.is_main()
     dist.destroy()  # under torchrun; the other ranks left the pipeline after training
     if main:
@@ -286,6 +360,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 @command
 def eval(  # noqa: A001 - the command is called eval
     run_dir: Annotated[str, typer.Argument(help="A run directory (made by genfw run)")],
+    overrides: Overrides = None,
     set_: Sets = None,
     device: Device = "auto",
     force: Annotated[bool, typer.Option("--force", help="Recompute even when nothing changed "
@@ -298,11 +373,18 @@ def eval(  # noqa: A001 - the command is called eval
     """
     from genfw.config import apply_overrides, load_yaml, validate_recipe
     from genfw.pipeline import Run
+    from genfw.preflight import check_device, preflight
+    from genfw.progress import announce
 
     recipe_file = os.path.join(run_dir, "recipe.yaml")
     if not os.path.exists(recipe_file):
         raise GenfwError(f"{run_dir} is not a genfw run directory (no recipe.yaml)")
+    set_ = _overrides(set_, overrides)
     resolved = validate_recipe(apply_overrides(load_yaml(recipe_file), set_))
+    requested = None if device == "auto" else device
+    bad_device = check_device(requested or resolved.recipe.device)
+    if bad_device:
+        raise GenfwError(f"device: {bad_device}")
     from genfw.rundir import describe_holder, holder_if_running
 
     holder = holder_if_running(run_dir)
@@ -325,6 +407,8 @@ def eval(  # noqa: A001 - the command is called eval
                    write_recipe=False, changed_from_recipe=set_)
     if force:
         pipeline.stage("evaluate").redo = True
+    preflight(resolved, pipeline.device, ["sample", "evaluate", "report"]).raise_if_failed()
+    announce(pipeline.device, resolved.recipe.train.prior.precision)
     metrics = pipeline.run(["sample", "evaluate", "report"])
     _print_metrics(metrics)
     out.print(f"[green]✓[/green] metrics -> {pipeline.path('metrics.json')}")
@@ -332,8 +416,12 @@ def eval(  # noqa: A001 - the command is called eval
 
 @command
 def ablate(
-    grid: Annotated[str, typer.Argument(help="Ablation YAML: a base recipe plus variants and/or a grid of overrides")],
+    grid: Annotated[str, typer.Argument(help="Ablation YAML (path or shipped name, e.g. ablations/priors): "
+                                             "a base recipe plus variants and/or a grid of overrides")],
+    overrides: Overrides = None,
     set_: Sets = None,
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Folder of the combinations and the "
+                                                                      "comparison (default: the file's output_dir)")] = None,
     device: Device = "auto",
     seeds: Annotated[int | None, typer.Option(
         help="Train every combination's prior N times (seeds 0..N-1; tokenizer and latents shared): "
@@ -343,7 +431,11 @@ def ablate(
              "vs seconds per image, one curve per combination (sweep.png)")] = None,
 ) -> None:
     """Run every combination of a grid (sharing common stages) and write a comparison table and plots."""
-    from genfw.ablate import run_ablation, summary_rows
+    from genfw.ablate import summary_rows
+    from genfw.api import ablate as run_ablation
+    from genfw.preflight import check_device
+    from genfw.progress import announce
+    from genfw.sampling import resolve_device
 
     steps = None
     if sweep_steps is not None:
@@ -351,7 +443,12 @@ def ablate(
             steps = [int(v) for v in sweep_steps.split(",") if v.strip()]
         except ValueError:
             raise GenfwError(f"--sweep-steps expects integers like 10,25,50, got '{sweep_steps}'") from None
-    results = run_ablation(grid, set_, device=None if device == "auto" else device, seeds=seeds, sweep_steps=steps)
+    bad_device = check_device(None if device == "auto" else device)
+    if bad_device:
+        raise GenfwError(f"device: {bad_device}")
+    announce(resolve_device(device), None)
+    results = run_ablation(grid, _overrides(set_, overrides), device=None if device == "auto" else device,
+                           output_dir=output, seeds=seeds, sweep_steps=steps)
     header, rows = summary_rows(results)
     table = Table(title="ablation (mean ± 95% interval over seeds; see comparison.md)")
     for i, h in enumerate(header):
@@ -367,12 +464,14 @@ def inspect(path: Annotated[str, typer.Argument(help="A genfw .safetensors file 
     """Print a checkpoint's metadata, parameter counts per component and a tensor summary."""
     from genfw import checkpoint
 
-    tensors, meta = checkpoint.read(path)
+    header, meta = checkpoint.read_meta(path)  # the header only: no tensor is read
+    floating = {"F64", "F32", "F16", "BF16"}
+    numel = {k: _numel(v["shape"]) for k, v in header.items()}
     comps = []
     for c in meta.get("components", []):
         prefix = c.get("prefix", "")
-        own = {k: v for k, v in tensors.items() if k.startswith(prefix)}
-        comps.append({**c, "parameters": sum(v.numel() for v in own.values() if v.is_floating_point()),
+        own = [k for k in header if k.startswith(prefix)]
+        comps.append({**c, "parameters": sum(numel[k] for k in own if header[k]["dtype"] in floating),
                       "tensors": len(own)})
     if as_json:
         out.print_json(json.dumps({**{k: v for k, v in meta.items() if k != "components"}, "components": comps},
@@ -398,24 +497,17 @@ def inspect(path: Annotated[str, typer.Argument(help="A genfw .safetensors file 
             if isinstance(n, dict):
                 out.print(f"[dim]{c.get('role')}/{n.get('path')} params:[/dim] {json.dumps(n.get('params'))}")
     by_dtype: dict[str, int] = {}
-    for v in tensors.values():
-        by_dtype[str(v.dtype)] = by_dtype.get(str(v.dtype), 0) + v.numel()
-    out.print(f"{len(tensors)} tensors: " + ", ".join(f"{n:,} {d}" for d, n in by_dtype.items()))
+    for k, v in header.items():
+        name = str(checkpoint._DTYPES[v["dtype"]])
+        by_dtype[name] = by_dtype.get(name, 0) + numel[k]
+    out.print(f"{len(header)} tensors: " + ", ".join(f"{n:,} {d}" for d, n in by_dtype.items()))
 
 
-def _load_models(model: str, device):
-    """A bundle file or a run directory -> tokenizer, priors, extras."""
-    _warn_plugin_problems()
-    from genfw import checkpoint
-    from genfw.pipeline import load_run_models
-
-    if os.path.isdir(model):
-        return load_run_models(model, device)
-    loaded = checkpoint.load(model, device=device)
-    if not isinstance(loaded, checkpoint.Bundle):
-        raise GenfwError(f"{model} holds a single {getattr(loaded, 'kind', 'model')}, not a pipeline bundle: "
-                         "export one with `genfw export RUN_DIR -o model.safetensors`")
-    return loaded.tokenizer, loaded.priors, loaded.extra
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def _parse_size(size: str | None) -> tuple[int, int] | None:
@@ -428,11 +520,15 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
         raise GenfwError(f"--size expects HxW code-grid sizes like 16x48, got '{size}'") from None
 
 
+_OldOut = Annotated[str | None, typer.Option("--out", hidden=True)]
+
+
 @command
 def sample(
-    model: Annotated[str, typer.Argument(help="Exported bundle (.safetensors) or a run directory")],
+    model: Annotated[str, typer.Argument(help="Exported bundle (.safetensors, path or URL) or a run directory")],
+    overrides: SamplerOverrides = None,
     n: Annotated[int, typer.Option("-n", help="Number of images")] = 16,
-    steps: Annotated[int | None, typer.Option(help="Sampler steps (priors that have them)")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps (priors that have them); = steps=N")] = None,
     temperature: Annotated[float | None, typer.Option(
         help="Sampling temperature; constant unless --temperature-end is given")] = None,
     temperature_end: Annotated[float | None, typer.Option(
@@ -440,82 +536,93 @@ def sample(
     proportion: Annotated[float | None, typer.Option(
         help="SUNDAE: fraction of positions updated per step; constant unless --proportion-end is given")] = None,
     proportion_end: Annotated[float | None, typer.Option(help="SUNDAE: proportion at the last step")] = None,
-    label: Annotated[list[int] | None, typer.Option(help="Class label(s), cycled over the samples")] = None,
+    label: Annotated[list[int] | None, typer.Option(help="Class label(s), cycled over the samples "
+                                                         "(default: every class in turn)")] = None,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     device: Device = "auto",
-    precision: Annotated[str, typer.Option(help="bf16, fp16 or fp32 (autocast on CUDA)")] = "bf16",
+    precision: Annotated[str, typer.Option(help="bf16, fp16 or fp32 (autocast on CUDA; CPU samples in fp32)")] = "bf16",
     batch_size: Annotated[int, typer.Option(help="Images per chunk")] = 16,
     size: Annotated[str | None, typer.Option(help="Code grid HxW larger than training (if the prior supports it)")] = None,
-    out_dir: Annotated[str, typer.Option("--out", help="Folder for the PNGs")] = "samples",
+    output: Annotated[str, typer.Option("-o", "--output", help="Folder for the PNGs")] = "samples",
+    out_dir: _OldOut = None,
     grid: Annotated[str | None, typer.Option(help="Also write a grid PNG here")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Sampler param: key=value")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="A sampler override, as the positional ones")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing PNGs of the same names")] = False,
 ) -> None:
     """Generate images from an exported model or a run directory (mid-run: its latest snapshots).
 
-    Images are written as they are made; Ctrl-C (or SIGTERM) keeps those already written.
+    Images are written as they are made; Ctrl-C (or SIGTERM) keeps those already written. The
+    Python API's Model.generate does the sampling.
     """
-    import yaml
-
     from genfw import io
+    from genfw.api import load_model
+    from genfw.progress import announce
     from genfw.rundir import check_write_target
     from genfw.samples import image_name, write_grid, write_images
-    from genfw.sampling import apply_flag_overrides, flag_overrides, generate, resolve_device, sample_labels
+    from genfw.sampling import flag_overrides, resolve_device
 
+    folder = out_dir or output
     dev = resolve_device(device)
-    tokenizer, priors, extra = _load_models(model, dev)
-    for stage, step in (extra.get("snapshots") or {}).items():
+    announce(dev, precision)
+    _warn_plugin_problems()
+    model_ = load_model(model, dev)
+    for stage, step in (model_.extra.get("snapshots") or {}).items():
         err.print(f"[yellow]•[/yellow] {stage} is still training: using its snapshot at step {step}")
-    overrides: dict[str, Any] = dict(extra.get("sampler") or {})
-    for item in set_ or []:
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = yaml.safe_load(value)
-    sampler = apply_flag_overrides(priors, overrides, flag_overrides(steps, temperature, temperature_end,
-                                                                     proportion, proportion_end))
-    labels = sample_labels(n, priors[0].num_classes, label)
-    class_names = extra.get("class_names") or []
+    flags = flag_overrides(steps, temperature, temperature_end, proportion, proportion_end)
+    labels = model_.labels(n, label)
+    class_names = model_.class_names
     # every file this command would write is checked before any work
-    targets = [os.path.join(out_dir, image_name(i, int(labels[i]) if labels is not None else None, class_names))
+    targets = [os.path.join(folder, image_name(i, int(labels[i]) if labels is not None else None, class_names))
                for i in range(n)] + ([grid] if grid else [])
     for target in targets:
         check_write_target(target, overwrite, "images")
-    if os.path.isdir(out_dir):
-        io.remove_temp_files(out_dir)  # left by an earlier interrupted write
+    if os.path.isdir(folder):
+        io.remove_temp_files(folder)  # left by an earlier interrupted write
     written: list[str] = []
 
     def keep(start: int, images, _codes) -> None:
         chunk = labels[start : start + images.shape[0]] if labels is not None else None
-        written.extend(write_images(out_dir, images, chunk, class_names, start=start))
+        written.extend(write_images(folder, images, chunk, class_names, start=start))
 
     try:
-        result = generate(tokenizer, priors, n, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler,
-                          device=dev, precision=precision, grid=_parse_size(size), on_chunk=keep)
+        result = model_.generate(n, labels=label, seed=seed, batch_size=batch_size, precision=precision,
+                                 size=_parse_size(size), overrides=_overrides(set_, overrides), flags=flags,
+                                 on_chunk=keep)
     except KeyboardInterrupt:
-        raise GenfwError(f"interrupted: {len(written)} of {n} images were written to {out_dir} and are kept") from None
+        raise GenfwError(f"interrupted: {len(written)} of {n} images were written to {folder} and are kept") from None
     if grid:
         write_grid(grid, result.images)
-    out.print(f"[green]✓[/green] {n} images -> {out_dir} in {result.seconds:.2f}s "
+    out.print(f"[green]✓[/green] {n} images -> {folder} in {result.seconds:.2f}s "
               f"({result.images_per_second:.2f} images/s on {dev})")
 
 
 @command
 def inpaint(
     model: Annotated[str, typer.Argument(help="Exported bundle (.safetensors) or a run directory")],
-    image: Annotated[str, typer.Option(help="Input image")],
-    mask: Annotated[str, typer.Option(help="Mask image: white (non-zero) pixels are regenerated")],
+    overrides: SamplerOverrides = None,
+    image: Annotated[str, typer.Option(help="Input image")] = ...,
+    mask: Annotated[str, typer.Option(help="Mask image: white (non-zero) pixels are regenerated")] = ...,
     n: Annotated[int, typer.Option("-n", help="Number of completions")] = 4,
-    label: Annotated[int | None, typer.Option(help="Class label (conditional models)")] = None,
+    label: Annotated[int | None, typer.Option(help="Class label; required for class-conditional models")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Device = "auto",
     temperature: Annotated[float | None, typer.Option()] = None,
     steps: Annotated[int | None, typer.Option()] = None,
-    out_dir: Annotated[str, typer.Option("--out")] = "inpainted",
+    output: Annotated[str, typer.Option("-o", "--output", help="Folder for the completions")] = "inpainted",
+    out_dir: _OldOut = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="A sampler override, as the positional ones")] = None,
 ) -> None:
     """Regenerate the masked region of an image (any mask shape), keeping the rest."""
+    from genfw.api import load_model
     from genfw.inpaint import inpaint_file
+    from genfw.progress import announce
+    from genfw.sampling import resolve_device
 
-    path = inpaint_file(model, image, mask, n=n, label=label, seed=seed, device=device, temperature=temperature,
-                        steps=steps, out_dir=out_dir, loader=_load_models)
+    dev = resolve_device(device)
+    announce(dev, "bf16")
+    _warn_plugin_problems()
+    path = inpaint_file(load_model(model, dev), image, mask, n=n, label=label, seed=seed, temperature=temperature,
+                        steps=steps, out_dir=out_dir or output, overrides=_overrides(set_, overrides))
     out.print(f"[green]✓[/green] {n} completions -> {path}")
 
 
@@ -648,6 +755,41 @@ def bench(
 
 def _interrupt(signum, frame) -> None:  # noqa: ARG001
     raise KeyboardInterrupt
+
+
+recipes_app = typer.Typer(help="The recipes shipped with genfw: list them, copy one to edit.",
+                          context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@command(group=recipes_app, name="list")
+def recipes_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False) -> None:
+    """List the shipped recipes (run one with `genfw run NAME`)."""
+    from genfw.catalog import list_recipes, recipes_root
+
+    infos = list_recipes()
+    if as_json:
+        out.print_json(json.dumps([{"name": i.name, "path": str(i.path), "description": i.description} for i in infos]))
+        return
+    table = Table(title=f"shipped recipes ({recipes_root()})")
+    table.add_column("name")
+    table.add_column("description")
+    for i in infos:
+        table.add_row(i.name, i.description)
+    out.print(table)
+
+
+@command(group=recipes_app, name="copy")
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="A shipped recipe (genfw recipes list)")],
+    target: Annotated[str | None, typer.Argument(help="Folder or .yaml path (default: the working folder)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file")] = False,
+) -> None:
+    """Copy a shipped recipe (and an ablation's base recipe) to edit and run."""
+    from genfw.catalog import copy_recipe
+
+    path = copy_recipe(name, target, force=force)
+    out.print(f"[green]✓[/green] {name} -> {path}  (run it: genfw run {path})")
 
 
 def main() -> None:

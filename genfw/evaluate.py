@@ -18,7 +18,7 @@ import torch
 
 from genfw import io, metrics
 from genfw.data import AsTorchDataset, LatentDataset
-from genfw.progress import console
+from genfw.progress import console, progress_bar, tracked
 from genfw.sampling import generate, sample_labels
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def _stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[i] for i in indices]
+    items = [dataset[i] for i in tracked(indices, "evaluate: reading images")]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
 
@@ -47,7 +47,8 @@ def evaluate_run(run: Run, tokenizer, priors) -> dict[str, Any]:
 
     if "reconstruction" in spec.metrics:
         loader = torch.utils.data.DataLoader(AsTorchDataset(run.dataset, hold_idx), batch_size=spec.batch_size)
-        for k, v in metrics.reconstruction(tokenizer, loader, device=device).items():
+        batches = tracked(loader, "evaluate: reconstruction (batches)")
+        for k, v in metrics.reconstruction(tokenizer, batches, device=device).items():
             out[f"tokenizer/{k}"] = v
 
     if "nll" in spec.metrics:
@@ -56,7 +57,8 @@ def evaluate_run(run: Run, tokenizer, priors) -> dict[str, Any]:
             loader = torch.utils.data.DataLoader(latents, batch_size=spec.batch_size)
             for level, prior in enumerate(priors):
                 batches = ({"codes": codes[level], "labels": labels if prior.num_classes else None,
-                            "context": list(codes[:level]) or None} for codes, labels in loader)
+                            "context": list(codes[:level]) or None}
+                           for codes, labels in tracked(loader, f"evaluate: prior {level} NLL (batches)"))
                 g = torch.Generator(device=device).manual_seed(run.recipe.seed)
                 result = metrics.prior_nll(prior, batches, generator=g, device=device)
                 out |= {f"prior{level}/{k}": v for k, v in result.items()}
@@ -97,7 +99,8 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
         extra_n = n - images.shape[0]
         labels = sample_labels(extra_n, run.num_classes, run.recipe.sample.labels)
         more = generate(tokenizer, priors, extra_n, labels=labels, seed=run.sample_seed() + 10_000,
-                        batch_size=run.recipe.sample.batch_size, sampler=run.resolved.sampler_params, device=device)
+                        batch_size=run.recipe.sample.batch_size, sampler=run.resolved.sampler_params, device=device,
+                        progress="evaluate: extra samples")
         images = torch.cat([images, more.images])
         if sample_labels_ is not None and labels is not None:
             sample_labels_ = torch.cat([sample_labels_, labels])
@@ -120,8 +123,10 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
         if sample_labels_ is not None:
             out["class_accuracy"] = metrics.classifier_accuracy(classifier, images, sample_labels_)
         extractor = classifier
-    result = metrics.fidelity(images, reference, extractor, batch_size=spec.batch_size, device=device,
-                              inception_weights_path=spec.inception_weights)
+    with progress_bar(f"evaluate: fidelity features ({images.shape[0]} samples, {reference.shape[0]} reference)",
+                      total=None):
+        result = metrics.fidelity(images, reference, extractor, batch_size=spec.batch_size, device=device,
+                                  inception_weights_path=spec.inception_weights)
     out |= {f"fidelity/{k}": v for k, v in result.items()}
     return out
 

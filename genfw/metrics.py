@@ -204,16 +204,21 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
     max_shift = max(1, round(max(input_size) / 16))
     model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=g)
-        x = images[idx].to(device).float()
-        x = _random_shift(x, max_shift, g)
-        _, logits = model(x)
-        loss = F.cross_entropy(logits, labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    from genfw.progress import progress_bar
+
+    with progress_bar("classifier (feature extractor)", total=steps) as bar:
+        for step in range(steps):
+            idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=g)
+            x = images[idx].to(device).float()
+            x = _random_shift(x, max_shift, g)
+            _, logits = model(x)
+            loss = F.cross_entropy(logits, labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 10 == 9 or step == steps - 1:
+                bar.update(step + 1, loss=float(loss.detach()))
     model.eval()
     with torch.no_grad():
         sample = images[torch.randperm(images.shape[0], generator=g)[:1024]].to(device).float()
@@ -505,12 +510,17 @@ def fidelity(
     stats_fake, stats_real = fid_features_to_statistics(f_fake), fid_features_to_statistics(f_real)
     out["fid"] = fid_statistics_to_metric(stats_fake, stats_real, False)[torch_fidelity.KEY_METRIC_FID]
     subset = kid_subset_size or min(1000, n, m)
+    # A subset as large as both sets is the whole set every time: one subset says all there is,
+    # and a standard deviation over identical subsets (0) would mean nothing, so none is reported.
+    whole = subset >= n and subset >= m
+    subsets = 1 if whole else kid_subsets
     # float64: the cubic kernel of large float32 features loses KID to cancellation (we saw -6.7)
-    kid = kid_features_to_metric(f_fake.double(), f_real.double(), kid_subsets=kid_subsets,
+    kid = kid_features_to_metric(f_fake.double(), f_real.double(), kid_subsets=subsets,
                                  kid_subset_size=subset, rng_seed=seed, verbose=False)
     out["kid"] = kid[torch_fidelity.KEY_METRIC_KID_MEAN]
-    out["kid_std"] = kid[torch_fidelity.KEY_METRIC_KID_STD]
-    info |= {"kid_subsets": kid_subsets, "kid_subset_size": subset}
+    if not whole:
+        out["kid_std"] = kid[torch_fidelity.KEY_METRIC_KID_STD]
+    info |= {"kid_subsets": subsets, "kid_subset_size": subset}
     prc = prc_features_to_metric(f_fake, f_real, prc_neighborhood=prdc_k, save_cpu_ram=True, verbose=False)
     out["precision"] = prc[torch_fidelity.KEY_METRIC_PRECISION]
     out["recall"] = prc[torch_fidelity.KEY_METRIC_RECALL]

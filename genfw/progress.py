@@ -6,8 +6,9 @@ Set ``GENFW_PROGRESS=0`` to silence them (CI logs); they are also off on non-mai
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -22,6 +23,7 @@ from rich.progress import (
 from genfw import dist
 
 console = Console(stderr=True)
+T = TypeVar("T")
 
 
 def enabled() -> bool:
@@ -60,3 +62,30 @@ def progress_bar(description: str, total: int | None, completed: int = 0) -> Ite
     with progress:
         task = progress.add_task(description, total=total, completed=completed, info="")
         yield _Bar(progress, task)
+
+
+def announce(device, precision: str | None, to: Console | None = None) -> None:
+    """One line saying where and how work runs: device, precision, CPU threads (stdout by default,
+    beside the command's other results; stderr keeps errors and progress bars)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        where = f"{device} ({torch.cuda.get_device_name(index)})"
+        how = f"{precision} autocast" if precision in ("bf16", "fp16") else "fp32"
+    else:
+        where, how = str(device), "fp32"
+    if dist.is_main():
+        (to or Console()).print(f"[dim]device {where} · precision {how} · {torch.get_num_threads()} CPU threads · "
+                      f"torch {torch.__version__}[/dim]", highlight=False)
+
+
+def tracked(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Yield ``items`` while a bar counts them (``total`` defaults to ``len(items)``)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with progress_bar(description, total=total) as bar:
+        for item in items:
+            yield item
+            bar.advance(1)

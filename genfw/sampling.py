@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,7 @@ def generate(
     init_codes: list[torch.Tensor] | None = None,
     masks: list[torch.Tensor] | None = None,
     on_chunk: Callable[[int, torch.Tensor, list[torch.Tensor]], None] | None = None,
+    progress: str | None = "sampling",
 ) -> SampleResult:
     """Sample ``n`` images top-down through the levels, in chunks of ``batch_size``.
 
@@ -156,8 +158,11 @@ def generate(
     ``grid`` asks for a code grid larger than the training one (single-level models only).
     Chunk ``k`` uses a generator seeded with ``seed + k``, so results depend on seed and
     batch size only. ``on_chunk(start, images, codes)`` receives each chunk as it is made (for
-    writing images as they come, so an interruption keeps them).
+    writing images as they come, so an interruption keeps them). ``progress`` names the
+    progress bar (None: no bar).
     """
+    from genfw.progress import progress_bar
+
     device = torch.device(device)
     if len(priors) != len(tokenizer.levels):
         raise ConfigError(f"{len(priors)} priors for a tokenizer with {len(tokenizer.levels)} levels")
@@ -172,26 +177,29 @@ def generate(
     evaluations = 0
     _sync(device)
     t0 = time.perf_counter()
-    for k, start in enumerate(range(0, n, batch_size)):
-        m = min(batch_size, n - start)
-        g = torch.Generator(device=device).manual_seed(seed + k)
-        chunk_labels = labels[start : start + m].to(device) if labels is not None else None
-        codes: list[torch.Tensor] = []
-        with autocast_context(device, precision):
-            for level, (prior, sp) in enumerate(zip(priors, samplers)):
-                init = init_codes[level][start : start + m].to(device) if init_codes is not None else None
-                mask = masks[level][start : start + m].to(device) if masks is not None else None
-                c = prior.sample(m, labels=chunk_labels, context=codes[:level] or None, init=init, mask=mask,
-                                 generator=g, params=sp, grid=grid)
-                evaluations += int(getattr(prior, "last_sample_stats", {}).get("backbone_evaluations", 0))
-                codes.append(c)
-            out = tokenizer.decode(codes)
-        check_outputs(priors, codes, out, start)
-        images.append(out.float().clamp(-1, 1).cpu())
-        for level, c in enumerate(codes):
-            all_codes[level].append(c.cpu())
-        if on_chunk is not None:
-            on_chunk(start, images[-1], [c[-1] for c in all_codes])
+    with progress_bar(progress, total=n) if progress else nullcontext(None) as bar:
+        for k, start in enumerate(range(0, n, batch_size)):
+            m = min(batch_size, n - start)
+            g = torch.Generator(device=device).manual_seed(seed + k)
+            chunk_labels = labels[start : start + m].to(device) if labels is not None else None
+            codes: list[torch.Tensor] = []
+            with autocast_context(device, precision):
+                for level, (prior, sp) in enumerate(zip(priors, samplers)):
+                    init = init_codes[level][start : start + m].to(device) if init_codes is not None else None
+                    mask = masks[level][start : start + m].to(device) if masks is not None else None
+                    c = prior.sample(m, labels=chunk_labels, context=codes[:level] or None, init=init, mask=mask,
+                                     generator=g, params=sp, grid=grid)
+                    evaluations += int(getattr(prior, "last_sample_stats", {}).get("backbone_evaluations", 0))
+                    codes.append(c)
+                out = tokenizer.decode(codes)
+            check_outputs(priors, codes, out, start)
+            images.append(out.float().clamp(-1, 1).cpu())
+            for level, c in enumerate(codes):
+                all_codes[level].append(c.cpu())
+            if on_chunk is not None:
+                on_chunk(start, images[-1], [c[-1] for c in all_codes])
+            if bar is not None:
+                bar.advance(m)
     _sync(device)
     seconds = time.perf_counter() - t0
     stats = {"backbone_evaluations": evaluations} if evaluations else {}

@@ -49,7 +49,7 @@ def test_doc_code_runs(tmp_path):
         exec(compile(block, str(DOC), "exec"), scope)  # noqa: S102 - our own documentation
     assert (tmp_path / "first.png").exists()
     assert len(scope["completions"]) == 3
-    assert isinstance(scope["metrics"]["prior0/nll_bits_per_token"], float)
+    assert isinstance(scope["metrics"]["prior0/nll_kind"], str)
     assert (tmp_path / "run" / "metrics.json").exists()
 
 
