@@ -181,15 +181,16 @@ def _is_ints(values: list[Any]) -> bool:
 class Reader:
     """An open checkpoint: the checked header at once, each tensor read only when asked for.
 
-    Local files are memory-mapped through ``safetensors.safe_open``; remote ones (any fsspec URL)
-    are read tensor by tensor with ranged reads. Loading a model therefore holds the model plus
-    one tensor in memory, never a second copy of the whole file. Use as a context manager.
+    Local files and fsspec URLs alike are read tensor by tensor with ranged reads straight into
+    each tensor's own memory (``readinto``). Loading a model therefore holds the model plus one
+    tensor, never a second copy of the file; a memory map (``safetensors.safe_open``) would keep
+    every page it touched resident beside the model until closed (measured: 2.0x the model's size
+    in peak RSS, against 1.02x this way; tests/test_inspect_memory.py). Use as a context manager.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.source = os.fspath(path)
         self._file = None
-        self._mmap = None
         try:
             if io.is_local(path):
                 local = io.local_path(path)
@@ -219,14 +220,6 @@ class Reader:
             self.close()
             raise
         self._body = len(head)  # tensors start after the 8-byte length and the header
-        if io.is_local(path):
-            from safetensors import safe_open
-
-            try:
-                self._mmap = safe_open(str(io.local_path(path)), framework="pt")
-            except Exception as e:  # noqa: BLE001
-                self.close()
-                raise CheckpointError(f"{self.source} is corrupt: {e}") from None
 
     def __enter__(self) -> Reader:
         return self
@@ -238,7 +231,6 @@ class Reader:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._mmap = None
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -257,21 +249,18 @@ class Reader:
         return torch.empty(self.shape(key), dtype=self.dtype(key), device="meta")
 
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor into memory."""
-        if self._mmap is not None:
-            try:
-                return self._mmap.get_tensor(key)
-            except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"{self.source} is corrupt: tensor '{key}': {e}") from None
+        """Read one tensor into memory (straight into its own buffer: one copy, no page cache held)."""
         start, end = self.header[key]["data_offsets"]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
         self._file.seek(self._body + start)
-        data = self._file.read(end - start)
-        if len(data) != end - start:
-            raise CheckpointError(f"{self.source} is truncated: tensor '{key}' (copy or download it again)")
-        dtype = self.dtype(key)
-        if not data:
-            return torch.empty(self.shape(key), dtype=dtype)
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(self.shape(key))
+        view = memoryview(buffer.numpy())
+        got = 0
+        while got < end - start:  # readinto may return less than asked (remote files, pipes)
+            n = self._file.readinto(view[got:])
+            if not n:
+                raise CheckpointError(f"{self.source} is truncated: tensor '{key}' (copy or download it again)")
+            got += n
+        return buffer.view(self.dtype(key)).reshape(self.shape(key))
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix``, read into memory."""
@@ -566,7 +555,7 @@ def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
 def load(path: str | os.PathLike, registry: Registry | None = None, device: str | torch.device = "cpu"):
     """Rebuild the module (or :class:`Bundle`) saved at ``path`` — a local path or fsspec URL.
 
-    The file is memory-mapped (local) or read tensor by tensor (remote): loading needs about the
+    The file is read tensor by tensor into the module (:class:`Reader`): loading needs about the
     model's size in memory, not twice it.
     """
     source = os.fspath(path)

@@ -156,7 +156,7 @@ class Run(RunContext):
         recipe_file = self.path(rundir.RECIPE_FILE)
         if not rundir.recipe_is_ours(self.dir):
             raise ConfigError(
-                f"{recipe_file} was not written by genfw and would be replaced: run into another --output-dir "
+                f"{recipe_file} was not written by genfw and would be replaced: run into another -o/--output "
                 "(or move that file away)"
             )
         self.lock.acquire()
@@ -176,7 +176,7 @@ class Run(RunContext):
                 if old.get("name") != self.recipe.name and not self.overwrite:
                     raise ConfigError(
                         f"run directory {self.dir} belongs to recipe '{old.get('name')}', not '{self.recipe.name}': "
-                        "choose another output_dir (--output-dir) or pass --overwrite"
+                        "choose another output_dir (-o/--output) or pass --overwrite"
                     )
             if self.write_recipe:
                 io.write_text(recipe_file, rundir.RECIPE_HEADER + "\n"

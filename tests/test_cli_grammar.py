@@ -136,7 +136,7 @@ def _commands(group: typer.Typer, prefix=()):
 def test_every_command_takes_debug_and_writes_to_output(monkeypatch):
     commands = list(_commands(app))
     assert len(commands) >= 13 and ["recipes", "copy"] in commands
-    writers = {"run", "sample", "inpaint", "export", "convert", "ablate"}
+    writers = {"run", "sample", "inpaint", "export", "convert", "ablate", "assemble"}
     for cmd in commands:
         text = CliRunner().invoke(app, [*cmd, "--help"], terminal_width=200).output
         assert "--debug" in text, cmd

@@ -210,12 +210,20 @@ def _init_from_mismatch(tmp, fin, mp):
 def _mask_case(tmp, fin, mp):
     sample = sorted((fin / "run" / "samples").glob("00000_*.png"))[0]
     Image.fromarray(np.zeros((3, 7), dtype=np.uint8)).save(tmp / "mask.png")
-    return ["inpaint", str(fin / "bundle.safetensors"), "--image", str(sample), "--mask", str(tmp / "mask.png")], []
+    return ["inpaint", str(fin / "bundle.safetensors"), "--image", str(sample), "--mask", str(tmp / "mask.png"),
+            "--label", "0"], []
 
 
 def _empty_mask_case(tmp, fin, mp):
     sample = sorted((fin / "run" / "samples").glob("00000_*.png"))[0]
     Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp / "mask.png")
+    return ["inpaint", str(fin / "bundle.safetensors"), "--image", str(sample), "--mask", str(tmp / "mask.png"),
+            "--label", "0"], []
+
+
+def _no_label_case(tmp, fin, mp):
+    sample = sorted((fin / "run" / "samples").glob("00000_*.png"))[0]
+    Image.fromarray(np.full((4, 4), 255, dtype=np.uint8)).save(tmp / "mask.png")
     return ["inpaint", str(fin / "bundle.safetensors"), "--image", str(sample), "--mask", str(tmp / "mask.png")], []
 
 
@@ -304,6 +312,7 @@ CASES = [
                                               "--out", str(tmp / "s")], []), "out of range", 2),
     ("inpaint-mask-wrong-size", _mask_case, "mask", 2),
     ("inpaint-mask-empty", _empty_mask_case, "selects no pixels", 2),
+    ("inpaint-without-label", _no_label_case, "this model is class-conditional (2 classes): give the class", 2),
     ("unknown-stage", lambda tmp, fin, mp: (["run", str(write_recipe(tmp, TINY)), "--stages", "train",
                                          "--output-dir", str(tmp / "run")], []),
      "unknown stage", 2),

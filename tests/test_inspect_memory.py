@@ -6,6 +6,8 @@ import struct
 import subprocess
 import sys
 
+import pytest
+
 import genfw
 from genfw.registry import build
 
@@ -55,3 +57,19 @@ def test_inspect_peak_memory_does_not_grow_with_the_file(tmp_path):
     assert peak_big - peak_tiny < 200 * 2**20, (peak_big, peak_tiny)
     out = subprocess.run([sys.executable, "-m", "genfw", "inspect", tiny], capture_output=True, text=True, env=ENV)
     assert "prior" in out.stdout and "float32" in out.stdout
+
+
+@pytest.mark.slow
+def test_loading_needs_about_the_models_size(tmp_path):
+    """genfw.load of a 192 MiB model raises peak RSS by about 1x its size (was 2x: whole file + module)."""
+    make = ("import sys, genfw; from genfw.registry import build; d, n = int(sys.argv[2]), int(sys.argv[3]); "
+            "p = build('prior', 'sundae', {}, codebook_size=16, grid=[4, 4], num_classes=0, context=[], "
+            "backbone={'name': 'transformer', 'params': {'dim': d, 'depth': n, 'heads': 8}}); genfw.save(sys.argv[1], p)")
+    big, tiny = tmp_path / "big.safetensors", tmp_path / "tiny.safetensors"
+    subprocess.run([sys.executable, "-c", make, big, "512", "16"], check=True, env=ENV)
+    subprocess.run([sys.executable, "-c", make, tiny, "16", "1"], check=True, env=ENV)
+    size = big.stat().st_size
+    load = [sys.executable, "-c", "import sys, genfw; genfw.load(sys.argv[1])"]
+    extra = _peak_rss_bytes(*load, big) - _peak_rss_bytes(*load, tiny)
+    print(f"genfw.load: model file {size / 2**20:.0f} MiB, peak RSS above a tiny model {extra / 2**20:.0f} MiB")
+    assert extra < 1.3 * size, (extra, size)
