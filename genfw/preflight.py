@@ -87,8 +87,9 @@ def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None
 
     requested = str(device) if device is not None else recipe.device
     problem = check_device(requested)
-    report.add("device", problem is None, problem or f"{requested} is available")
     device_type = "cpu" if problem else _device_type(requested)
+    where = f"{requested} -> {device_type}" if requested in (None, "", "auto") else str(requested)
+    report.add("device", problem is None, problem or f"{where} is available")
 
     # data: exists, and holds images (counted); reading every image is left to the stages
     num_classes = 0

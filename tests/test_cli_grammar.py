@@ -62,6 +62,8 @@ def test_one_grammar_for_every_recipe_command(files, monkeypatch, command, items
         seen.append(raw)
         raise Captured("captured")
 
+    import genfw.ablate  # imported first: importing it after the patch would bind the patched function
+
     monkeypatch.setattr(genfw.config, "validate_recipe", capture)
     monkeypatch.setattr("genfw.ablate.validate_recipe", capture)
     result = CliRunner().invoke(app, [*files[command], *items])
@@ -87,6 +89,8 @@ def test_sampler_overrides_in_the_same_grammar(tmp_path, monkeypatch, command, i
     def capture(*args, sampler=None, **kwargs):
         seen.append(sampler)
         raise Captured("captured")
+
+    import genfw.inpaint  # imported first: importing it after the patch would bind the patched function
 
     monkeypatch.setattr("genfw.sampling.generate", capture)
     monkeypatch.setattr("genfw.inpaint.generate", capture)
