@@ -7,7 +7,9 @@ import yaml
 from test_python_api import tiny_bundle
 from typer.testing import CliRunner
 
+import genfw.ablate  # imported before any patch: importing after one would bind the patched function
 import genfw.config
+import genfw.inpaint
 from genfw.cli import app
 from genfw.config import apply_overrides, parse_override
 from genfw.errors import ConfigError, GenfwError
@@ -62,8 +64,6 @@ def test_one_grammar_for_every_recipe_command(files, monkeypatch, command, items
         seen.append(raw)
         raise Captured("captured")
 
-    import genfw.ablate  # imported first: importing it after the patch would bind the patched function
-
     monkeypatch.setattr(genfw.config, "validate_recipe", capture)
     monkeypatch.setattr("genfw.ablate.validate_recipe", capture)
     result = CliRunner().invoke(app, [*files[command], *items])
@@ -89,8 +89,6 @@ def test_sampler_overrides_in_the_same_grammar(tmp_path, monkeypatch, command, i
     def capture(*args, sampler=None, **kwargs):
         seen.append(sampler)
         raise Captured("captured")
-
-    import genfw.inpaint  # imported first: importing it after the patch would bind the patched function
 
     monkeypatch.setattr("genfw.sampling.generate", capture)
     monkeypatch.setattr("genfw.inpaint.generate", capture)
