@@ -93,8 +93,6 @@ class Model(checkpoint.Bundle):
         """Sample ``n`` images; the full result (images, codes, labels, seconds)."""
         from genfw.sampling import generate
 
-        if n < 1:
-            raise ConfigError(f"n must be at least 1, got {n}")
         return generate(self.tokenizer, self.priors, n, labels=self.labels(n, labels), seed=seed,
                         batch_size=batch_size, sampler=self.sampler(overrides, flags, **sampler), device=self.device,
                         precision=precision, grid=size, progress=progress, on_chunk=on_chunk)

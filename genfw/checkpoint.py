@@ -197,7 +197,10 @@ class Reader:
                 self._file = open(local, "rb")  # noqa: SIM115 - closed by close()
                 size = os.fstat(self._file.fileno()).st_size
             else:
-                fs, remote = io.fsspec.core.url_to_fs(self.source)
+                try:
+                    fs, remote = io.fsspec.core.url_to_fs(self.source)
+                except (ImportError, ValueError) as e:
+                    raise io.backend_error(self.source, e) from None
                 size = fs.size(remote)
                 self._file = fs.open(remote, "rb")
             head = self._file.read(8)

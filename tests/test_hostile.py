@@ -175,14 +175,14 @@ def _inpaint_huge(tmp, bundle, mp):
     Image.fromarray(np.zeros((3000, 3000), dtype=np.uint8)).save(tmp / "big.png")
     Image.fromarray(np.full((4, 4), 255, dtype=np.uint8)).save(tmp / "mask.png")
     return ["inpaint", str(bundle), "--image", str(tmp / "big.png"), "--mask", str(tmp / "mask.png"),
-            "--out", str(tmp / "out")], []
+            "--label", "0", "--out", str(tmp / "out")], []
 
 
 def _inpaint_bomb(tmp, bundle, mp):
     png_bomb(tmp / "bomb.png")
     Image.fromarray(np.full((4, 4), 255, dtype=np.uint8)).save(tmp / "mask.png")
     return ["inpaint", str(bundle), "--image", str(tmp / "bomb.png"), "--mask", str(tmp / "mask.png"),
-            "--out", str(tmp / "out")], []
+            "--label", "0", "--out", str(tmp / "out")], []
 
 
 def _run_dir_state(corrupt):
