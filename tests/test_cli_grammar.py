@@ -164,7 +164,7 @@ def test_old_output_spellings_still_work(tmp_path):
     bundle = tiny_bundle(tmp_path / "m.safetensors")
     result = CliRunner().invoke(app, ["sample", str(bundle), "-n", "1", "--out", str(tmp_path / "old")])
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "old").glob("*.png"))) == 2  # the image and grid.png
+    assert len(list((tmp_path / "old").glob("*.png"))) == 1
 
 
 def test_shell_completion_can_be_installed():

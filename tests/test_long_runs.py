@@ -427,11 +427,11 @@ def test_lock_rejects_a_live_holder_and_takes_over_a_dead_one(tmp_path):
 
 
 def test_readme_tour_continues_the_quickstart_prior():
-    """README: `genfw run recipes/quickstart.yaml --set train.prior.steps=2000` trains on, not anew."""
+    """README: `genfw run quickstart train.prior.steps=2000` trains on, not anew."""
     from genfw.config import load_recipe
 
     root = Path(__file__).parents[1]
-    assert "genfw run recipes/quickstart.yaml --set train.prior.steps=2000" in (root / "README.md").read_text()
+    assert "genfw run quickstart train.prior.steps=2000" in (root / "README.md").read_text()
     base = Run(load_recipe(root / "recipes" / "quickstart.yaml"), device="cpu")
     longer = Run(load_recipe(root / "recipes" / "quickstart.yaml", ["train.prior.steps=2000"]), device="cpu")
     for stage in ("tokenizer", "latents", "prior0"):
