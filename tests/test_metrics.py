@@ -298,16 +298,16 @@ def test_psnr():
 def test_reconstruction_of_the_pixels_tokenizer(registry, shapes):
     _, (x, y), _ = shapes
     batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 240, 64)]
-    pixels = registry.build("tokenizer", "pixels", {"levels": 256}, channels=1)
+    pixels = registry.build("tokenizer", "pixels", {"levels": 256}, channels=1, resolution=tuple(x.shape[-2:]))
     exact = metrics.reconstruction(pixels, batches)
     assert exact["mse"] == pytest.approx(0.0, abs=1e-10) and exact["psnr"] == 100.0
     assert exact["num_images"] == 240
     # Two levels keep only black and white: the synthetic images are exactly that, two codes used.
-    binary = metrics.reconstruction(registry.build("tokenizer", "pixels", {"levels": 2}, channels=1), batches)
+    binary = metrics.reconstruction(registry.build("tokenizer", "pixels", {"levels": 2}, channels=1, resolution=tuple(x.shape[-2:])), batches)
     assert binary["level0/usage"] == 1.0 and 1 < binary["level0/perplexity"] <= 2
     # Four levels on grey images: a known quantisation error.
     grey = torch.full((4, 1, 8, 8), 0.1)
-    four = metrics.reconstruction(registry.build("tokenizer", "pixels", {"levels": 4}, channels=1), [grey])
+    four = metrics.reconstruction(registry.build("tokenizer", "pixels", {"levels": 4}, channels=1, resolution=(8, 8)), [grey])
     nearest = -1 + 2 / 3 * round((0.1 + 1) * 1.5)  # levels at -1, -1/3, 1/3, 1
     assert four["mse"] == pytest.approx((nearest - 0.1) ** 2, rel=1e-5)
     assert four["level0/usage"] == 0.25
