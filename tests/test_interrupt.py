@@ -20,7 +20,7 @@ RECIPE = {
     "tokenizer": {"name": "pixels", "params": {"levels": 4}},
     "prior": {"name": "sundae", "params": {"unroll_steps": 2},
               "backbone": {"name": "transformer", "params": {"dim": 32, "depth": 2, "heads": 2}}},
-    "train": {"prior": {"steps": 80, "batch_size": 8, "checkpoint_every": 2, "log_every": 5, "ema_decay": 0.9}},
+    "train": {"prior": {"steps": 160, "batch_size": 8, "checkpoint_every": 2, "log_every": 5, "ema_decay": 0.9}},
     "latents": {"holdout": 0.2},
     "sample": {"n": 2, "batch_size": 2, "params": {"steps": 2, "min_steps": 1}},
     "evaluate": {"metrics": ["nll"]},

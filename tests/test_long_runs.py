@@ -271,7 +271,7 @@ def test_eval_force_recomputes_appends_history_and_never_rewrites_the_recipe(tmp
     assert (out / "recipe.yaml").read_text() == recipe_text
 
 
-@pytest.mark.slow  # a real process (a signal), ~10 s CPU
+# a real process (a signal), ~10 s CPU
 def test_sigint_during_sample_keeps_the_images_written(tmp_path):
     out = tmp_path / "run"
     make_run(out).run(TRAIN)
@@ -315,7 +315,7 @@ def wait_for(proc, predicate, timeout=180) -> bool:
     return False
 
 
-@pytest.mark.slow  # four real processes (lock, signals, SIGKILL), ~45 s CPU
+# four real processes (lock, signals, SIGKILL), ~45 s CPU
 def test_lock_sigterm_snapshot_sigkill_stale_lock_then_bitwise_equal(tmp_path):
     steps = 150
     recipe_dict = {**RECIPE, "train": {"prior": {**RECIPE["train"]["prior"], "steps": steps, "checkpoint_every": 1,

@@ -18,8 +18,11 @@ def genfw(*args):
     return result
 
 
-def test_ffhq1024_dry_run_prints_the_plan():
-    out = genfw("run", "recipes/ffhq1024_sundae.yaml", "--dry-run").stdout
+def test_ffhq1024_dry_run_prints_the_plan(tmp_path):
+    # --dry-run checks this machine first (data, LPIPS/Inception weights): give it what it needs here
+    Image.new("RGB", (64, 64)).save(tmp_path / "00000.png")
+    out = genfw("run", "recipes/ffhq1024_sundae.yaml", "--dry-run", f"data.params.path={tmp_path}",
+                "tokenizer.params.perceptual_weight=0", "evaluate.metrics=[reconstruction, nll]").stdout
     assert "vqgan" in out and "8192 codes @ 32x32" in out and "sundae / hourglass" in out
     assert "GFLOP per forward" in out
 
