@@ -25,41 +25,17 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from genfw import checkpoint, limits
+from genfw.convert import read_torch_file
 from genfw.errors import CheckpointError
 from genfw.registry import get_registry
 
 DROPPED_PREFIXES = ("loss.perceptual_loss.",)
 FRESH_BUFFERS = ("quantize.unused_steps", "quantize.initialised", "quantize.ema_count", "quantize.ema_sum")
-
-
-def read_torch_file(path: str | os.PathLike) -> Any:
-    """Load a user's own ``.pth``/``.ckpt`` safely: tensors and plain containers only.
-
-    Memory-mapped when the file is in torch's zip format, so tensors are read only when used.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:  # noqa: BLE001 - turned into one clear line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"cannot read {path} safely (weights_only): {first}. If it holds Python objects besides "
-            "tensors, save just its weights where it was written: "
-            "torch.save(torch.load(ckpt)['state_dict'], 'weights.pt'), and convert that"
-        ) from None
 
 
 def _state_and_hparams(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -116,7 +116,7 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    from genfw_vq.convert import read_torch_file
+    from genfw.convert import read_torch_file
 
     state = read_torch_file(path)
     return state.get("state_dict", state) if isinstance(state, dict) else state
