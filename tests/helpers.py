@@ -35,3 +35,17 @@ class FastCliRunner:
             return typer.testing.CliRunner().invoke(app, args, **kwargs)
         finally:
             typer.testing._get_command = real
+
+
+# The smallest complete recipe (pixels tokenizer, 1-layer SUNDAE): seconds to run end to end.
+TINY_RECIPE = {
+    "name": "tiny",
+    "data": {"name": "synthetic", "params": {"size": 24, "resolution": 4, "num_classes": 2}},
+    "tokenizer": {"name": "pixels", "params": {"levels": 4}},
+    "prior": {"name": "sundae", "params": {"unroll_steps": 2},
+              "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}}},
+    "train": {"prior": {"steps": 3, "batch_size": 4}},
+    "latents": {"holdout": 0.25},
+    "sample": {"n": 4, "batch_size": 4, "params": {"steps": 3, "min_steps": 1}},
+    "evaluate": {"metrics": ["nll"]},
+}

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import TINY_RECIPE as TINY
 from helpers import edit_meta
 from PIL import Image
 from typer.testing import CliRunner
@@ -24,18 +25,6 @@ from genfw import io as genfw_io
 from genfw.cli import app
 from genfw.errors import CheckpointError
 from genfw.registry import build
-
-TINY = {
-    "name": "tiny",
-    "data": {"name": "synthetic", "params": {"size": 24, "resolution": 4, "num_classes": 2}},
-    "tokenizer": {"name": "pixels", "params": {"levels": 4}},
-    "prior": {"name": "sundae", "params": {"unroll_steps": 2},
-              "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}}},
-    "train": {"prior": {"steps": 3, "batch_size": 4}},
-    "latents": {"holdout": 0.25},
-    "sample": {"n": 4, "batch_size": 4, "params": {"steps": 3, "min_steps": 1}},
-    "evaluate": {"metrics": ["nll"]},
-}
 
 
 def write_recipe(folder: Path, recipe: dict, name: str = "r.yaml") -> Path:

@@ -19,24 +19,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import TINY_RECIPE as RECIPE
 from helpers import FastCliRunner, edit_meta
 from PIL import Image
 
 import genfw
 from genfw.cli import app
 from genfw.registry import build
-
-RECIPE = {
-    "name": "tiny",
-    "data": {"name": "synthetic", "params": {"size": 24, "resolution": 4, "num_classes": 2}},
-    "tokenizer": {"name": "pixels", "params": {"levels": 4}},
-    "prior": {"name": "sundae", "params": {"unroll_steps": 2},
-              "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}}},
-    "train": {"prior": {"steps": 3, "batch_size": 4}},
-    "latents": {"holdout": 0.25},
-    "sample": {"n": 4, "batch_size": 4, "params": {"steps": 3, "min_steps": 1}},
-    "evaluate": {"metrics": ["nll"]},
-}
 
 
 def tiny_modules():

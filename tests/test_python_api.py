@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import TINY_RECIPE
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,17 +17,9 @@ from genfw.errors import ConfigError
 from genfw.registry import build
 
 DOC = Path(__file__).parents[1] / "docs" / "python-api.md"
-RECIPE = {
-    "name": "api",
-    "data": {"name": "synthetic", "params": {"size": 16, "resolution": 4, "num_classes": 2}},
-    "tokenizer": {"name": "pixels", "params": {"levels": 4}},
-    "prior": {"name": "sundae", "params": {"unroll_steps": 2},
-              "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}}},
-    "train": {"prior": {"steps": 3, "batch_size": 4}},
-    "latents": {"holdout": 0.25},
-    "sample": {"n": 4, "batch_size": 4, "params": {"steps": 3, "min_steps": 1}},
-    "evaluate": {"metrics": ["nll"]},
-}
+RECIPE = {**TINY_RECIPE, "name": "api",
+          "data": {"name": "synthetic", "params": {"size": 16, "resolution": 4, "num_classes": 2}}}
+
 
 
 def tiny_bundle(path: Path, num_classes: int = 3) -> Path:
