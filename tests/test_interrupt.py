@@ -86,9 +86,15 @@ def test_ctrl_c_and_sigkill_at_random_points_then_resume_is_bitwise_identical(tm
     proc = start(recipe, out)
     assert wait_for_step(proc, out, 6)
     time.sleep(0.03)
+    # Frozen, the run cannot finish between the look at its state and the signal: a state short of
+    # the last step means it is inside the training loop, where Ctrl-C must save.
+    proc.send_signal(signal.SIGSTOP)
+    before = saved_step(out)
+    assert 6 <= before < RECIPE["train"]["prior"]["steps"], before
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "Traceback" not in err, err
+    proc.send_signal(signal.SIGCONT)
+    stdout, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err, (proc.returncode, before, saved_step(out), stdout, err)
     match = re.search(r"interrupted at step (\d+); state saved to \S+train_state.safetensors, "
                       r"run the same command again to resume", err)
     assert match and err.strip().count("\n") == 0, err
