@@ -190,6 +190,22 @@ def _link_shared(run, shared: str) -> None:
 # running
 
 
+#: Metrics that depend on the trained models only, not on the sampler: a sweep point takes them from
+#: its seed's main run instead of computing them again (an absorbing NLL over all timesteps costs
+#: more than the sampling it would be computed next to).
+SAMPLER_FREE_METRICS = ("reconstruction", "nll")
+
+
+def _sampler_free(key: str) -> bool:
+    return key.startswith("tokenizer/") or re.match(r"prior\d+/", key) is not None
+
+
+def _sweep_metrics(res) -> list[str]:
+    """The override that leaves the sampler-free metrics out of a sweep point's evaluation."""
+    kept = [m for m in res.recipe.evaluate.metrics if m not in SAMPLER_FREE_METRICS]
+    return [f"evaluate.metrics=[{', '.join(kept)}]"]
+
+
 def _seed_overrides(seed: int | None) -> list[str]:
     return [] if seed is None else [f"train.prior.seed={seed}", f"sample.seed={seed}"]
 
@@ -282,7 +298,8 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
                         jobs.append((cname, seed, steps, None, None))  # the main run is this point
                         continue
                     jobs.append((cname, seed, steps, os.path.join(folder, f"steps-{steps}"),
-                                 resolve(cname, overrides, _seed_overrides(seed) + [f"sample.params.steps={steps}"])))
+                                 resolve(cname, overrides, _seed_overrides(seed) + [f"sample.params.steps={steps}"]
+                                         + _sweep_metrics(res))))
     # ... and check this machine can run each of them before the first stage of the first.
     from genfw.preflight import preflight
 
@@ -314,6 +331,9 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
         _link_shared(run, shared)
         metrics = dict(run.run())
         metrics |= _prior_costs(run, flops_cache)
+        if steps is not None:  # what the sampler does not change comes from the seed's main run
+            main = results[cname]["seeds"].get(key, {})
+            metrics = {k: v for k, v in main.items() if _sampler_free(k)} | metrics
         if steps is None:
             results[cname]["seeds"][key] = metrics
         else:

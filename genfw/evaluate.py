@@ -113,9 +113,7 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
     if extractor == "classifier":
         pool = _subset(train_idx, 20_000, run.recipe.seed + 1)
         x, y = _stack(dataset, pool)
-        console.print(f"[dim]training the classifier feature extractor on {len(pool)} images[/dim]")
-        classifier = metrics.train_classifier(x, y, dataset.num_classes, steps=spec.classifier_steps,
-                                              seed=run.recipe.seed, device=device)
+        classifier = _classifier(x, y, dataset.num_classes, spec.classifier_steps, run.recipe.seed, device)
         metrics.save_classifier(classifier, run.path("evaluate", "classifier.safetensors"))
         if hold_idx:
             hx, hy = _stack(dataset, hold_idx)
@@ -129,6 +127,30 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
                                   inception_weights_path=spec.inception_weights)
     out |= {f"fidelity/{k}": v for k, v in result.items()}
     return out
+
+
+#: Classifiers trained in this process, by (images, labels, steps, seed, device): the runs of one
+#: ablation or study evaluate with the same classifier, trained once (training is deterministic).
+_CLASSIFIERS: dict[tuple, Any] = {}
+_CLASSIFIER_CACHE_SIZE = 2
+
+
+def _classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int, seed: int, device):
+    import hashlib
+
+    digest = hashlib.sha256(x.contiguous().numpy().tobytes())
+    digest.update(y.contiguous().numpy().tobytes())
+    key = (digest.hexdigest(), tuple(x.shape), num_classes, steps, seed, str(device))
+    if key in _CLASSIFIERS:
+        console.print("[dim]classifier feature extractor: the one trained earlier in this process on the same "
+                      "images, steps and seed[/dim]")
+        return _CLASSIFIERS[key]
+    console.print(f"[dim]training the classifier feature extractor on {x.shape[0]} images[/dim]")
+    model = metrics.train_classifier(x, y, num_classes, steps=steps, seed=seed, device=device)
+    while len(_CLASSIFIERS) >= _CLASSIFIER_CACHE_SIZE:
+        _CLASSIFIERS.pop(next(iter(_CLASSIFIERS)))
+    _CLASSIFIERS[key] = model
+    return model
 
 
 def _read_sample_codes(run: Run):

@@ -238,6 +238,16 @@ def test_ablate_seeds_costs_and_steps_sweep(tmp_path):
     evals = [float(r["evaluations_per_image"]) for r in sweep if r["combination"] == "sundae"]
     assert evals[0] < evals[1]  # more steps, more evaluations (self-stopping after min_steps 2)
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # a sweep point evaluates only what the sampler changes; the prior's NLL and the tokenizer's
+    # reconstruction come from its seed's main run (the same trained models)
+    import json
+
+    point = json.loads((out / "sundae" / "seed-1" / "steps-2" / "metrics.json").read_text())
+    main = json.loads((out / "sundae" / "seed-1" / "metrics.json").read_text())
+    assert not any(k.startswith(("prior0/", "tokenizer/")) for k in point) and "fidelity/fid" in point
+    assert any(k.startswith("prior0/") for k in main)  # SUNDAE: denoising cross-entropy, not an NLL
+    # one classifier feature extractor for every run of the ablation, trained once in the process
+    assert result.output.count("training the classifier feature extractor") == 1, result.output
     assert "Quality vs sampling cost" in md or "Quality vs sampling cost" in (out / "comparison.md").read_text()
 
 
