@@ -602,6 +602,12 @@ def write_sweep(out_dir: str, results: dict[str, Any], primary: str | None = Non
                 ax.fill_between(x, [a - b for a, b in zip(y, hw)], [a + b for a, b in zip(y, hw)],
                                 color=line.get_color(), alpha=0.2)
         ax.set_xscale("log")
+        # plain numbers at 1-2-5 steps (the default minor-tick labels overlap on a short log axis)
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{quality.label}{' (lower is better)' if quality.better == 'lower' else ''}")
         ax.legend(fontsize=7)
