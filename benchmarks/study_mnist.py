@@ -145,6 +145,52 @@ def claims(out: Path, results: dict[str, dict[str, Any]], sweep: list[int]) -> l
     return lines
 
 
+def read_results(folder: Path, sweep: list[int]) -> dict[str, Any]:
+    """An ablation's results as run_ablation returns them, from the files it wrote."""
+    import csv
+    import json
+
+    results: dict[str, Any] = {}
+    with open(folder / "comparison_seeds.csv") as f:
+        for row in csv.DictReader(f):
+            entry = results.setdefault(row.pop("combination"), {"seeds": {}, "sweep": {}})
+            seed = int(row.pop("seed"))
+            entry["seeds"][seed] = {k: float(v) for k, v in row.items() if v not in ("", None)}
+    for name, entry in results.items():
+        for seed in entry["seeds"]:
+            for steps in sweep:
+                point = folder / name / f"seed-{seed}" / f"steps-{steps}" / "metrics.json"
+                if point.exists():
+                    entry["sweep"].setdefault(steps, {})[seed] = json.loads(point.read_text())
+    return results
+
+
+def write_from_files(out: Path, skip: list[str], sweep: list[int]) -> None:
+    import json
+
+    import yaml
+
+    results = {}
+    for name in [f for f in FILES if f not in skip]:
+        folder = out / name.removeprefix("study_")
+        results[name] = read_results(folder, sweep)
+        for combo, entry in results[name].items():  # the recipe's own steps: the main run is that point
+            for seed in entry["seeds"]:
+                recipe = yaml.safe_load((folder / combo / f"seed-{seed}" / "recipe.yaml").read_text())
+                own = (recipe.get("sample", {}).get("params") or {}).get("steps")
+                if own in sweep and not (folder / combo / f"seed-{seed}" / f"steps-{own}").exists():
+                    entry["sweep"].setdefault(own, {})[seed] = json.loads(
+                        (folder / combo / f"seed-{seed}" / "metrics.json").read_text())
+    md = ["# MNIST study", "", f"Written from the files of the finished ablations "
+          f"(`python benchmarks/study_mnist.py --from-files{''.join(f' --skip {s}' for s in skip)}`).", "",
+          "Shared by every run: the data split, the VQ-VAE tokenizer and its latent set "
+          "(recipes/ablations/base_mnist.yaml), the evaluation classifier and reference images. "
+          "Per seed: each prior's weights, batch order and samples. Intervals: 95% Student-t over seeds.", ""]
+    md += claims(out, results, sweep)
+    (out / "study.md").write_text("\n".join(md) + "\n")
+    print(f"study -> {out / 'study.md'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
@@ -152,9 +198,15 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--skip", action="append", default=[], choices=FILES[1:],
                         help="leave out one of the claim studies (repeatable); study.md says it was not measured")
+    parser.add_argument("--from-files", action="store_true",
+                        help="write study.md from the finished ablations' files (comparison_seeds.csv, each "
+                             "sweep point's metrics.json) without running anything")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from genfw.ablate import run_ablation
+    if args.from_files:
+        write_from_files(Path(args.out), args.skip, [2, 4] if args.smoke else [8, 16, 32])
+        return
 
     out = Path(args.out)
     seeds = 2 if args.smoke else None

@@ -204,6 +204,9 @@ def test_ablate_seeds_costs_and_steps_sweep(tmp_path):
                          "autoregressive": {"prior.name": "autoregressive", "sample.params": {}}},
             "sweep": {"steps": [2, 4]}}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    from genfw import evaluate
+
+    evaluate._CLASSIFIERS.clear()  # trained by earlier tests of this process on the same data
     result = CliRunner().invoke(app, ["ablate", str(tmp_path / "grid.yaml"), "--seeds", "2"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
