@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--skip", action="append", default=[], choices=FILES[1:],
                         help="leave out one of the claim studies (repeatable); study.md says it was not measured")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds 0..N-1 instead of each file's three (fewer: faster, wider intervals)")
     parser.add_argument("--from-files", action="store_true",
                         help="write study.md from the finished ablations' files (comparison_seeds.csv, each "
                              "sweep point's metrics.json) without running anything")
@@ -209,7 +211,9 @@ def main() -> None:
         return
 
     out = Path(args.out)
-    seeds = 2 if args.smoke else None
+    seeds = 2 if args.smoke else args.seeds
+    if seeds is not None and not 1 <= seeds <= 10:
+        sys.exit("error: --seeds must be between 1 and 10")
     sweep = [2, 4] if args.smoke else [8, 16, 32]
     extra = SMOKE if args.smoke else []
     results: dict[str, Any] = {}
