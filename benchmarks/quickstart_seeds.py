@@ -1,19 +1,14 @@
 """The quickstart over several seeds, as a new user would run it: class accuracy and wall time per
 seed, their mean ± 95% interval, minimum and maximum. A benchmark, not a test (about 7 minutes
-per seed on 2 idle CPU cores).
+per seed on 2 idle CPU cores; measured in docs/benchmarks.md).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quickstart_seeds.py             # seeds 0, 1, 2
     .venv/bin/python benchmarks/quickstart_seeds.py --seeds 5 --set train.prior.steps=2000
-    .venv/bin/python benchmarks/quickstart_seeds.py --levers                      # sampling levers
 
 Each seed is a whole run (``genfw run recipes/quickstart.yaml --set seed=S``): tokenizer, latents,
 prior, samples and evaluation all change with the seed, as they do for a user who changes it.
 Prints a markdown table and the targets of issue 13 (mean >= 0.90, none below 0.85, each run
 under 8 minutes), and writes ``<out>/seeds.json``.
-
-``--levers`` (after the seeds have run) measures sampler settings on the same trained models: each
-lever's run directory starts as a copy of the seed's trained stages (tokenizer, latents, prior),
-which genfw reuses, so only sampling and evaluation run again; ``<out>/levers.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,14 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
-#: Sampler settings tried on the trained quickstart models (name -> overrides).
-LEVERS = {
-    "recipe": [],
-    "T 0.6 constant": ["sample.params.temperature=0.6", "sample.params.temperature_end=0.6"],
-    "T 0.6 -> 0.4": ["sample.params.temperature=0.6", "sample.params.temperature_end=0.4"],
-    "T 0.8 -> 0.6, p 0.3, 100 steps": ["sample.params.sample_proportion=0.3", "sample.params.steps=100"],
-}
-TRAINED = ("tokenizer", "latents", "prior0")
 
 
 def run(folder: Path, seed: int, sets: list[str]) -> tuple[dict, float]:
@@ -79,38 +65,16 @@ def seeds_main(args) -> None:
                                                            "ci95": acc.half_width}, indent=1))
 
 
-def levers_main(args) -> None:
-    out = Path(args.out)
-    results = {}
-    for name, sets in LEVERS.items():
-        rows = []
-        for seed in range(args.seeds):
-            trained = out / f"seed-{seed}"
-            if not (trained / "prior0" / "model.safetensors").exists():
-                sys.exit(f"error: {trained} has no trained prior: run without --levers first")
-            folder = out / "levers" / name.replace(" ", "_").replace(">", "").replace(",", "") / f"seed-{seed}"
-            if not folder.exists():
-                for stage in TRAINED:
-                    shutil.copytree(trained / stage, folder / stage)
-            metrics, wall = run(folder, seed, args.sets + sets)
-            rows.append({"seed": seed, "class_accuracy": metrics["class_accuracy"],
-                         "fid": metrics.get("fidelity/fid"), "sample_and_eval_seconds": wall})
-        results[name] = {"overrides": sets, "runs": rows}
-        print(table(rows, name), flush=True)
-    (out / "levers.json").write_text(json.dumps(results, indent=1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
     parser.add_argument("--out", default="runs/quickstart-seeds")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override(s)")
-    parser.add_argument("--levers", action="store_true", help="sampler settings on the trained seeds")
     args = parser.parse_args()
     if not 1 <= args.seeds <= 20:
         sys.exit("error: --seeds must be between 1 and 20")
     sys.path.insert(0, str(ROOT))
-    (levers_main if args.levers else seeds_main)(args)
+    seeds_main(args)
 
 
 if __name__ == "__main__":
