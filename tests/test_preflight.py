@@ -5,22 +5,14 @@ import time
 import pytest
 import torch
 import yaml
+from helpers import TINY_RECIPE
 from typer.testing import CliRunner
 
 from genfw.cli import app
 from genfw.config import validate_recipe
 from genfw.preflight import check_device, preflight
 
-BASE = {
-    "name": "pf",
-    "data": {"name": "synthetic", "params": {"size": 16, "resolution": 4, "num_classes": 2}},
-    "tokenizer": {"name": "pixels", "params": {"levels": 4}},
-    "prior": {"name": "sundae", "params": {"unroll_steps": 2},
-              "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}}},
-    "train": {"prior": {"steps": 2, "batch_size": 4}},
-    "sample": {"n": 2, "params": {"steps": 2}},
-    "evaluate": {"metrics": ["nll"]},
-}
+BASE = {**TINY_RECIPE, "name": "pf"}
 VQGAN = {"name": "vqgan", "params": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
                                      "z_channels": 8, "embed_dim": 8, "codebook_size": 16}}
 
