@@ -616,7 +616,8 @@ def prior_nll(prior: Prior, batches: Iterable[dict[str, Any]], generator: torch.
     the value is (``exact``, ``bound``, ``estimate`` or ``not_likelihood``, see
     :data:`genfw.interfaces.NLLKind`); the value's key is ``nll_bits_per_token`` for the first
     three and ``denoising_ce_bits_per_token`` for the last, so a loss that is not a likelihood
-    never appears under an NLL name. An ``estimate`` also gets ``nll_error_bits_per_token``.
+    never appears under an NLL name. An ``estimate`` also gets ``nll_error_bits_per_token``; a
+    prior with an ``nll_bounds`` sentence (which sampling process the bound is for) gets it too.
     """
     device = torch.device(device) if device is not None else _module_device(prior)
     values, errors = [], []
@@ -651,6 +652,9 @@ def prior_nll(prior: Prior, batches: Iterable[dict[str, Any]], generator: torch.
     }
     if kind == "estimate" and errors:
         out["nll_error_bits_per_token"] = float(torch.cat(errors).mean().abs())
+    bounds = getattr(prior, "nll_bounds", None)  # optional: which sampling process a bound is for
+    if isinstance(bounds, str) and bounds:
+        out["nll_bounds"] = bounds
     return out
 
 

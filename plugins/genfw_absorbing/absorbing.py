@@ -8,10 +8,22 @@ Details the paper leaves open follow the authors' code (``models/absorbing_diffu
 Unleashing Transformers): mask id = codebook size,
 T = 256, the network is not told t, the loss normalisations below.
 
-Differences from the reference code, on purpose: the sampler reveals a scheduled *number* of
-positions per step (random order per sample) instead of revealing each with probability 1/t,
-so a run has exactly ``steps`` forwards; inpainting works for any mask; the larger-than-training
-sampler is parallel (all windows in one batch, same number of steps), not one token per step.
+Sampling (``unmasking``): ``random`` is the paper's reverse process: at timestep t each
+still-masked position is unmasked with probability 1/t (the reverse of masking each token with
+probability t/T; Austin et al.'s absorbing process), its value drawn from p(x0 | x_t); the ELBO
+of eq. 6 bounds the NLL of exactly this process when it runs every timestep (steps = T) at
+temperature 1. With steps S < T it visits the timesteps T = tau_S > ... > tau_1 > tau_0 = 0
+(tau_k = floor(k T / S)) and a step from tau_k to tau_{k-1} unmasks each still-masked position
+with probability (tau_k - tau_{k-1}) / tau_k: the paper's p(z_{t-k} | z_t) ("Fast Sampling", sec.
+3.1). ``fixed`` reveals a scheduled *number* of positions per step in a random order (the
+reverse of the ``masking: fixed`` forward process): exactly ``steps`` forwards, but eq. 6 is not
+a bound on its NLL (docs/priors.md).
+
+Differences from the reference code, on purpose: the authors' ``sample_v2`` with an "even" stride
+visits a sub-sequence of timesteps but still unmasks with probability 1/t at each, so it ends
+with many positions revealed at t = 1; ours unmasks with (tau_k - tau_{k-1}) / tau_k. Inpainting
+works for any mask; the larger-than-training sampler is parallel (all windows in one batch, the
+same steps), not one token per step.
 """
 
 from __future__ import annotations
@@ -39,6 +51,13 @@ class Absorbing(Prior):
         T = self.params.timesteps
         return "bound" if min(self.params.nll_timesteps or T, T) >= T else "estimate"
 
+    @property
+    def nll_bounds(self) -> str:
+        """What :meth:`nll`'s figure bounds, in words (metrics.json ``nll_bounds``)."""
+        T = self.params.timesteps
+        return (f"the ELBO (eq. 6) bounds the NLL of the paper's sampler (unmasking: random, steps = T = {T}, "
+                "temperature 1); it is not a bound for unmasking: fixed, steps < T or another temperature")
+
     class Params(Params):
         timesteps: int = Field(256, ge=1, description="T: diffusion steps; at time t each token is masked w.p. t/T")
         masking: Literal["random", "fixed"] = Field("random", description=(
@@ -55,13 +74,20 @@ class Absorbing(Prior):
 
     class SamplerParams(BaseParams):
         steps: int = Field(256, ge=1, description=(
-            "S <= T denoising steps; S < T skips steps by revealing more tokens per step (Table 3)"))
+            "S <= T denoising steps; S < T skips timesteps (Table 3): 'random' unmasking visits S "
+            "evenly spaced timesteps, each step unmasking w.p. (t - t')/t; 'fixed' reveals N/S "
+            "positions per step"))
+        unmasking: Literal["random", "fixed"] = Field("random", description=(
+            "'random': each still-masked position is unmasked w.p. 1/t at timestep t (the paper's "
+            "reverse process; the ELBO bounds its NLL at steps = T, temperature 1); 'fixed': a "
+            "fixed number of positions per step in `reveal_order` (exactly `steps` forwards; "
+            "the ELBO is not a bound on this process's NLL)"))
         temperature: float = Field(1.0, gt=0, description="tau applied to the x0 distribution (FID runs: 0.9)")
         window_stride: int = Field(1, ge=1, description=(
             "stride of the training-size windows when sampling a larger grid (eq. 8; the authors "
             "use 1, i.e. every window)"))
         reveal_order: Literal["random", "raster"] = Field("random", description=(
-            "order in which masked positions are revealed: 'random' (a new order per sample, "
+            "which positions take the earliest reveal steps: 'random' (a new order per sample, "
             "the paper's sampler) or 'raster' (the authors' order for larger-than-training "
             "grids: each new code is next to decided ones, so windows that cannot see each "
             "other do not decide distant regions independently)"))
@@ -138,6 +164,38 @@ class Absorbing(Prior):
                 "masked_fraction": float(masked.float().mean())}
         return StepOutput(losses={"main": loss}, logs=logs)
 
+    def reveal_steps(self, masked: torch.Tensor, sp: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The step (1..S) at which each masked position of ``masked [B, N]`` is revealed; S + 1
+        where nothing is to be revealed.
+
+        ``random`` (the paper's process): a position masked at T is revealed at a time drawn
+        uniformly from 1..T, independently of the others (what unmasking w.p. 1/t at each t
+        amounts to), and at the step whose interval (tau_{k-1}, tau_k] holds that time. ``fixed``:
+        round(N (S - s) / S) positions are still masked after step s; a sample with fewer masked
+        positions (inpainting) joins when the schedule drops below its count. ``reveal_order``
+        decides which positions take the earliest steps: a uniformly random permutation (so
+        ``random`` keeps independent reveal times) or raster order.
+        """
+        b, total = masked.shape
+        device, S, T = masked.device, sp.steps, self.params.timesteps
+        count = masked.sum(1)  # M per sample
+        # Rank 0 is revealed first; positions not to be revealed rank last.
+        if sp.reveal_order == "random":
+            keys = rand((b, total), generator, device)
+        else:
+            keys = torch.linspace(0, 1, total, device=device).expand(b, total)
+        rank = keys.masked_fill(~masked, 2.0).argsort(1).argsort(1)
+        if sp.unmasking == "fixed":
+            schedule = torch.tensor([round(total * (S - s) / S) for s in range(S + 1)], device=device)
+            after = count[:, None] - torch.minimum(count[:, None], schedule)  # b, S+1: revealed by step s
+            return torch.searchsorted(after.contiguous(), rank, right=True)
+        # tau_0 = 0 < tau_1 < ... < tau_S = T; the step from tau_k to tau_{k-1} is step S - k + 1.
+        tau = torch.tensor([k * T // S for k in range(1, S + 1)], device=device)
+        time = (rand((b, total), generator, device) * T).long().clamp_max(T - 1) + 1  # U{1..T}
+        step = S + 1 - (torch.searchsorted(tau, time) + 1)
+        step = step.masked_fill(~masked, S + 1).sort(1).values  # b, ascending over the masked
+        return step.gather(1, rank)
+
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, context: list[torch.Tensor] | None = None,
                init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -145,9 +203,10 @@ class Absorbing(Prior):
                grid: tuple[int, int] | None = None, **overrides: Any) -> torch.Tensor:
         """Unmask ``n`` grids in ``steps`` steps from all-masked (or inpaint ``init`` where ``mask``).
 
-        The schedule keeps round(N * (S - s) / S) positions masked after step s. An inpainting
-        sample with M masked positions joins at the step whose count first drops below M, so it
-        takes proportionally fewer steps; steps where no sample reveals anything are skipped.
+        Each masked position gets the step that reveals it before any forward (:meth:`reveal_steps`);
+        then each step runs the backbone on the samples that reveal something and draws x0 there.
+        Steps where no sample reveals anything are skipped, so ``last_sample_stats['steps']`` can
+        be below ``steps``.
         """
         sp = self.sampler_params(params, **overrides)
         if sp.steps > self.params.timesteps:
@@ -162,23 +221,11 @@ class Absorbing(Prior):
         if init is not None:
             mask = torch.ones_like(init, dtype=torch.bool) if mask is None else mask.to(device).bool()
             x = torch.where(mask, x, init.to(device))
-        masked = rearrange(x == self.mask_id, "b h w -> b (h w)")
-        total, steps = masked.shape[1], sp.steps
-        count = masked.sum(1)  # M per sample
-        # Reveal order per sample: rank 0 is revealed first; unmasked positions rank last.
-        if sp.reveal_order == "random":
-            keys = rand(tuple(masked.shape), generator, device)
-        else:
-            keys = torch.linspace(0, 1, total, device=device).expand(n, total)
-        keys = keys.masked_fill(~masked, 2.0)
-        rank = keys.argsort(1).argsort(1)
-        schedule = [round(total * (steps - s) / steps) for s in range(steps + 1)]  # still masked
+        when = self.reveal_steps(rearrange(x == self.mask_id, "b h w -> b (h w)"), sp, generator)
 
         self._rows, forwards = 0, 0
-        for s in range(1, steps + 1):
-            before = count - torch.clamp(count, max=schedule[s - 1])  # revealed before this step
-            after = count - torch.clamp(count, max=schedule[s])
-            reveal = (rank >= before[:, None]) & (rank < after[:, None])  # b (h w)
+        for s in range(1, sp.steps + 1):
+            reveal = when == s  # b (h w)
             active = reveal.any(1).nonzero().squeeze(1)
             if len(active) == 0:
                 continue
