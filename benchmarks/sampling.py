@@ -112,7 +112,7 @@ def absorbing_windows(batch_size: int = 1, steps: int = 16, stride: int = 8, big
 
     def run(grid):
         out = prior.sample(batch_size, generator=torch.Generator().manual_seed(0), steps=steps, grid=grid,
-                           window_stride=stride)
+                           window_stride=stride, unmasking="fixed")  # exactly `steps` forwards, as measured
         return out, dict(prior.last_sample_stats)
 
     timed(lambda: prior.backbone(torch.zeros(batch_size, *GRID, dtype=torch.long)))  # warm-up

@@ -264,7 +264,8 @@ def test_prior_nll_is_an_unbiased_estimate_of_the_exact_elbo():
 
 def test_elbo_is_not_a_bound_for_the_fixed_count_schedule():
     """Two tokens a step (S = T/2, as a study sampling T = 64 in 32 steps does): the ELBO is below
-    the exact NLL of the fixed-count process, here by 0.17 bits per token."""
+    the exact NLL of the fixed-count process, here by 0.17 bits per token; and at S = T on a
+    random table by 0.17 too."""
     T, S, table = 4, 2, agreeing_table()
     x = (1, 1, 1, 1)
     fixed = nll_bits(fixed_process(table, S)[x])
@@ -276,3 +277,7 @@ def test_elbo_is_not_a_bound_for_the_fixed_count_schedule():
                                           unmasking="fixed")
     agree = (out.flatten(1) == out.flatten(1)[:, :1]).all(1).double().mean()
     assert abs(float(agree) - sum(fixed_process(table, S)[(v,) * N] for v in range(K))) < 0.03
+    # Not only with skipped steps: one position a step (S = T = 4), on a random table.
+    table, x = random_table(1, 3.0), (2, 1, 2, 0)
+    assert elbo_bits(table, x, T) < nll_bits(fixed_process(table, T)[x]) - 0.15
+    assert elbo_bits(table, x, T) >= nll_bits(random_process(table, T, T)[x])

@@ -24,7 +24,9 @@ TOY_BACKBONE = {"name": "transformer", "params": {"dim": 64, "depth": 2, "heads"
 # that leaves a sample unchanged means the model is sure of every code before it is frozen.
 SUNDAE_TOY_SAMPLER = {"steps": 40, "temperature": 1.0, "temperature_end": 0.3,
                       "sample_proportion": 1.0, "sample_proportion_end": 1.0, "min_steps": 10}
-TOY_SAMPLERS = {"sundae": SUNDAE_TOY_SAMPLER, "absorbing": {"steps": 16}, "autoregressive": {}}
+# Absorbing: one position a step on the 16 tokens (a fixed count), so no two codes are drawn
+# independently in one step; the paper's 1/t process needs about T = 256 steps for that.
+TOY_SAMPLERS = {"sundae": SUNDAE_TOY_SAMPLER, "absorbing": {"steps": 16, "unmasking": "fixed"}, "autoregressive": {}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -209,14 +211,21 @@ def test_sundae_classifier_free_guidance():
 def test_absorbing_step_skipping_reveals_everything(trained):
     prior = trained["absorbing"]
     assert prior.params.timesteps == 256
-    out = draw(prior, 50, steps=4)
-    assert int(out.max()) < K and prior.last_sample_stats["steps"] == 4
-    # Inpainting half the grid starts half-way through the schedule.
+    for unmasking in ("random", "fixed"):
+        out = draw(prior, 50, steps=4, unmasking=unmasking)
+        assert int(out.max()) < K and prior.last_sample_stats["steps"] <= 4
+    assert prior.last_sample_stats["steps"] == 4  # fixed: exactly `steps` forwards
+    # Inpainting half the grid: the fixed schedule starts half-way through; the paper's process
+    # gives each masked position its own uniform time, so some steps reveal nothing and are skipped.
     init = toy_codes(8)
     mask = torch.zeros_like(init, dtype=torch.bool)
     mask[:, 2:] = True
-    draw(prior, 8, init=init, mask=mask, steps=16)
+    draw(prior, 8, init=init, mask=mask, steps=16, unmasking="fixed")
     assert prior.last_sample_stats["steps"] == 8
+    out = draw(prior, 1, init=init[:1], mask=mask[:1], steps=256)
+    assert torch.equal(out[~mask[:1]], init[:1][~mask[:1]]) and int(out.max()) < K
+    stats = prior.last_sample_stats  # 8 masked positions: at most 8 distinct reveal steps of 256
+    assert 1 <= stats["steps"] <= 8 and stats["backbone_evaluations"] == stats["steps"]
 
 
 def test_absorbing_losses_follow_the_reference_normalisation():
@@ -348,7 +357,7 @@ def test_larger_than_training_grids_by_windows(trained, name):
     # code always sits next to decided ones (averaged with windows that see nothing decided yet,
     # a far-away first guess would be independent). SUNDAE revises its guesses and needs no help.
     if name == "absorbing":
-        sampler = dict(steps=48, reveal_order="raster", temperature=0.3)
+        sampler = dict(steps=48, unmasking="fixed", reveal_order="raster", temperature=0.3)
     else:
         sampler = dict(SUNDAE_TOY_SAMPLER, steps=48)
     out = draw(prior, 40, grid=(8, 6), window_stride=1, **sampler)
