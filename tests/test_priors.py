@@ -168,6 +168,16 @@ def test_inpainting_keeps_known_codes_and_completes_them(trained, name):
 # sundae
 
 
+def test_sundae_default_sampler_is_the_authors_released_one():
+    """config/ffhq256/ffhq256-hourglass-2102-4.toml (and -3103-4): 100 steps, temperature 0.8 ->
+    0.8, proportion 0.5 -> 0.5; the authors' sampler starts self-stopping checks at step 10."""
+    from genfw_sundae.sundae import sampler_ends
+
+    sp = make("sundae").sampler_params()
+    assert (sp.steps, sp.temperature, sp.sample_proportion, sp.min_steps) == (100, 0.8, 0.5, 10)
+    assert sampler_ends(sp) == (0.8, 0.5) and sp.self_stopping
+
+
 def test_sundae_self_stopping_saves_work_and_freezes(trained):
     prior = trained["sundae"]
     # Constant schedules, so a shorter run is an exact prefix of a longer one (same draws).

@@ -52,14 +52,21 @@ class Sundae(Prior):
             "classifier-free guidance (0 = off; the backbone then has no null class)"))
 
     class SamplerParams(BaseParams):
-        steps: int = Field(100, ge=1, description="T: maximum number of denoising steps (paper: 100 for FFHQ1024)")
-        temperature: float = Field(1.0, gt=0, description="tau at the first step (paper sec. 3.4: about 1.0)")
+        # Defaults: the sampler of the authors' released 256x256 configs
+        # (config/ffhq256/ffhq256-hourglass-2102-4.toml and -3103-4.toml: 100 steps, tau 0.8 -> 0.8,
+        # proportion 0.5 -> 0.5), which is also what their bulk sampler sample.py runs.
+        steps: int = Field(100, ge=1, description=(
+            "T: maximum number of denoising steps (the authors' FFHQ256 configs: 100; paper: 100 for FFHQ1024)"))
+        temperature: float = Field(0.8, gt=0, description=(
+            "tau at the first step (the authors' FFHQ256 and CelebA configs: 0.8; paper sec. 3.4 "
+            "anneals from about 1.0, Fig. 13 finds 0.5-0.7 best)"))
         temperature_end: float | None = Field(None, gt=0, description=(
             "tau at the last step, linearly annealed from `temperature`; default (None): equal to "
-            "`temperature`, i.e. constant, as in the authors' sampler (FFHQ1024 anneals 1.0 -> 0.7)"))
+            "`temperature`, i.e. constant, as in the authors' FFHQ256 configs and their sample.py, which "
+            "ignores a config's end temperature (FFHQ1024's config anneals 1.0 -> 0.7)"))
         sample_proportion: float = Field(0.5, gt=0, le=1, description=(
-            "fraction of positions updated at the first step (paper: 0.5-0.8 for few steps, "
-            "lower with many steps, Fig. 8; MNIST 1.0)"))
+            "fraction of positions updated at the first step (the authors' FFHQ256 configs: 0.5; "
+            "paper: 0.5-0.8 for few steps, lower with many steps, Fig. 8; MNIST 1.0)"))
         sample_proportion_end: float | None = Field(None, gt=0, le=1, description=(
             "fraction of positions updated at the last step, linearly annealed; default (None): "
             "equal to `sample_proportion`, i.e. constant, as in the authors' sampler"))
