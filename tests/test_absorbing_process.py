@@ -79,8 +79,9 @@ def conditionals(table: torch.Tensor) -> list:
 
 
 def path_probability(probs: list, x: tuple[int, ...], step_of: tuple[int, ...], S: int) -> float:
-    """p(x | which step reveals each position): each step draws its positions from p(x0 | state)."""
-    state, p = [MASK] * N, 1.0
+    """p(x | which step reveals each position): each step draws its positions from p(x0 | state).
+    A position with step 0 is known from the start."""
+    state, p = [x[i] if step_of[i] == 0 else MASK for i in range(N)], 1.0
     for s in range(1, S + 1):
         revealed = [i for i in range(N) if step_of[i] == s]
         row = probs[state_index(tuple(state))]
@@ -104,6 +105,28 @@ def random_process(table: torch.Tensor, T: int, S: int) -> dict[tuple[int, ...],
     for x in SEQUENCES:
         out[x] = sum(math.prod(w[s - 1] for s in a) * path_probability(probs, x, a, S)
                      for a in itertools.product(range(1, S + 1), repeat=N))
+    return out
+
+
+def inpainting_process(table: torch.Tensor, T: int, S: int, known: dict[int, int]) -> dict[tuple, float]:
+    """Exact p(x) of ``unmasking: random`` inpainting: the known positions fixed, the process
+    started at t0 = round(T M / N) for M masked, each masked position's time uniform on 1..t0."""
+    probs, tau = conditionals(table), taus(T, S)
+    masked = [i for i in range(N) if i not in known]
+    t0 = max(1, round(T * len(masked) / N))
+    # P(step s): the share of 1..t0 inside (tau_{k-1}, tau_k], k = S - s + 1.
+    w = [sum(1 for t in range(1, t0 + 1) if tau[S - s] < t <= tau[S - s + 1]) / t0 for s in range(1, S + 1)]
+    out = {}
+    for x in SEQUENCES:
+        if any(x[i] != v for i, v in known.items()):
+            continue
+        total = 0.0
+        for a in itertools.product(range(1, S + 1), repeat=len(masked)):
+            step_of = [0] * N
+            for i, s in zip(masked, a):
+                step_of[i] = s
+            total += math.prod(w[s - 1] for s in a) * path_probability(probs, x, tuple(step_of), S)
+        out[x] = total
     return out
 
 
@@ -206,16 +229,16 @@ def test_reveal_steps_with_an_inpainting_mask_and_raster_order():
         when = prior.reveal_steps(masked, prior.sampler_params(steps=4, reveal_order=order),
                                   torch.Generator().manual_seed(1))
         assert bool((when[:, [1, 3]] == 5).all())  # known positions are never revealed
-        assert bool(((when[:, [0, 2]] >= 1) & (when[:, [0, 2]] <= 4)).all())
-        # Each masked position's step is uniform over the 4 equal strata of T = 8, as unconditionally.
+        # Half the grid masked: the process starts at t0 = T * 2/4 = 4 (the paper counts the masked
+        # latents), so each masked position's time is uniform on 1..4: steps 3 (t 3-4) and 4 (t 1-2).
         both = when[:, [0, 2]]
-        for s in range(1, 5):
+        for s, expected in zip(range(1, 5), (0, 0, 0.5, 0.5)):
             share = float((both == s).double().mean())
-            assert abs(share - 0.25) < 0.01, (order, s, share)
+            assert abs(share - expected) < 0.01, (order, s, share)
         if order == "raster":
             assert bool((when[:, 0] <= when[:, 2]).all())  # the raster-first position never comes later
-        else:  # independent: both in the same step w.p. sum_s w_s^2 = 1/4
-            assert abs(float((both[:, 0] == both[:, 1]).double().mean()) - 0.25) < 0.01
+        else:  # independent: both in the same step w.p. sum_s w_s^2 = 1/2
+            assert abs(float((both[:, 0] == both[:, 1]).double().mean()) - 0.5) < 0.01
 
 
 @pytest.mark.parametrize(("T", "S"), [(4, 4), (4, 2)])
@@ -235,6 +258,23 @@ def test_sampled_sequences_follow_the_papers_process_exactly(T, S):
     with torch.inference_mode():  # and the fixed schedule's own samples follow its own process
         fixed = prior.sample(40_000, generator=torch.Generator().manual_seed(3), steps=S, unmasking="fixed")
     assert chi2_pvalue(histogram(fixed), other) > 1e-3
+
+
+def test_inpainting_follows_the_papers_process_from_the_counted_timestep():
+    """Positions 1 and 3 known: the process starts at t0 = T * 2/4 and completes 0 and 2 with the
+    exact probabilities; the known codes never change."""
+    table, T, S = agreeing_table() * 0.25 + random_table(1, 1.0), 8, 4
+    prior = prior_with(table, T)
+    init = torch.tensor([0, 2, 0, 1]).view(1, 2, 2).expand(40_000, 2, 2)
+    mask = torch.tensor([True, False, True, False]).view(1, 2, 2).expand(40_000, 2, 2)
+    with torch.inference_mode():
+        out = prior.sample(40_000, init=init, mask=mask, generator=torch.Generator().manual_seed(6), steps=S)
+    assert torch.equal(out[~mask], init[~mask])
+    assert prior.last_sample_stats["steps"] == 2  # steps 3 and 4: timesteps 1..4 of 8
+    exact = inpainting_process(table, T, S, {1: 2, 3: 1})
+    observed = histogram(out)[[SEQUENCES.index(x) for x in exact]]
+    assert abs(sum(exact.values()) - 1) < 1e-9
+    assert chi2_pvalue(observed, torch.tensor(list(exact.values()), dtype=torch.double)) > 1e-3
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -281,3 +321,13 @@ def test_elbo_is_not_a_bound_for_the_fixed_count_schedule():
     table, x = random_table(1, 3.0), (2, 1, 2, 0)
     assert elbo_bits(table, x, T) < nll_bits(fixed_process(table, T)[x]) - 0.15
     assert elbo_bits(table, x, T) >= nll_bits(random_process(table, T, T)[x])
+
+
+def test_metrics_say_which_process_the_bound_is_for():
+    from genfw.metrics import prior_nll
+
+    prior = prior_with(random_table(0), 4)
+    codes = torch.zeros(3, 2, 2, dtype=torch.long)
+    out = prior_nll(prior, [{"codes": codes}], generator=torch.Generator().manual_seed(0))
+    assert out["nll_kind"] == "bound"
+    assert "unmasking: random" in out["nll_bounds"] and "not a bound for unmasking: fixed" in out["nll_bounds"]

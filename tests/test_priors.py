@@ -225,8 +225,8 @@ def test_absorbing_step_skipping_reveals_everything(trained):
         out = draw(prior, 50, steps=4, unmasking=unmasking)
         assert int(out.max()) < K and prior.last_sample_stats["steps"] <= 4
     assert prior.last_sample_stats["steps"] == 4  # fixed: exactly `steps` forwards
-    # Inpainting half the grid: the fixed schedule starts half-way through; the paper's process
-    # gives each masked position its own uniform time, so some steps reveal nothing and are skipped.
+    # Inpainting half the grid: both start half-way through (the paper's process at t0 = T M / N,
+    # each masked position at its own uniform time below it; steps revealing nothing are skipped).
     init = toy_codes(8)
     mask = torch.zeros_like(init, dtype=torch.bool)
     mask[:, 2:] = True

@@ -19,11 +19,12 @@ with probability (tau_k - tau_{k-1}) / tau_k: the paper's p(z_{t-k} | z_t) ("Fas
 reverse of the ``masking: fixed`` forward process): exactly ``steps`` forwards, but eq. 6 is not
 a bound on its NLL (docs/priors.md).
 
-Differences from the reference code, on purpose: the authors' ``sample_v2`` with an "even" stride
-visits a sub-sequence of timesteps but still unmasks with probability 1/t at each, so it ends
-with many positions revealed at t = 1; ours unmasks with (tau_k - tau_{k-1}) / tau_k. Inpainting
-works for any mask; the larger-than-training sampler is parallel (all windows in one batch, the
-same steps), not one token per step.
+The authors' ``sample`` with ``sample_steps`` S runs t = S, ..., 1 with probability 1/t, which
+gives every step probability 1/S of revealing a given position: the same process as ours when S
+divides T (otherwise the strata differ by at most one timestep). Differences from the reference
+code, on purpose: inpainting works for any mask (starting at the timestep that the number of
+masked positions gives, as the paper's sec. 4.2 describes); the larger-than-training sampler is
+parallel (all windows in one batch, the same steps), not one token per step.
 """
 
 from __future__ import annotations
@@ -170,7 +171,9 @@ class Absorbing(Prior):
 
         ``random`` (the paper's process): a position masked at T is revealed at a time drawn
         uniformly from 1..T, independently of the others (what unmasking w.p. 1/t at each t
-        amounts to), and at the step whose interval (tau_{k-1}, tau_k] holds that time. ``fixed``:
+        amounts to), and at the step whose interval (tau_{k-1}, tau_k] holds that time; a sample
+        with only M of N positions masked (inpainting) starts at t0 = round(T M / N) instead,
+        times uniform on 1..t0, so steps above t0 reveal nothing for it. ``fixed``:
         round(N (S - s) / S) positions are still masked after step s; a sample with fewer masked
         positions (inpainting) joins when the schedule drops below its count. ``reveal_order``
         decides which positions take the earliest steps: a uniformly random permutation (so
@@ -191,7 +194,10 @@ class Absorbing(Prior):
             return torch.searchsorted(after.contiguous(), rank, right=True)
         # tau_0 = 0 < tau_1 < ... < tau_S = T; the step from tau_k to tau_{k-1} is step S - k + 1.
         tau = torch.tensor([k * T // S for k in range(1, S + 1)], device=device)
-        time = (rand((b, total), generator, device) * T).long().clamp_max(T - 1) + 1  # U{1..T}
+        # Start at t0 = T M / N, "counting the number of masked latents" (the paper's inpainting,
+        # sec. 4.2); t0 = T unconditionally. From t0 each position is revealed at a time U{1..t0}.
+        start = (count * T / total).round().clamp(1, T)[:, None]
+        time = (rand((b, total), generator, device) * start).long().clamp_max(start.long() - 1) + 1
         step = S + 1 - (torch.searchsorted(tau, time) + 1)
         step = step.masked_fill(~masked, S + 1).sort(1).values  # b, ascending over the masked
         return step.gather(1, rank)
