@@ -23,7 +23,7 @@ The authors' ``sample`` with ``sample_steps`` S runs t = S, ..., 1 with probabil
 gives every step probability 1/S of revealing a given position: the same process as ours when S
 divides T (otherwise the strata differ by at most one timestep). Differences from the reference
 code, on purpose: inpainting works for any mask (starting at the timestep that the number of
-masked positions gives, as the paper's sec. 4.2 describes); the larger-than-training sampler is
+masked positions gives, as the paper's sec. 4.5 describes); the larger-than-training sampler is
 parallel (all windows in one batch, the same steps), not one token per step.
 """
 
@@ -194,8 +194,8 @@ class Absorbing(Prior):
             return torch.searchsorted(after.contiguous(), rank, right=True)
         # tau_0 = 0 < tau_1 < ... < tau_S = T; the step from tau_k to tau_{k-1} is step S - k + 1.
         tau = torch.tensor([k * T // S for k in range(1, S + 1)], device=device)
-        # Start at t0 = T M / N, "counting the number of masked latents" (the paper's inpainting,
-        # sec. 4.2); t0 = T unconditionally. From t0 each position is revealed at a time U{1..t0}.
+        # Start at t0 = T M / N, "counting the number of masked latents" (the paper's image editing,
+        # sec. 4.5); t0 = T unconditionally. From t0 each position is revealed at a time U{1..t0}.
         start = (count * T / total).round().clamp(1, T)[:, None]
         time = (rand((b, total), generator, device) * start).long().clamp_max(start.long() - 1) + 1
         step = S + 1 - (torch.searchsorted(tau, time) + 1)
