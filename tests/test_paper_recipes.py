@@ -113,6 +113,7 @@ AUTHORS = [
     ("ffhq1024_sundae", "tokenizer.params.attn_resolutions", [64]), ("ffhq1024_sundae", "train.tokenizer.lr", 2e-5),
     ("ffhq1024_sundae", "tokenizer.params.legacy_beta", True),
     ("imagenet256_sundae", "train.prior.lr", 1e-6), ("celeba256_sundae", "train.prior.batch_size", 48),
+    ("imagenet256_sundae", "train.prior.batch_size", 64), ("celeba256_sundae", "train.prior.lr", 3e-5),
     ("mnist_sundae", "train.prior.batch_size", 8), ("mnist_sundae", "sample.params.steps", 50),
     ("mnist_sundae", "sample.params.temperature", 0.9),
     ("ffhq256_sundae", "tokenizer.params.disc_start", 30001), ("ffhq256_sundae", "train.tokenizer.batch_size", 3),
