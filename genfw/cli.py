@@ -145,8 +145,9 @@ def plugins(
     for e in entries:
         table.add_row(e["kind"], e["name"], e["distribution"], e["version"], e["description"])
     out.print(table)
-    for b in broken:
-        err.print(f"[red]plugin '{b['plugin']}' ({b['dist']} {b['version']}) failed to load:[/red] {b['error']}")
+    for b in registry.broken:
+        err.print(f"[red]{escape(b.describe())} failed to load:[/red] {escape(b.error)}", highlight=False,
+                  soft_wrap=True)
     for c in conflicts:
         err.print(f"[red]{c['kind']} '{c['name']}' is registered by several distributions: "
                   f"{', '.join(c['distributions'])}[/red]")
