@@ -254,14 +254,16 @@ def _check_bidirectional(bb: Backbone, tokens, labels, ctx, logits, vocab_size: 
     span = 0
     while span + 1 < max(h, w) and bool(sees[dist <= span + 1].all()):
         span += 1
-    out_at, in_at = (int(i) for i in (~sees).nonzero()[0])
-    hint = (f"check_backbone(..., grid=({span + 1}, {span + 1})) is a grid it spans" if span >= 1
-            else "a smaller grid= for check_backbone")
+    manhattan = (rows[:, None] - rows[None]).abs() + (cols[:, None] - cols[None]).abs()
+    out_at, in_at = min(((int(i), int(j)) for i, j in (~sees).nonzero()),
+                        key=lambda p: (-int(dist[p]), p[0], -int(manhattan[p])))  # the farthest pair not seen
+    hint = (f"a grid it spans: check_backbone(..., grid=({span + 1}, {span + 1}))" if span >= 1
+            else "a smaller grid: check_backbone(..., grid=(h, w))")
     RULES["global-receptive-field"].enforce(
         f"position {at(out_at)} never sees position {at(in_at)} on a {h}x{w} grid: priors that denoise the whole "
         f"grid need a global receptive field. A backbone whose receptive field grows with depth (convolutions) "
-        f"must span the grids it is used on: give it more depth or wider kernels in params, or test it on "
-        f"{hint} (and use it only on such grids)"
+        f"must span the grids it is used on: give it more depth or wider kernels in params, or, if it is only "
+        f"used on grids it spans, test it on {hint}"
     )
 
 
