@@ -261,3 +261,53 @@ def test_convert_lists_converters_and_checks_the_name_first(site, tmp_path):
     wrong = runner.invoke(app, ["convert", "nope", str(existing), "-o", str(existing)])
     assert wrong.exit_code == 1 and "unknown converter 'nope'" in wrong.stderr and "exists" not in wrong.stderr
     assert existing.read_bytes() == b"mine"
+
+
+# --------------------------------------------------------------------------------------------
+# a dataset whose data is absent: its DataError, and nothing else
+
+
+class Absent(genfw.ImageDataset):
+    """A plugin dataset as docs/writing-plugins.md describes it: cheap to build, DataError when read."""
+
+    class Params(Params):
+        root: str = "/nowhere/absent-data"
+
+    channels, resolution = 1, (4, 4)
+
+    @property
+    def class_names(self):
+        return ["a", "b"]
+
+    def __len__(self):
+        raise genfw.errors.DataError(f"absent-data not found at {self.params.root}: download it with absent-fetch")
+
+    def __getitem__(self, index):
+        len(self)
+
+
+def test_absent_data_is_the_only_thing_reported(tmp_path, monkeypatch):
+    """Without its data a labelled dataset's fidelity extractor is unknown: no Inception line beside the data's."""
+    import yaml
+    from helpers import TINY_RECIPE
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no Inception weights either
+
+    class Plugin:
+        @hookimpl
+        def genfw_register(self, registry):
+            registry.register("dataset", "absent", Absent)
+
+    registry = get_registry()
+    registry.add_plugin(Plugin(), name="absent-test")
+    try:
+        recipe = {**TINY_RECIPE, "data": {"name": "absent"}, "evaluate": {"metrics": ["fidelity"]}}
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        result = runner.invoke(app, ["run", str(path), "-o", str(tmp_path / "out"), "--dry-run"])
+    finally:
+        registry.remove_plugin("absent-test")
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "absent-data not found at /nowhere/absent-data: download it with absent-fetch" in errors[0]
+    assert "Inception" not in result.output
