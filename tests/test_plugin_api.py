@@ -311,3 +311,21 @@ def test_absent_data_is_the_only_thing_reported(tmp_path, monkeypatch):
     assert result.exit_code == 1 and len(errors) == 1, result.output
     assert "absent-data not found at /nowhere/absent-data: download it with absent-fetch" in errors[0]
     assert "Inception" not in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# docs generated from the code
+
+
+def test_weight_names_page_is_generated_from_the_models():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("weight_names", ROOT / "docs" / "tools" / "weight_names.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    covered = {(kind, name) for kind, name, _, _ in tool.MODELS} | {("tokenizer", n) for n in tool.WITHOUT_WEIGHTS}
+    builtins = {(e.kind, e.name) for e in get_registry().entries() if e.dist == "genfw"
+                and e.kind in ("tokenizer", "backbone", "prior")}
+    assert builtins <= covered, f"add {sorted(builtins - covered)} to docs/tools/weight_names.py"
+    assert (ROOT / "docs" / "weight-names.md").read_text() == tool.render(), \
+        "docs/weight-names.md is out of date: python docs/tools/weight_names.py > docs/weight-names.md"
