@@ -64,7 +64,7 @@ def test_the_page_has_an_example_and_a_check_for_every_kind():
     assert set(FILES) >= {f"genfw_example/{m}.py" for m in ("plugin", "tokenizer", "backbone", "maskgit",
                                                              "dataset", "convert")}
     assert {re.search(r"import (check_\w+)", c).group(1) for c in CHECKS} >= {
-        "check_tokenizer", "check_backbone", "check_prior", "check_dataset"}
+        "check_tokenizer", "check_backbone", "check_prior", "check_dataset", "check_converter"}
 
 
 def test_every_example_passes_its_check(installed):
