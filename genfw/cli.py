@@ -684,10 +684,12 @@ class _ConvertCommand(typer.core.TyperCommand):
             names = ", ".join(get_registry().names("converter")) or "none installed"
         except Exception:  # noqa: BLE001 - help must always print
             names = "see genfw plugins"
-        self.help = (self.help or "").replace("{converters}", names)
+        # the templates are kept: the registry may differ at the next --help in this process (tests)
+        templates = self.__dict__.setdefault("_templates", {"": self.help or ""})
+        self.help = f"{templates['']} Converters registered: {names}."
         for param in self.params:
             if param.name == "source_format" and param.help:
-                param.help = param.help.replace("{converters}", names)
+                param.help = templates.setdefault(param.name, param.help).replace("{converters}", names)
         return super().format_help(ctx, formatter)
 
 
@@ -705,7 +707,7 @@ def convert(
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="One hyper-parameter: key=value (YAML value)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists")] = False,
 ) -> None:
-    """Convert a foreign checkpoint into a genfw model file. Converters registered: {converters}."""
+    """Convert a foreign checkpoint (another project's model file) into a genfw model file."""
     import yaml
 
     from genfw import convert as converters
