@@ -187,6 +187,10 @@ def test_plugins_declare_the_plugin_api_they_support(site):
     (line,) = [ln for ln in check.stderr.splitlines() if "genfw-future " in ln]
     assert "entry point future = genfw_future" in line
     assert "supports genfw plugin API >=2.0, but this genfw provides 1.1" in line
+    from genfw.registry import api_problem
+
+    assert "not a version range like '>=1.0,<2'" in api_problem("one point one", "plugin 'x'")
+    assert api_problem(None, "plugin 'x'") is None and api_problem("~=1.0", "plugin 'x'") is None
 
 
 def test_unknown_kinds_are_refused_at_registration(site):
@@ -202,6 +206,10 @@ def test_unknown_kinds_are_refused_at_registration(site):
     with pytest.raises(PluginError, match="registers 'w' as kind 'widget', which genfw does not know"):
         registry.add_plugin(Widgets(), name="widgets")
     assert registry.entries() == []  # all or nothing
+    from genfw.registry import Entry, check_entries
+
+    registry._add(Entry("widget", "w", LocalConv, "", "direct", "genfw-direct", "1.0"))  # bypassing register()
+    assert any("genfw knows no kind 'widget'" in p for p in check_entries(registry))
     body = "    registry.register('backbone', 'ok', 'genfw_widgets:X')\n    registry.register('widget', 'w', 'genfw_widgets:X')\n"
     _plugin_module(root, "genfw_widgets", REGISTER.format(head="", body=body), "genfw-widgets", "widgets")
     use("genfw-widgets")
