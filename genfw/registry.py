@@ -138,13 +138,15 @@ def _plugin_location(e: BaseException, modules: tuple[str, ...] = ()) -> str:
             spec = importlib.util.find_spec(module.partition(":")[0].split(".")[0])
         except (ImportError, ValueError):
             spec = None
-        if spec is not None:
-            roots += list(spec.submodule_search_locations or []) or ([spec.origin] if spec.origin else [])
-    roots = [os.path.abspath(r) for r in roots]
+        if spec is not None and spec.submodule_search_locations:  # a package: files under its folders
+            roots += [os.path.abspath(r) + os.sep for r in spec.submodule_search_locations]
+        elif spec is not None and spec.origin:  # a single-module plugin: that file
+            roots.append(os.path.abspath(spec.origin))
     core = os.path.dirname(os.path.abspath(__file__)) + os.sep
     skip = (core, os.path.dirname(os.path.abspath(pluggy.__file__)) + os.sep,
             os.path.dirname(os.path.abspath(importlib.__file__)) + os.sep)
-    ours = [f for f in frames if any(os.path.abspath(f.filename).startswith(r) for r in roots)]
+    ours = [f for f in frames if any(os.path.abspath(f.filename) == r or os.path.abspath(f.filename).startswith(r)
+                                     for r in roots)]
     rest = [f for f in frames if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(skip)]
     for candidates in (ours, rest):
         if candidates:
@@ -157,8 +159,7 @@ class _Registrar:
 
     def __init__(self, registry: Registry, plugin: str, dist: str, version: str) -> None:
         self._registry, self._plugin, self._dist, self._version = registry, plugin, dist, version
-
-        self.entries: list[Entry] = []
+        self.entries: list[Entry] = []  # added to the registry only once the whole hook succeeded
 
     def register(self, kind: str, name: str, target: Any, description: str = "") -> None:
         """Register ``target`` (a class or ``"module:attr"``) as component ``name`` of ``kind``."""

@@ -24,7 +24,7 @@ DOC = ROOT / "docs" / "writing-plugins.md"
 TEXT = DOC.read_text()
 PYTHON = re.findall(r"```python\n(.*?)```", TEXT, flags=re.S)
 FILES = {b.splitlines()[0][2:].strip(): b for b in PYTHON if b.startswith("# genfw_example/")}
-CHECKS = [b for b in PYTHON if b.startswith("from genfw.testing import")]
+CHECKS = [b for b in PYTHON if re.search(r"^from genfw.testing import", b, flags=re.M) and not b.startswith("#")]
 
 
 def _distribution(root: Path, name: str, version: str, entry_points: dict[str, str]) -> None:
