@@ -12,6 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
+# The plugin contract's version (CHANGELOG.md, "For plugin authors"): the minor number grows when
+# the contract gains something or a conformance rule becomes stricter (a warning for one minor
+# version first), the major number when something a plugin relies on is removed or changed.
+PLUGIN_API = "1.1"
 
 _LAZY = {
     "hookimpl": ("genfw.hookspecs", "hookimpl"),
@@ -34,7 +38,7 @@ _LAZY = {
     "GenfwError": ("genfw.errors", "GenfwError"),
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "PLUGIN_API", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -402,8 +402,12 @@ def build_checked(kind: str, name: str, params: Any, construct: dict[str, Any], 
     try:
         params = cls.Params.model_validate(params.model_dump() if hasattr(params, "model_dump") else params)
     except Exception as e:  # noqa: BLE001
-        msg = str(e).splitlines()
-        raise CheckpointError(f"{source}: params of {kind} '{name}' are invalid: {' '.join(msg[:3])}") from None
+        from pydantic import ValidationError
+
+        from genfw.config import format_validation_error
+
+        msg = format_validation_error(e, "params") if isinstance(e, ValidationError) else " ".join(str(e).splitlines()[:3])
+        raise CheckpointError(f"{source}: params of {kind} '{name}' are invalid: {msg}") from None
     _check_sizes(comp, source)
     if read is None:  # with read, each tensor is checked as it is read
         _check_finite(state, comp, source)

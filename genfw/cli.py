@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -71,13 +72,13 @@ def _main(
     _state["debug"] = debug
 
 
-def command(fn=None, *, group: typer.Typer = app, name: str | None = None):
+def command(fn=None, *, group: typer.Typer = app, name: str | None = None, cls: Any = None):
     """Register a command whose GenfwErrors become red ``error:`` lines and a non-zero exit.
 
     Every command also accepts ``--debug`` (added here to its signature).
     """
     if fn is None:
-        return lambda f: command(f, group=group, name=name)
+        return lambda f: command(f, group=group, name=name, cls=cls)
 
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
@@ -110,7 +111,7 @@ def command(fn=None, *, group: typer.Typer = app, name: str | None = None):
     debug_param = _inspect.Parameter("debug", _inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugFlag)
     wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), debug_param])
     wrapper.__annotations__ = {**typing.get_type_hints(fn, include_extras=True), "debug": DebugFlag}
-    return group.command(name)(wrapper)
+    return group.command(name, **({"cls": cls} if cls is not None else {}))(wrapper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,8 +146,9 @@ def plugins(
     for e in entries:
         table.add_row(e["kind"], e["name"], e["distribution"], e["version"], e["description"])
     out.print(table)
-    for b in broken:
-        err.print(f"[red]plugin '{b['plugin']}' ({b['dist']} {b['version']}) failed to load:[/red] {b['error']}")
+    for b in registry.broken:
+        err.print(f"[red]{escape(b.describe())} failed to load:[/red] {escape(b.error)}", highlight=False,
+                  soft_wrap=True)
     for c in conflicts:
         err.print(f"[red]{c['kind']} '{c['name']}' is registered by several distributions: "
                   f"{', '.join(c['distributions'])}[/red]")
@@ -158,6 +160,9 @@ def _print_params(registry, ref: str) -> None:
     kind, name = find_component(registry, ref)
     entry = registry.get(kind, name)
     cls = entry.load()
+    if kind == "converter":
+        _print_converter_params(entry, name, cls)
+        return
     models = [("params", cls.Params)]
     if kind == "prior":
         models.append(("sample.params", cls.SamplerParams))
@@ -172,6 +177,27 @@ def _print_params(registry, ref: str) -> None:
             out.print(table)
         else:
             out.print(f"{kind} '{name}' takes no {title}")
+
+
+def _print_converter_params(entry, name: str, fn) -> None:
+    """A converter's ``--set`` keys (its ``Params``) and the ``genfw convert`` options it takes."""
+    from genfw import convert as converters
+    from genfw.schema import describe_params
+
+    model = getattr(fn, "Params", None)
+    title = f"converter '{name}' ({entry.dist} {entry.version}): --set keys"
+    if model is None:
+        out.print(f"{title}: not declared (the converter has no Params; --set key=value pairs reach it as given)")
+    else:
+        rows = describe_params(model)
+        table = Table(title=title)
+        for col in ("key", "type", "default", "description"):
+            table.add_column(col)
+        aliases = {k: f.alias or k for k, f in model.model_fields.items()}
+        for r in rows:
+            table.add_row(aliases.get(r["name"], r["name"]), r["type"], r["default"], r["description"])
+        out.print(table) if rows else out.print(f"{title}: none")
+    out.print(f"genfw convert {name}: {converters.describe(fn)}")
 
 
 def _check_plugins(registry, as_json: bool) -> None:
@@ -648,10 +674,30 @@ def export(
               if os.path.exists(output) else f"[green]✓[/green] bundle -> {output}")
 
 
-@command
+class _ConvertCommand(typer.core.TyperCommand):
+    """``genfw convert --help`` lists the converters registered now (built-in and third-party)."""
+
+    def format_help(self, ctx, formatter):  # noqa: ANN001 - click's signature
+        from genfw.registry import get_registry
+
+        try:
+            names = ", ".join(get_registry().names("converter")) or "none installed"
+        except Exception:  # noqa: BLE001 - help must always print
+            names = "see genfw plugins"
+        # the templates are kept: the registry may differ at the next --help in this process (tests)
+        templates = self.__dict__.setdefault("_templates", {"": self.help or ""})
+        self.help = f"{templates['']} Converters registered: {names}."
+        for param in self.params:
+            if param.name == "source_format" and param.help:
+                param.help = templates.setdefault(param.name, param.help).replace("{converters}", names)
+        return super().format_help(ctx, formatter)
+
+
+@command(cls=_ConvertCommand)
 def convert(
     source_format: Annotated[str, typer.Argument(metavar="FORMAT",
-                                                 help="Converter name: taming, unleashing, sundae, vqvae2 (genfw plugins)")],
+                                                 help="Converter name: {converters} (genfw plugins; "
+                                                      "its --set keys: genfw plugins --params converter:NAME)")],
     source: Annotated[str, typer.Argument(help="Checkpoint to convert (your own file)")],
     output: Annotated[str, typer.Option("-o", "--output", help="genfw .safetensors to write")],
     config: Annotated[str | None, typer.Option(help="Hyper-parameters the file lacks (JSON/TOML/YAML: the authors' "
@@ -661,45 +707,31 @@ def convert(
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="One hyper-parameter: key=value (YAML value)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists")] = False,
 ) -> None:
-    """Convert a foreign checkpoint (taming VQ-GAN, Unleashing, SUNDAE, VQ-VAE-2) into a genfw model file."""
-    import inspect
-
+    """Convert a foreign checkpoint (another project's model file) into a genfw model file."""
     import yaml
 
+    from genfw import convert as converters
     from genfw.registry import get_registry
     from genfw.rundir import is_inside_stage
 
+    registry = get_registry()
+    registry.get("converter", source_format)  # an unknown name is the first thing to say
+    values: dict[str, Any] = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        try:
+            values[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: not a YAML value ({str(e).splitlines()[0]})") from None
     if os.path.exists(output) and not overwrite:
         raise GenfwError(f"{output} exists: pass --overwrite to replace it, or choose another -o")
     if is_inside_stage(output) is not None:
         raise GenfwError(f"{output} lies inside the stage folders of the run directory {is_inside_stage(output)}: "
                          "genfw writes those itself; write the model file somewhere else")
-    converter = get_registry().load("converter", source_format)
-    try:
-        accepted = inspect.signature(converter).parameters
-    except ValueError:  # no signature (a builtin): let the call decide
-        accepted = None
-    options: dict[str, Any] = {}
-    flags: dict[str, str] = {}
-    for name, value, flag in (("config", config, "--config"), ("preset", preset, "--preset"),
-                              ("resolution", resolution, "--resolution")):
-        if value is not None:
-            options[name], flags[name] = value, flag
-    if set_:
-        values = {}
-        for item in set_:
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise GenfwError(f"--set expects key=value, got '{item}'")
-            values[key.strip()] = yaml.safe_load(value)
-        # taming's converter takes genfw vqgan params; the papers' converters the authors' hyper-parameters
-        name = "params" if accepted is not None and "params" in accepted else "overrides"
-        options[name], flags[name] = values, "--set"
-    if accepted is not None:
-        extra = [k for k in options if k not in accepted]
-        if extra:
-            raise GenfwError(f"converter '{source_format}' takes no {', '.join(flags[k] for k in extra)}")
-    converter(source, output, **options)
+    converters.run(source_format, source, output, config=config, preset=preset, resolution=resolution,
+                   set_values=values or None, registry=registry)
     out.print(f"[green]✓[/green] {source} -> {output}")
 
 

@@ -7,6 +7,12 @@ output's metadata), and builds the genfw component with :func:`genfw.checkpoint.
 which bounds the construction sizes and checks a ``meta``-device build against the tensors' shapes
 before allocating anything. Hyper-parameters that the file does not hold come from a small
 JSON/TOML/YAML file (:func:`read_config`). See docs/converting.md.
+
+Converters are a registered kind like the others: :func:`run` is the one way to call one (``genfw
+convert`` and ``genfw.testing.check_converter`` use it). It checks the options against the
+converter's signature and validates ``--set`` values with the converter's ``Params`` (a pydantic
+model attached to the function, see :func:`overrides_of`), so a typo fails in one line naming the
+key and the allowed ones, and an error the converter then raises names the ``--set`` it came from.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 
 from genfw import checkpoint
-from genfw.errors import CheckpointError, ConfigError
+from genfw.errors import CheckpointError, ConfigError, GenfwError
 
 MAX_CONFIG_BYTES = 1 << 20  # a hyper-parameter file larger than this is not one
 
@@ -208,3 +214,151 @@ def save(out: str | os.PathLike, module: torch.nn.Module, fmt: str, source: str,
     """Write the converted component, recording where it came from and what was left out."""
     checkpoint.save(out, module, extra={"converted_from": fmt, "source": os.path.basename(source),
                                         "dropped": keys.dropped, **(extra or {})})
+
+
+# --------------------------------------------------------------------------------------------
+# converters as a kind: their Params and the one way to call them
+
+OPTIONS = {"config": "--config", "preset": "--preset", "resolution": "--resolution", "params": "--set",
+           "overrides": "--set"}
+
+
+def overrides_of(model: type, name: str, doc: str = "") -> type:
+    """A ``Params`` model whose fields are ``model``'s, each optional (None: from the file).
+
+    Field types, bounds and descriptions are kept; cross-field rules are left to the full model,
+    which validates the merged params when the converter builds the component.
+    """
+    from typing import Annotated
+
+    from pydantic import Field, create_model
+
+    from genfw.interfaces import Params
+
+    fields: dict[str, Any] = {}
+    for key, field in model.model_fields.items():
+        annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        fields[key] = (annotation | None, Field(None, description=field.description, alias=field.alias))
+    made = create_model(name, __base__=Params, **fields)
+    made.__doc__ = doc or f"Overrides of {model.__qualname__}: each optional, None keeps what the file implies."
+    return made
+
+
+def hyper_parameters_model(name: str, examples: dict[str, Any], descriptions: dict[str, str] | None = None,
+                           doc: str = "") -> type:
+    """A ``Params`` model of the authors' hyper-parameter names a converter reads, each optional.
+
+    Types come from ``examples`` (the values of a preset or the authors' defaults); names with dots
+    (``net.dim``, a TOML section) are kept as the ``--set`` keys.
+    """
+    from pydantic import Field, create_model
+
+    from genfw.interfaces import Params
+
+    def kind(value: Any) -> Any:
+        if isinstance(value, bool):
+            return bool
+        if isinstance(value, int):
+            return int
+        if isinstance(value, float):
+            return float
+        if isinstance(value, str):
+            return str
+        if isinstance(value, (list, tuple)):
+            inner = {kind(v) for v in value}
+            return list[inner.pop()] if len(inner) == 1 else list
+        return Any
+
+    fields: dict[str, Any] = {}
+    for key, example in examples.items():
+        described = (descriptions or {}).get(key) or f"their '{key}'"
+        shown = f" (e.g. {example!r})" if example is not None else ""
+        fields[key.replace(".", "__")] = (kind(example) | None, Field(None, alias=key, description=described + shown))
+    made = create_model(name, __base__=Params, **fields)
+    made.__doc__ = doc or "The authors' hyper-parameters this converter reads; each optional (None: from --config/--preset)."
+    return made
+
+
+def set_keys(model: type) -> list[str]:
+    """The ``--set`` keys a converter's ``Params`` allows (aliases where a field has one)."""
+    return [field.alias or key for key, field in model.model_fields.items()]
+
+
+def validate_set(name: str, model: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``--set`` values validated by a converter's ``Params``: only the keys given, coerced."""
+    from pydantic import ValidationError
+
+    try:
+        validated = model.model_validate(values)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"--set {key}: unknown key (allowed keys: {', '.join(set_keys(model))})")
+            else:
+                problems.append(f"--set {key}={values.get(key)!r}: {err['msg']}")
+        raise ConfigError(f"converter '{name}': " + "; ".join(problems)) from None
+    return validated.model_dump(by_alias=True, exclude_unset=True)
+
+
+def accepted_options(fn: Callable[..., Any]) -> set[str] | None:
+    """The options (``config``, ``preset``, ``resolution``, ``params``/``overrides``) ``fn`` takes; None if unknown."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature (a builtin): let the call decide
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return set(OPTIONS)
+    return {k for k in parameters if k in OPTIONS}
+
+
+def run(name: str, source: str | os.PathLike, output: str | os.PathLike, *, config: str | None = None,
+        preset: str | None = None, resolution: int | None = None, set_values: dict[str, Any] | None = None,
+        registry: Any = None) -> torch.nn.Module:
+    """Call converter ``name`` as ``genfw convert`` does: options checked, ``--set`` validated, errors attributed.
+
+    ``set_values`` go to the converter's ``params`` argument, or to ``overrides`` for one that takes
+    those (the papers' converters take the authors' hyper-parameter names).
+    """
+    from genfw.registry import get_registry
+
+    registry = registry or get_registry()
+    fn = registry.load("converter", name)
+    accepted = accepted_options(fn)
+    options: dict[str, Any] = {k: v for k, v in (("config", config), ("preset", preset), ("resolution", resolution))
+                               if v is not None}
+    given = dict(set_values or {})
+    if given:
+        model = getattr(fn, "Params", None)
+        if model is not None:
+            given = validate_set(name, model, given)
+        options["params" if accepted is None or "params" in accepted else "overrides"] = given
+    if accepted is not None:
+        extra = [OPTIONS[k] for k in options if k not in accepted]
+        if extra:
+            takes = sorted({OPTIONS[k] for k in accepted}) or ["no options"]
+            raise ConfigError(f"converter '{name}' takes no {', '.join(extra)} (it takes {', '.join(takes)})")
+    try:
+        return fn(source, output, **options)
+    except GenfwError as e:
+        if not given:
+            raise
+        items = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in (set_values or {}).items())
+        msg = str(e).replace("but the metadata describes", "but the hyper-parameters given describe")
+        msg = msg.replace("do not match the metadata of", "do not match the hyper-parameters given for")
+        if "hyper-parameters given" in msg:
+            msg = msg.replace("hyper-parameters given", f"hyper-parameters given (your --set {items})", 1)
+        else:
+            msg += f" (with your --set {items})"
+        raise type(e)(msg) from None
+
+
+def describe(fn: Callable[..., Any]) -> str:
+    """The ``genfw convert`` options a converter takes, for listings."""
+    accepted = accepted_options(fn)
+    if accepted is None:
+        return "options: unknown (no signature)"
+    return "options: " + (", ".join(sorted({OPTIONS[k] for k in accepted})) or "none")

@@ -11,8 +11,10 @@ A plugin is any module exposed through the ``genfw`` entry-point group that impl
                           description="MaskGIT iterative decoding")
 
 Components are named by ``"module:attr"`` strings (imported only when built, so discovery and
-``genfw --help`` stay fast) or by the class itself. Kinds today: tokenizer, backbone, prior,
-dataset; new kinds can be added without changing the hook.
+``genfw --help`` stay fast) or by the class itself (a function, for converters). The kinds are
+``genfw.registry.KNOWN_KINDS`` (tokenizer, backbone, prior, dataset, logger, converter); any other
+is refused at registration. The module may declare the plugin-API versions it supports,
+``GENFW_PLUGIN_API = ">=1.1,<2"`` (``genfw.PLUGIN_API``; CHANGELOG.md).
 """
 
 import pluggy

@@ -93,6 +93,7 @@ def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None
 
     # data: exists, and holds images (counted); reading every image is left to the stages
     num_classes = 0
+    data_ok = False
     try:
         dataset = registry.build("dataset", recipe.data.name, resolved.data_params)
         count = len(dataset)
@@ -101,6 +102,7 @@ def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None
         num_classes = dataset.num_classes
         classes = f", {num_classes} classes" if num_classes else ""
         report.add("data", True, f"{count:,} images ({recipe.data.name}{classes})")
+        data_ok = True
     except GenfwError as e:
         report.add("data", False, str(e))
 
@@ -112,8 +114,9 @@ def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None
         problems = list(hook(resolved.tokenizer_params)) if callable(hook) else []
         report.add("tokenizer", not problems, "; ".join(problems) or f"'{tok.name}' has what training needs")
 
-    # evaluation: Inception weights when the fidelity metrics will use them
-    if "evaluate" in wanted and "fidelity" in recipe.evaluate.metrics:
+    # evaluation: Inception weights when the fidelity metrics will use them. Which extractor that is
+    # depends on the data's labels: without data it is unknown, and the data's own line says it all.
+    if "evaluate" in wanted and "fidelity" in recipe.evaluate.metrics and data_ok:
         from genfw import metrics
 
         spec = recipe.evaluate

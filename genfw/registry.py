@@ -5,12 +5,18 @@ reported and the others still load. ``GENFW_PLUGINS`` (comma-separated entry-poi
 distribution names) restricts loading to an allowlist; tests use it so that stray installed
 plugins cannot change results. Two components of the same kind and name are an error naming
 both distributions.
+
+Strictness: a plugin may declare the plugin-API versions it supports with a module attribute
+``GENFW_PLUGIN_API = ">=1.0,<2"`` (a PEP 440 range, compared with ``genfw.PLUGIN_API``); outside
+it, or registering a kind genfw does not know, the plugin is refused as a whole and reported in
+one line that names its entry point and the file:line in the plugin where it failed.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import importlib.util
 import os
 import traceback
 from dataclasses import dataclass
@@ -23,6 +29,8 @@ from genfw.errors import PluginError
 from genfw.interfaces import KINDS
 
 ENTRY_POINT_GROUP = "genfw"
+API_ATTRIBUTE = "GENFW_PLUGIN_API"  # a plugin module's declared range of supported plugin-API versions
+KNOWN_KINDS = (*KINDS, "converter")
 
 
 class UnknownComponent(PluginError):
@@ -58,8 +66,8 @@ class Entry:
                 obj = getattr(obj, part)
         except Exception as e:  # noqa: BLE001 - reported with the plugin's name
             raise PluginError(
-                f"{self.kind} '{self.name}' from {self.dist} {self.version} failed to import "
-                f"{self.target}: {type(e).__name__}: {e}"
+                f"{self.kind} '{self.name}' from {self.dist} {self.version} (plugin '{self.plugin}') failed to import "
+                f"{self.target}: {type(e).__name__}: {e}{_plugin_location(e, (self.target,))}"
             ) from e
         return obj
 
@@ -82,6 +90,68 @@ class BrokenPlugin:
     dist: str
     version: str
     error: str
+    entry_point: str = ""  # "name = module" as declared, when it came from an entry point
+
+    def describe(self) -> str:
+        """``plugin 'x' (dist 1.0, entry point x = mod.plugin)``: who failed, for one-line messages."""
+        ep = f", entry point {self.entry_point}" if self.entry_point else ""
+        return f"plugin '{self.plugin}' ({self.dist} {self.version}{ep})"
+
+
+def plugin_api() -> str:
+    """The plugin-API version this genfw provides (``genfw.PLUGIN_API``, read at call time)."""
+    import genfw
+
+    return genfw.PLUGIN_API
+
+
+def api_problem(declared: Any, who: str) -> str | None:
+    """Why a plugin declaring ``GENFW_PLUGIN_API = declared`` cannot load here, or None if it can."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import Version
+
+    if declared is None:
+        return None
+    try:
+        spec = SpecifierSet(str(declared))
+    except InvalidSpecifier:
+        return f"{who} declares {API_ATTRIBUTE} = {declared!r}, which is not a version range like '>=1.0,<2'"
+    provided = plugin_api()
+    if Version(provided) in spec:
+        return None
+    return (f"{who} supports genfw plugin API {spec}, but this genfw provides {provided}: install a release "
+            f"of the plugin for plugin API {provided}, or a genfw whose plugin API is {spec} (CHANGELOG.md)")
+
+
+def _plugin_location(e: BaseException, modules: tuple[str, ...] = ()) -> str:
+    """`` (file:line)`` of where ``e`` arose inside the plugin, never inside importlib or genfw.
+
+    Frames in the plugin's own package (``modules``' top-level packages) are preferred; else the
+    innermost frame outside importlib, pluggy and genfw's core; a SyntaxError names its own line.
+    """
+    if isinstance(e, SyntaxError) and e.filename:
+        return f" ({e.filename}:{e.lineno})"
+    frames = traceback.extract_tb(e.__traceback__)
+    roots = []
+    for module in modules:
+        try:
+            spec = importlib.util.find_spec(module.partition(":")[0].split(".")[0])
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:  # a package: files under its folders
+            roots += [os.path.abspath(r) + os.sep for r in spec.submodule_search_locations]
+        elif spec is not None and spec.origin:  # a single-module plugin: that file
+            roots.append(os.path.abspath(spec.origin))
+    core = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    skip = (core, os.path.dirname(os.path.abspath(pluggy.__file__)) + os.sep,
+            os.path.dirname(os.path.abspath(importlib.__file__)) + os.sep)
+    ours = [f for f in frames if any(os.path.abspath(f.filename) == r or os.path.abspath(f.filename).startswith(r)
+                                     for r in roots)]
+    rest = [f for f in frames if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(skip)]
+    for candidates in (ours, rest):
+        if candidates:
+            return f" ({candidates[-1].filename}:{candidates[-1].lineno})"
+    return ""
 
 
 class _Registrar:
@@ -89,10 +159,16 @@ class _Registrar:
 
     def __init__(self, registry: Registry, plugin: str, dist: str, version: str) -> None:
         self._registry, self._plugin, self._dist, self._version = registry, plugin, dist, version
+        self.entries: list[Entry] = []  # added to the registry only once the whole hook succeeded
 
     def register(self, kind: str, name: str, target: Any, description: str = "") -> None:
         """Register ``target`` (a class or ``"module:attr"``) as component ``name`` of ``kind``."""
-        self._registry._add(
+        if kind not in KNOWN_KINDS:
+            raise PluginError(f"plugin '{self._plugin}' registers {name!r} as kind {kind!r}, which genfw does "
+                              f"not know (kinds: {', '.join(KNOWN_KINDS)})")
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin '{self._plugin}' registered a {kind} without a name")
+        self.entries.append(
             Entry(kind, name, target, description.strip().splitlines()[0] if description else "",
                   self._plugin, self._dist, self._version)
         )
@@ -122,12 +198,26 @@ class Registry:
             self._entries[key] = entry
 
     def add_plugin(self, plugin: Any, name: str, dist: str = "", version: str = "") -> None:
-        """Register a plugin object (module or instance with ``@hookimpl genfw_register``)."""
+        """Register a plugin object (module or instance with ``@hookimpl genfw_register``).
+
+        All or nothing: a plugin outside its declared plugin-API range, or whose hook fails (an
+        unknown kind, say), registers no component.
+        """
+        problem = api_problem(getattr(plugin, API_ATTRIBUTE, None),
+                              f"plugin '{name}' ({dist or name} {version or '0'})")
+        if problem:
+            raise PluginError(problem)
         self.pm.register(plugin, name=name)
         registrar = _Registrar(self, name, dist or name, version or "0")
-        for impl in self.pm.hook.genfw_register.get_hookimpls():
-            if impl.plugin is plugin:
-                impl.function(registry=registrar)
+        try:
+            for impl in self.pm.hook.genfw_register.get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function(registry=registrar)
+        except BaseException:
+            self.pm.unregister(plugin)
+            raise
+        for entry in registrar.entries:
+            self._add(entry)
 
     def remove_plugin(self, name: str) -> None:
         """Unregister a plugin and every component it registered."""
@@ -148,19 +238,19 @@ class Registry:
             version = ep.dist.version if ep.dist is not None else "?"
             if allowlist is not None and ep.name not in allowlist and dist not in allowlist:
                 continue
+            declared = f"{ep.name} = {ep.value}"
             if self.pm.get_plugin(ep.name) is not None:
                 # Two distributions using one entry-point name: pluggy would drop one silently.
                 self.broken.append(BrokenPlugin(ep.name, dist, version,
-                                                "entry-point name already used by another distribution"))
+                                                "entry-point name already used by another distribution", declared))
                 continue
             try:
                 module = ep.load()
                 self.add_plugin(module, name=ep.name, dist=dist, version=version)
             except Exception as e:  # noqa: BLE001 - one broken plugin must not take others down
-                last = traceback.extract_tb(e.__traceback__)[-1:]
-                where = f" ({last[0].filename}:{last[0].lineno})" if last else ""
+                what = str(e) if isinstance(e, PluginError) else f"{type(e).__name__}: {e}"
                 self.broken.append(BrokenPlugin(ep.name, dist, version,
-                                                f"{type(e).__name__}: {e}{where}"))
+                                                f"{what}{_plugin_location(e, (ep.value,))}", declared))
 
     # -- lookup ----------------------------------------------------------------------------
 
@@ -219,9 +309,10 @@ _BASES = {"tokenizer": "Tokenizer", "backbone": "Backbone", "prior": "Prior", "d
 def check_entries(registry: Registry) -> list[str]:
     """Import every registered component (lazy targets too); one line per problem found.
 
-    Problems: plugins that failed to load, names registered by several distributions, targets
-    that fail to import, and components of a known kind that do not subclass its base class
-    (or have no pydantic ``Params``). Converters must be callable.
+    Problems: plugins that failed to load (outside their plugin-API range, an unknown kind, an
+    import error), names registered by several distributions, targets that fail to import, and
+    components that do not subclass their kind's base class (or have no pydantic ``Params``).
+    Converters must be callable, and their ``Params``, when declared, a pydantic model.
     """
     from pydantic import BaseModel
 
@@ -234,7 +325,7 @@ def check_entries(registry: Registry) -> list[str]:
         bases["logger"] = Logger
     except ImportError:  # a genfw without the logger kind
         pass
-    problems = [f"plugin '{b.plugin}' ({b.dist} {b.version}) failed to load: {b.error}" for b in registry.broken]
+    problems = [f"{b.describe()} failed to load: {b.error}" for b in registry.broken]
     problems += [registry.clash_message(k, n) for (k, n) in registry.conflicts]
     for entry in registry.entries():
         where = f"{entry.kind} '{entry.name}' ({entry.dist} {entry.version})"
@@ -243,6 +334,9 @@ def check_entries(registry: Registry) -> list[str]:
         except PluginError as e:
             problems.append(str(e))
             continue
+        if entry.kind not in KNOWN_KINDS:
+            problems.append(f"{where}: genfw knows no kind '{entry.kind}' (kinds: {', '.join(KNOWN_KINDS)})")
+            continue
         cls = bases.get(entry.kind)
         if cls is not None:
             if not (isinstance(obj, type) and issubclass(obj, cls)):
@@ -250,8 +344,12 @@ def check_entries(registry: Registry) -> list[str]:
                                 f"subclass of {cls.__module__}.{cls.__name__}")
             elif not (isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):
                 problems.append(f"{where}: its Params is not a pydantic model")
-        elif entry.kind == "converter" and not callable(obj):
-            problems.append(f"{where}: a converter must be callable")
+        elif entry.kind == "converter":
+            if not callable(obj):
+                problems.append(f"{where}: a converter must be callable")
+            elif getattr(obj, "Params", None) is not None and not (
+                    isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):
+                problems.append(f"{where}: its Params is not a pydantic model")
     return problems
 
 

@@ -7,9 +7,14 @@ Use them from your plugin's tests::
         check_prior("maskgit", {"steps": 4}, backbone={"name": "transformer", "params": {...}})
 
 One check per kind: :func:`check_tokenizer`, :func:`check_backbone`, :func:`check_prior`,
-:func:`check_dataset` (signatures and what each asserts: docs/writing-plugins.md). A component
-is named by its registered name, or given as a class (it is then registered for the duration of
-the check). Each check raises ``AssertionError`` with what is wrong and returns the component.
+:func:`check_dataset`, :func:`check_logger`, :func:`check_converter` (signatures and what each
+asserts: docs/writing-plugins.md). A component is named by its registered name, or given as a
+class (a converter: a function; it is then registered for the duration of the check). Each check
+raises ``AssertionError`` with what is wrong and returns the component.
+
+Stricter rules arrive gently: a rule in :data:`RULES` is a :class:`ConformanceWarning` from the
+plugin API version that introduced it and an ``AssertionError`` one minor version later
+(``genfw.PLUGIN_API``; CHANGELOG.md says which rule arrived when). Each message names its rule.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +33,40 @@ from genfw import checkpoint
 from genfw.errors import ConfigError
 from genfw.hookspecs import hookimpl
 from genfw.interfaces import NLL_KINDS, Backbone, ImageDataset, Prior, Tokenizer
-from genfw.registry import get_registry
+from genfw.registry import get_registry, plugin_api
+
+
+class ConformanceWarning(UserWarning):
+    """A conformance rule this plugin API only warns about; it becomes an error one minor version later.
+
+    Make it an error today with ``pytest -W error::genfw.testing.ConformanceWarning``.
+    """
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A conformance rule that arrived after plugin API 1.0: a warning first, then an error."""
+
+    name: str
+    warn_from: str  # the plugin API version that introduced it, as a warning
+    error_from: str  # one minor version later: an AssertionError
+
+    def enforce(self, message: str) -> None:
+        """Warn or fail (depending on ``genfw.PLUGIN_API``) with ``message`` and the rule's name and schedule."""
+        from packaging.version import Version
+
+        text = (f"{message} [rule '{self.name}': a warning in plugin API {self.warn_from}, "
+                f"an error from {self.error_from}]")
+        if Version(plugin_api()) >= Version(self.error_from):
+            raise AssertionError(text)
+        warnings.warn(text, ConformanceWarning, stacklevel=4)
+
+
+RULES = {
+    # check_backbone: every output position sees every input position without causal=True
+    # (SUNDAE, absorbing diffusion and MaskGIT denoise the whole grid at once)
+    "global-receptive-field": Rule("global-receptive-field", warn_from="1.1", error_from="1.2"),
+}
 
 
 @contextlib.contextmanager
@@ -180,19 +220,51 @@ def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _check_bidirectional(bb: Backbone, tokens, labels, ctx, logits, vocab_size: int) -> None:
-    """Without ``causal``, the first position sees the last token and the last sees the first."""
+    """Without ``causal``, which output positions see which input tokens.
+
+    An error (since plugin API 1.0): the first position must see some later token and the last
+    some earlier one (a causal or position-wise network is not bidirectional). The rule
+    ``global-receptive-field`` (plugin API 1.1): every position sees every token of the test grid.
+    """
     b, h, w = tokens.shape
-    if h * w < 2:
+    n = h * w
+    if n < 2:
         return
-    for changed_at, seen_at in ((h * w - 1, 0), (0, h * w - 1)):
+    sees = torch.zeros(n, n, dtype=torch.bool)  # [output position, changed input position]
+    for changed_at in range(n):
         flat = tokens.clone().view(b, -1)
         flat[:, changed_at] = (flat[:, changed_at] + 1) % vocab_size
         with torch.no_grad():
             other = bb(flat.view(b, h, w), labels=labels, context=ctx)
-        assert _differs(other.view(b, h * w, -1)[:, seen_at], logits.view(b, h * w, -1)[:, seen_at]), (
-            f"position {seen_at} does not see the token at position {changed_at}: without causal=True "
-            "a backbone must be bidirectional (non-autoregressive priors rely on it)"
-        )
+        diff = (other.view(b, n, -1) - logits.view(b, n, -1)).abs().amax(-1)  # b n
+        sees[:, changed_at] = (diff > 0).all(0)
+
+    def at(i: int) -> tuple[int, int]:
+        return divmod(i, w)
+
+    assert sees[0, 1:].any() and sees[n - 1, : n - 1].any(), (
+        f"position {at(0)} sees no later token or position {at(n - 1)} no earlier one on a {h}x{w} grid: "
+        "without causal=True a backbone must be bidirectional (non-autoregressive priors rely on it)"
+    )
+    if bool(sees.all()):
+        return
+    # the largest square the receptive field covers: every pair within that Chebyshev distance is seen
+    rows, cols = torch.arange(n) // w, torch.arange(n) % w
+    dist = torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs())
+    span = 0
+    while span + 1 < max(h, w) and bool(sees[dist <= span + 1].all()):
+        span += 1
+    manhattan = (rows[:, None] - rows[None]).abs() + (cols[:, None] - cols[None]).abs()
+    out_at, in_at = min(((int(i), int(j)) for i, j in (~sees).nonzero()),
+                        key=lambda p: (-int(dist[p]), p[0], -int(manhattan[p])))  # the farthest pair not seen
+    hint = (f"a grid it spans: check_backbone(..., grid=({span + 1}, {span + 1}))" if span >= 1
+            else "a smaller grid: check_backbone(..., grid=(h, w))")
+    RULES["global-receptive-field"].enforce(
+        f"position {at(out_at)} never sees position {at(in_at)} on a {h}x{w} grid: priors that denoise the whole "
+        f"grid need a global receptive field. A backbone whose receptive field grows with depth (convolutions) "
+        f"must span the grids it is used on: give it more depth or wider kernels in params, or, if it is only "
+        f"used on grids it spans, test it on {hint}"
+    )
 
 
 def _check_causal(bb: Backbone, tokens, labels, ctx, vocab_size: int) -> None:
@@ -361,3 +433,115 @@ def check_dataset(component: str | type, params: dict[str, Any] | None = None, *
         else:
             raise AssertionError(f"data[{n}] (past the end) must raise IndexError")
         return data
+
+
+# --------------------------------------------------------------------------------------------
+# converters
+
+
+def _run_default(model: torch.nn.Module, inputs: Any) -> Any:
+    if isinstance(model, Tokenizer):
+        codes = model.encode(inputs)
+        return {"codes": codes, "images": model.decode(codes)}
+    if isinstance(model, Prior):
+        return model.backbone(inputs)
+    return model(inputs)
+
+
+def _compare(ours: Any, theirs: Any, where: str, atol: float, rtol: float) -> None:
+    """Integer tensors equal, float tensors close, containers element by element."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict) and set(ours) >= set(theirs), f"{where}: keys {sorted(theirs)} expected"
+        for k in theirs:
+            _compare(ours[k], theirs[k], f"{where}[{k!r}]", atol, rtol)
+    elif isinstance(theirs, (list, tuple)):
+        assert isinstance(ours, (list, tuple)) and len(ours) == len(theirs), f"{where}: {len(theirs)} items expected"
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            _compare(a, b, f"{where}[{i}]", atol, rtol)
+    else:
+        theirs = torch.as_tensor(theirs)
+        assert isinstance(ours, torch.Tensor), f"{where}: a tensor expected, got {type(ours).__name__}"
+        assert tuple(ours.shape) == tuple(theirs.shape), f"{where}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
+        if theirs.is_floating_point() or ours.is_floating_point():
+            worst = float((ours.double() - theirs.double()).abs().max()) if ours.numel() else 0.0
+            assert torch.allclose(ours.double(), theirs.double(), atol=atol, rtol=rtol), \
+                f"{where}: differs from the reference by up to {worst:.3g} (atol {atol}, rtol {rtol})"
+        else:
+            assert torch.equal(ours.long(), theirs.long()), \
+                f"{where}: {int((ours.long() != theirs.long()).sum())} values differ from the reference"
+
+
+def check_converter(component: str | Callable[..., Any], src: str | os.PathLike, *, inputs: Any = None,
+                    reference: Any = None, run: Callable[[torch.nn.Module, Any], Any] | None = None,
+                    options: dict[str, Any] | None = None, atol: float = 1e-4, rtol: float = 1e-4,
+                    wrong_file: bool = True) -> torch.nn.Module:
+    """Convert ``src`` as ``genfw convert`` does, load the file written, compare with a reference.
+
+    ``options``: what ``genfw convert`` would pass (``config``, ``preset``, ``resolution``, and
+    ``set`` for ``--set`` values). ``reference``: the outputs of the authors' code on ``inputs``
+    (tensors, or lists/dicts of them; or a callable ``reference(inputs)``), compared with
+    ``run(model, inputs)`` — by default a tokenizer's ``{"codes": encode(x), "images": decode(codes)}``,
+    a prior's ``backbone(tokens)``, any other module's ``forward(inputs)``. Also checked: the file
+    loads with ``genfw.load`` into the same weights and outputs; a declared ``Params`` rejects an
+    unknown ``--set`` key; with ``wrong_file``, a file of another layout fails with a one-line
+    ``GenfwError`` and writes nothing.
+    """
+    from genfw import convert as converters
+    from genfw.errors import GenfwError
+
+    opts = dict(options or {})
+    set_values = opts.pop("set", None)
+    unknown = set(opts) - {"config", "preset", "resolution"}
+    assert not unknown, f"options {sorted(unknown)}: check_converter takes config, preset, resolution and set"
+    with _registered("converter", component) as name, tempfile.TemporaryDirectory() as tmp:
+        registry = get_registry()
+        fn = registry.load("converter", name)
+        assert callable(fn), "a converter must be callable"
+        model = getattr(fn, "Params", None)
+        if model is not None:
+            from pydantic import BaseModel
+
+            assert isinstance(model, type) and issubclass(model, BaseModel), "a converter's Params must be pydantic"
+            try:
+                converters.validate_set(name, model, {"surely_not_a_param": 1})
+            except ConfigError as e:
+                assert "--set surely_not_a_param: unknown key (allowed keys:" in str(e), f"typo message: {e}"
+            else:
+                raise AssertionError(f"converter '{name}': its Params accepted an unknown --set key")
+        out = os.path.join(tmp, "converted.safetensors")
+        converted = converters.run(name, src, out, set_values=set_values, registry=registry, **opts)
+        assert isinstance(converted, torch.nn.Module), f"a converter must return the module, got {type(converted)!r}"
+        assert os.path.isfile(out), "the converter returned without writing the output file"
+        loaded = checkpoint.load(out)
+        assert type(loaded) is type(converted), f"the file loads as {type(loaded).__name__}, not {type(converted).__name__}"
+        ours, theirs = converted.state_dict(), loaded.state_dict()
+        assert set(ours) == set(theirs), "the file's tensors differ from the returned module's"
+        for k in ours:
+            assert torch.equal(ours[k].cpu(), theirs[k].cpu()), f"tensor '{k}' differs between the file and the module"
+        loaded.eval()
+        converted.eval()
+        if inputs is not None:
+            run = run or _run_default
+            with torch.no_grad():
+                got = run(loaded, inputs)
+                _compare(run(converted, inputs), got, "the returned module vs the loaded file", 0.0, 0.0)
+                if reference is not None:
+                    expected = reference(inputs) if callable(reference) else reference
+                    _compare(got, expected, "converted output", atol, rtol)
+        else:
+            assert reference is None, "a reference needs the inputs it was computed on"
+        if wrong_file:
+            other = os.path.join(tmp, "other.pt")
+            torch.save({"surely_not_a_weight": torch.zeros(3, 3)}, other)
+            bad_out = os.path.join(tmp, "bad.safetensors")
+            try:
+                converters.run(name, other, bad_out, set_values=set_values, registry=registry, **opts)
+            except GenfwError as e:
+                assert "\n" not in str(e).strip(), f"a wrong file must fail in one line, got: {e}"
+            except Exception as e:  # noqa: BLE001 - named in the assertion
+                raise AssertionError(f"a file of another layout raised {type(e).__name__}: {e} "
+                                     "(raise genfw.errors.CheckpointError with one line)") from e
+            else:
+                raise AssertionError("a file of another layout converted without an error")
+            assert not os.path.exists(bad_out), "a failed conversion left an output file"
+        return loaded

@@ -361,3 +361,54 @@ def test_assemble_rejects_parts_that_do_not_fit(ut_models, sundae, tmp_path):
                     "--prior", str(d / "prior.safetensors"), "--prior", str(d / "prior.safetensors")],
                    "1 code level(s) but 2 prior(s)")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# genfw.testing.check_converter on every built-in paper converter (taming: tests/test_tokenizers.py)
+
+
+def test_check_converter_vqvae2():
+    from genfw.testing import check_converter
+
+    ref = load_file(RV / "reference.safetensors")
+    check_converter("vqvae2", RV / "vqvae_001.pt", options={"config": str(RV / "vqvae_config.json"), "resolution": 32},
+                    inputs=ref["images"], reference={"codes": [ref["id_t"], ref["id_b"]], "images": ref["decoded"]},
+                    atol=ATOL)
+
+
+def test_check_converter_unleashing_both_files():
+    from genfw.testing import check_converter
+
+    ref = load_file(UT / "vqgan_reference.safetensors")
+    for name in ("unleashing-vqgan", "unleashing"):  # `unleashing` hands a VQ-GAN file to unleashing-vqgan
+        check_converter(name, UT / "vqgan_ema_1000.th", options={"config": str(UT / "vqgan_hparams.json")},
+                        inputs=ref["images"] * 2 - 1, run=lambda m, x: {"codes": m.encode(x), "recon": (m(x)[0] + 1) / 2},
+                        reference={"codes": [ref["codes_grid"]], "recon": ref["recon"]}, atol=ATOL,
+                        wrong_file=name == "unleashing")
+    ref = load_file(UT / "absorbing_reference.safetensors")
+    check_converter("unleashing", UT / "absorbing_ema_2000.th", options={"config": str(UT / "absorbing_hparams.json")},
+                    inputs=ref["tokens"].view(-1, 4, 4), run=lambda m, t: m.backbone(t).reshape(4, 16, 32),
+                    reference=ref["logits"], atol=ATOL, wrong_file=False)
+
+
+def test_check_converter_sundae():
+    from genfw.testing import check_converter
+
+    ref = load_file(SV / "reference.safetensors")
+    check_converter("sundae", SV / "checkpoint-0000002.pt", options={"config": str(SV / "config.toml")},
+                    inputs=ref["tokens"].view(-1, 8, 8), run=lambda m, t: m.backbone(t).reshape(4, 64, 32),
+                    reference=ref["logits"], atol=ATOL)
+
+
+def test_convert_set_is_validated_and_named_as_the_source(tmp_path):
+    out = str(tmp_path / "o.safetensors")
+    src, cfg = str(UT / "absorbing_ema_2000.th"), str(UT / "absorbing_hparams.json")
+    one_line_error(["convert", "unleashing", src, "-o", out, "--config", cfg, "--set", "bert_n_embd=64"],
+                   "converter 'unleashing': --set bert_n_embd: unknown key (allowed keys:", "bert_n_emb,")
+    one_line_error(["convert", "unleashing", src, "-o", out, "--config", cfg, "--set", "bert_n_emb=wide"],
+                   "--set bert_n_emb='wide'", "integer")
+    one_line_error(["convert", "unleashing", src, "-o", out, "--config", cfg, "--set", "bert_n_emb=128"],
+                   "hyper-parameters given (your --set bert_n_emb=128)")
+    one_line_error(["convert", "sundae", str(SV / "checkpoint-0000002.pt"), "-o", out, "--config",
+                    str(SV / "config.toml"), "--set", "net.dims=3"], "--set net.dims: unknown key", "net.dim,")
+    assert not Path(out).exists()

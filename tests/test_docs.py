@@ -24,7 +24,7 @@ DOC = ROOT / "docs" / "writing-plugins.md"
 TEXT = DOC.read_text()
 PYTHON = re.findall(r"```python\n(.*?)```", TEXT, flags=re.S)
 FILES = {b.splitlines()[0][2:].strip(): b for b in PYTHON if b.startswith("# genfw_example/")}
-CHECKS = [b for b in PYTHON if b.startswith("from genfw.testing import")]
+CHECKS = [b for b in PYTHON if re.search(r"^from genfw.testing import", b, flags=re.M) and not b.startswith("#")]
 
 
 def _distribution(root: Path, name: str, version: str, entry_points: dict[str, str]) -> None:
@@ -64,7 +64,7 @@ def test_the_page_has_an_example_and_a_check_for_every_kind():
     assert set(FILES) >= {f"genfw_example/{m}.py" for m in ("plugin", "tokenizer", "backbone", "maskgit",
                                                              "dataset", "convert")}
     assert {re.search(r"import (check_\w+)", c).group(1) for c in CHECKS} >= {
-        "check_tokenizer", "check_backbone", "check_prior", "check_dataset"}
+        "check_tokenizer", "check_backbone", "check_prior", "check_dataset", "check_converter"}
 
 
 def test_every_example_passes_its_check(installed):

@@ -194,7 +194,7 @@ class _NoLabels(_toy_backbone(8)):
 def test_check_backbone_catches_a_backbone_that_is_not_bidirectional_or_ignores_labels():
     from genfw.testing import check_backbone
 
-    with pytest.raises(AssertionError, match="does not see the token"):
+    with pytest.raises(AssertionError, match="must be bidirectional"):
         check_backbone(_Local)
     with pytest.raises(AssertionError, match="labels do not change the logits"):
         check_backbone(_DeafToLabels, {"width": 8})

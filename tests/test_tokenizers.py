@@ -328,6 +328,19 @@ def test_convert_taming_checkpoint(tmp_path):
         assert torch.equal(model.decode(codes), src_model.decode(codes))
 
 
+def test_check_converter_taming(tmp_path):
+    """genfw.testing.check_converter on the taming converter: the reference is the source model's output."""
+    from genfw.testing import check_converter
+
+    src_model, path = _fake_taming_checkpoint(tmp_path)
+    src_model.eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        codes = src_model.encode(x)
+        reference = {"codes": codes, "images": src_model.decode(codes)}
+    check_converter("taming", path, options={"resolution": 16}, inputs=x, reference=reference, atol=1e-5)
+
+
 def test_convert_taming_uses_hyper_parameters(tmp_path):
     from genfw_vq.convert import convert_taming
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from genfw import convert as core
-from genfw.errors import CheckpointError, ConfigError
+from genfw.errors import CheckpointError, ConfigError, GenfwError
 from genfw.registry import get_registry
 
 FORMAT = "Unleashing Transformers absorbing-diffusion"
@@ -105,3 +105,21 @@ def convert_unleashing(src: str | os.PathLike, out: str | os.PathLike, *, config
     model = core.build("prior", "absorbing", params, construct, keys)
     core.save(out, model, "samb-t/unleashing-transformers", source, keys, extra={"sampler": sampler})
     return model
+
+
+def _params_model() -> type:
+    # one `genfw convert unleashing` takes both files: a VQ-GAN file goes to unleashing-vqgan with these --set
+    prior = core.hyper_parameters_model(
+        "UnleashingPriorParams", PRESETS["ffhq"], {"dataset": "their H.dataset"},
+        "Unleashing Transformers' H (hparams/) that the absorbing-prior converter reads")
+    try:
+        vqgan = get_registry().load("converter", "unleashing-vqgan").Params
+    except (GenfwError, AttributeError):  # no VQ-GAN converter installed: prior files only
+        return prior
+    made = type("UnleashingParams", (prior, vqgan), {"__doc__": (
+        "Unleashing Transformers' H (hparams/) of the absorbing prior or, for a VQ-GAN file, of the VQ-GAN; "
+        "each optional: from --config/--preset")})
+    return made
+
+
+convert_unleashing.Params = _params_model()

@@ -202,3 +202,12 @@ def convert_sundae(src: str | os.PathLike, out: str | os.PathLike, *, config: st
     keys.dropped += training_state
     core.save(out, model, "vvvm23/sundae-vqgan", source, keys, extra={"sampler": sampler})
     return model
+
+
+convert_sundae.Params = core.hyper_parameters_model("SundaeParams", {
+    "unroll_steps": 2, "data.vocab_size": 1024, "data.sequence_length": 256, "vqgan.latent_shape": [16, 16],
+    "net.type": "hourglass", "net.dim": 1024, "net.nb_heads": 8, "net.shorten_factor": 4, "net.depth": [2, 12, 2],
+    "net.use_rotary": True, "net.conditional": False, "net.num_classes": 0, "sampling.steps": 100,
+    "sampling.temperature": 1.0, "sampling.end_temperature": 1.0, "sampling.sample_proportion": 0.5,
+    "sampling.end_sample_proportion": 0.5,
+}, doc="Fields of megapixel-SUNDAE's experiment TOML ([section] key as section.key); each optional: from --config")

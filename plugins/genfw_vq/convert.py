@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from genfw import checkpoint, limits
-from genfw.convert import read_torch_file
+from genfw.convert import overrides_of, read_torch_file
 from genfw.errors import CheckpointError
 from genfw.registry import get_registry
 
@@ -179,3 +179,13 @@ def convert_taming(
         extra["discriminator"] = "freshly initialised (the source holds only the generator)"
     checkpoint.save(out, model, extra=extra)
     return model
+
+
+def _taming_params() -> type:
+    from genfw_vq.vqgan import VQGAN
+
+    return overrides_of(VQGAN.Params, "TamingParams",
+                        "genfw vqgan params that override what the checkpoint implies (--set perceptual_weight=0)")
+
+
+convert_taming.Params = _taming_params()

@@ -153,3 +153,8 @@ def _discriminator_keys(params: dict[str, Any], construct: dict[str, Any]) -> li
     with torch.device("meta"):
         probe = build("tokenizer", "vqgan", params, **construct)
     return [k for k in probe.state_dict() if k.startswith("loss.discriminator.")]
+
+
+convert_unleashing_vqgan.Params = core.hyper_parameters_model(
+    "UnleashingVQGANParams", PRESETS["ffhq"], {"dataset": "their H.dataset"},
+    "Unleashing Transformers' H (hparams/) that the VQ-GAN converter reads; each optional: from --config/--preset")

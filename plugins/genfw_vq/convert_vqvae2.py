@@ -149,3 +149,9 @@ def convert_vqvae2(src: str | os.PathLike, out: str | os.PathLike, *, config: st
     model = core.build("tokenizer", "vqvae2", params, construct, keys, fresh=FRESH)
     core.save(out, model, "rosinality/vq-vae-2-pytorch", source, keys)
     return model
+
+
+convert_vqvae2.Params = core.hyper_parameters_model(
+    "VQVAE2Params", PRESETS["rosinality"], {"resolution": "training image size (also --resolution)",
+                                            "in_channel": "their VQVAE(in_channel): image channels"},
+    "rosinality's VQVAE() keyword arguments (and the image size); each optional: inferred from the tensors")
