@@ -422,7 +422,7 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
 
 
 def choose_tuned(per_point: dict[tuple, dict[Any, dict[str, Any]]], column: Column | None) -> dict[str, Any]:
-    """The setting with the best mean validation value of ``column`` over seeds (first in grid order on ties).
+    """The setting whose mean validation value of ``column`` over seeds ranks first (grid order breaks ties).
 
     Returns ``{"settings", "metric", "grid": [{"settings", "value", "n"}]}``.
     """
@@ -693,11 +693,12 @@ def _tests_markdown(tests: list[dict[str, Any]], with_at: bool = False) -> list[
 
 SAMPLERS_TEXT = {
     "tuned on validation, reported on test": "each combination's sampler settings were tuned on the validation "
-    "reference (a grid over the `tune:` settings, the best mean over seeds on the primary metric, on samples "
-    "drawn for tuning only) and are reported here on fresh samples against the disjoint test reference",
+    "reference (a grid over the `tune:` settings; the one with the lowest FID, or highest accuracy, as mean "
+    "over seeds on the primary metric, on samples drawn for tuning only) and are reported here on fresh samples against the disjoint test reference",
     "frontier": "compared along a frontier: quality against counted sampling FLOPs and seconds per image at "
     "each step count (see below)",
-    "as set per combination": "as set in each combination (not matched: differences may be sampler effects)",
+    "as set per combination": "not matched (no `tune:` or `sweep:`): each combination samples with its own "
+    "settings, so a difference may be a sampler effect",
 }
 
 
@@ -805,26 +806,37 @@ def _save(fig, target: str) -> None:
 
 
 def _bar_chart(out_dir: str, results: dict[str, Any], columns: list[Column], cells: dict[str, dict]) -> None:
-    """Means with their clipped t-interval (>= 3 seeds) or every seed's value with its within-run interval."""
-    numeric = [c for c in columns if all(cells[n][c.key][2] for n in results)]
+    """Means with their clipped t-interval (>= 3 seeds) or every seed's value with its within-run interval.
+
+    Quality and likelihood columns only; the costs are in the table.
+    """
+    cost = {c.key for c in COST_COLUMNS}
+    numeric = [c for c in columns if c.key not in cost and all(cells[n][c.key][2] for n in results)]
     if not numeric:
         return
     plt = _pyplot()
     names = list(results)
     fig, axes = plt.subplots(1, len(numeric), figsize=(3.2 * len(numeric), 3.4), squeeze=False)
     for ax, c in zip(axes[0], numeric):
+        bars, points = [], []  # (x, value, low, high): one matplotlib call each, not one per point
         for x, name in enumerate(names):
             iv = cells[name][c.key][1]
             if iv is not None:
-                ax.bar(x, iv.estimate, color="tab:blue")
-                ax.errorbar(x, iv.estimate, yerr=[[iv.estimate - iv.low], [iv.high - iv.estimate]],
-                            color="black", capsize=3)
+                bars.append((x, iv.estimate, iv.low, iv.high))
                 continue
             items = _seed_items(results[name]["seeds"], c.key)
             for j, (_, v, w) in enumerate(items):
                 xj = x + 0.15 * (j - (len(items) - 1) / 2)
-                yerr = [[v - w.low], [w.high - v]] if w is not None else None
-                ax.errorbar(xj, v, yerr=yerr, fmt="o", color="tab:blue", capsize=2, markersize=3)
+                points.append((xj, v, w.low if w is not None else v, w.high if w is not None else v))
+        for group, kind in ((bars, "bar"), (points, "point")):
+            if not group:
+                continue
+            xs, ys, lows, highs = zip(*group)
+            if kind == "bar":
+                ax.bar(xs, ys, color="tab:blue")
+            yerr = [[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]]
+            ax.errorbar(xs, ys, yerr=yerr, fmt="none" if kind == "bar" else "o", color="black" if kind == "bar"
+                        else "tab:blue", capsize=2, markersize=3)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         ax.set_title(c.label, fontsize=8)
     fig.tight_layout()

@@ -457,13 +457,10 @@ def ablate(
         table.add_row(*row)
     out.print(table)
     header, rows = tuned_rows(results)
-    if rows:
-        table = Table(title="tuned sampler settings (chosen on the validation reference; reported on test)")
-        for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i < 2 else "right")
-        for row in rows:
-            table.add_row(*row)
-        out.print(table)
+    if rows:  # plain lines: a table would cut the settings short in a narrow terminal
+        out.print("tuned sampler settings (chosen on the validation reference, reported on test):")
+        for name, settings, value, tried in rows:
+            out.print(f"  {name}: {settings}  ({header[2]} {value}; {tried} settings tried)", soft_wrap=True)
 
 
 @command

@@ -3,6 +3,7 @@
 import csv
 import os
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -20,17 +21,28 @@ BASE = {
 }
 
 
-def test_ablate_compares_priors_on_shared_latents(tmp_path):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+VARIANTS = {
+    "sundae": {"prior.name": "sundae", "sample.params": {"steps": 4, "min_steps": 2}},
+    "absorbing": {"prior.name": "absorbing", "prior.params": {"timesteps": 8, "nll_timesteps": 2},
+                  "sample.params": {"steps": 4}},
+    "autoregressive": {"prior.name": "autoregressive", "sample.params": {}},
+}
+
+
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory):
+    """One output root for this file's ablations: tokenizer, latents and priors train once (``out/_shared``)."""
+    root = tmp_path_factory.mktemp("ablations")
+    (root / "base.yaml").write_text(yaml.safe_dump(BASE))
+    return root
+
+
+def test_ablate_compares_priors_on_shared_latents(shared_root):
+    tmp_path = shared_root
     grid = {
         "base": "base.yaml",
         "output_dir": str(tmp_path / "out"),
-        "variants": {
-            "sundae": {"prior.name": "sundae", "sample.params": {"steps": 4, "min_steps": 2}},
-            "absorbing": {"prior.name": "absorbing", "prior.params": {"timesteps": 8, "nll_timesteps": 2},
-                          "sample.params": {"steps": 4}},
-            "autoregressive": {"prior.name": "autoregressive", "sample.params": {}},
-        },
+        "variants": VARIANTS,
         "grid": {"sample.batch_size": [4, 8]},
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
@@ -56,6 +68,57 @@ def test_ablate_compares_priors_on_shared_latents(tmp_path):
     assert sum(s.startswith("prior0-") for s in shared) == 3
 
 
+def test_ablate_tunes_samplers_on_validation_and_reports_on_test(shared_root):
+    """Two arms, each sampler tuned over a grid on the validation reference, reported on the test one."""
+    import json
+
+    from genfw import checkpoint
+
+    grid = {"base": "base.yaml", "output_dir": str(shared_root / "out"),
+            "variants": {"sundae": VARIANTS["sundae"], "absorbing": VARIANTS["absorbing"]},
+            "tune": {"temperature": [0.5, 1.0], "sample_proportion": [0.8]}}  # a proportion: SUNDAE only
+    (shared_root / "tune.yaml").write_text(yaml.safe_dump(grid))
+    result = CliRunner().invoke(app, ["ablate", str(shared_root / "tune.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "tuned sampler settings" in result.output
+    out = shared_root / "out"
+    for arm, slugs in (("sundae", ["sample_proportion=0.8_temperature=0.5", "sample_proportion=0.8_temperature=1.0"]),
+                       ("absorbing", ["temperature=0.5", "temperature=1.0"])):
+        assert sorted(os.listdir(out / arm / "tune")) == slugs
+        tried = {}
+        for slug in slugs:
+            run = out / arm / "tune" / slug
+            recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+            assert recipe["evaluate"]["reference"] == "validation"
+            # the tuning runs sample the arm's one trained prior (trained once, shared)
+            assert os.path.realpath(run / "prior0") == os.path.realpath(out / arm / "prior0")
+            tried[slug] = json.loads((run / "metrics.json").read_text())["fidelity/fid"]
+        reported = yaml.safe_load((out / arm / "recipe.yaml").read_text())
+        assert reported["evaluate"]["reference"] == "test"
+        best = min(tried, key=tried.get)  # FID: lower is better; the reported run uses the winner
+        assert f"temperature={reported['sample']['params']['temperature']}" in best
+        tuned_table = result.output.split("tuned sampler settings")[1]
+        line = next(row for row in tuned_table.splitlines() if row.strip().startswith(arm + ":"))
+        assert f"temperature={reported['sample']['params']['temperature']}" in line  # the tuned settings printed
+        assert ("sample_proportion=0.8" in line) == (arm == "sundae"), result.output
+        # per-sample outputs for the bootstrap: features of samples and reference, correctness per sample
+        tensors, meta = checkpoint.read(out / arm / "evaluate" / "features.safetensors")
+        assert tensors["sample_features"].shape[0] == BASE["evaluate"]["n_samples"] == tensors["correct"].numel()
+        assert meta["reference"] == "test"
+    md = (out / "comparison.md").read_text()
+    assert "Samplers: tuned on validation, reported on test" in md and "## Tuned sampler settings" in md
+    assert "best" not in md.lower() and "clearly" not in md.lower()
+
+
+def test_validation_and_test_references_are_disjoint():
+    from genfw.evaluate import _reference_half
+
+    idx = list(range(100, 137))
+    val, test = _reference_half(idx, "validation", 3), _reference_half(idx, "test", 3)
+    assert not set(val) & set(test) and sorted(val + test) == idx and len(val) == 18
+    assert _reference_half(idx, "validation", 3) == val != _reference_half(idx, "validation", 4)
+
+
 def test_ablation_file_errors_are_clear(tmp_path):
     (tmp_path / "grid.yaml").write_text("base: missing.yaml\ngrid: {seed: [1, 2]}\n")
     result = CliRunner().invoke(app, ["ablate", str(tmp_path / "grid.yaml")])
@@ -63,6 +126,15 @@ def test_ablation_file_errors_are_clear(tmp_path):
     (tmp_path / "bad.yaml").write_text("base: x.yaml\n")
     result = CliRunner().invoke(app, ["ablate", str(tmp_path / "bad.yaml")])
     assert result.exit_code == 2 and "variants" in result.output
+    from genfw.ablate import load_ablation
+    from genfw.errors import ConfigError
+
+    for bad, words in (("tune: {temperature: 0.9}", "tune must map"), ("tune: {}", "tune must map"),
+                       ("tune: {temperature: [1.0]}\nsweep: {steps: [2]}", "not both"),
+                       ("tune: {temperature: [1, 2, 3, 4, 5], steps: [1, 2, 3, 4, 5]}", "at most")):
+        (tmp_path / "t.yaml").write_text(f"base: b.yaml\nvariants: {{x: {{seed: 1}}}}\n{bad}\n")
+        with pytest.raises(ConfigError, match=words):
+            load_ablation(str(tmp_path / "t.yaml"))
 
 
 def test_shipped_ablations_validate_every_combination():
