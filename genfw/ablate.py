@@ -13,7 +13,9 @@ An ablation file::
       prior.backbone.params.resampling: [2d, 1d]
     seeds: [0, 1, 2]                    # train every combination's prior once per seed (optional)
     primary: class_accuracy             # the metric whose differences are tested (optional)
-    sweep: {steps: [10, 25, 50]}        # also sample every prior with these step counts (optional)
+    # how the samplers are matched: at most one of these two (neither: "not matched")
+    tune: {temperature: [0.8, 0.9, 1.0], steps: [32, 64]}   # tuned on validation, reported on test
+    sweep: {steps: [10, 25, 50]}        # or: a frontier, every prior at these step counts
 
 Every combination runs in ``output_dir/<combination>/`` (``.../seed-<s>/`` with seeds); stages
 with the same fingerprint — tokenizer, latents and priors — are shared through
@@ -23,19 +25,39 @@ sampler settings).
 **Seeds.** Seed ``s`` sets ``train.prior.seed=s`` and ``sample.seed=s``: each seed trains its
 own prior (initial weights, batch order, noise) and draws its own samples. Shared across seeds:
 the data split, the tokenizer, the latent dataset and the evaluation's feature extractor and
-reference images (all from the recipe's ``seed``), so the interval measures the prior and the
+reference images (all from the recipe's ``seed``), so the spread measures the prior and the
 sampler, not the tokenizer.
 
-**Output.** ``comparison.md`` (mean ± 95% t-interval over seeds with N; which differences on the
-primary metric are significant by Welch's t-test, Holm-corrected), ``comparison.csv`` (mean,
-interval half-width and N per metric), ``comparison_seeds.csv`` (every seed's value),
-``comparison.png``; with a sweep, ``sweep.csv`` and ``sweep.png`` (quality against backbone
-evaluations per image and against seconds per image, one curve per combination, 95% bands).
+**Matched samplers.** ``tune:`` maps sampler settings (``sample.params`` keys) to values; each
+combination tries every setting of the grid its prior has (a key its prior lacks, e.g.
+``sample_proportion`` for absorbing, is left out for it) in ``.../tune/<setting>/``, with other
+samples (``sample.seed`` + 1000) scored against the validation half of the reference images
+(``evaluate.reference=validation``); the setting with the lowest FID (highest accuracy) on the
+primary metric, mean over seeds, is then run and reported on fresh samples against the disjoint
+test half. The trained priors are shared, not retrained. ``sweep:`` instead compares along a
+frontier: quality against counted sampling FLOPs per image and against seconds per image.
+comparison.md opens with which of the two it did ("Samplers: ...").
+
+**Statistics** (rules in :mod:`genfw.stats`). Combinations that sample the same trained prior at
+every seed (sampler settings, sweep points) are a paired design: paired t-test and exact
+sign-flip test over the per-seed differences, the larger p decides; independently trained
+priors get Welch's t-test. Holm's correction over every test of one table. With 3 or more seeds
+a cell is the mean with its 95% t-interval cut to the metric's range; with fewer, every seed's
+value with its 95% interval within the run (FID/KID: bootstrap over the samples from
+``evaluate/features.safetensors``; class accuracy: Wilson). Verdicts are "significant after
+Holm" or "not significant", nothing else.
+
+**Output.** ``comparison.md``, ``comparison.csv`` (per metric: mean, ``:low``/``:high`` of the
+t-interval, empty under 3 seeds, and ``:n``), ``comparison_seeds.csv`` (every seed's value and
+its within-run ``:low``/``:high``), ``comparison.png``; with a sweep, ``sweep.csv`` and
+``sweep.png`` (bands only from 3 seeds, never outside the metric's range).
 
 **Cost.** Per combination: the prior's training FLOPs (one step counted with torch's
-``FlopCounterMode``, times the steps) and wall time; sampling backbone evaluations and seconds
-per image. Held-out likelihoods are split by kind (exact, bound, estimate; SUNDAE's denoising
-loss in its own column), never mixed in one column.
+``FlopCounterMode``, times the steps) and wall time; sampling FLOPs per image (one sampling call
+of the priors, up to 8 images, counted by ``FlopCounterMode``: a cached autoregressive step
+counts its one token's work), backbone evaluations and seconds per image. Held-out likelihoods
+are split by kind (exact, bound, estimate; SUNDAE's denoising loss in its own column), never
+mixed in one column.
 """
 
 from __future__ import annotations
