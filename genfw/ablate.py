@@ -698,7 +698,8 @@ def _tests_markdown(tests: list[dict[str, Any]], with_at: bool = False) -> list[
     md = ["Paired designs (the same trained prior at every seed, other sampler settings): paired t-test "
           "and exact sign-flip permutation test over the per-seed differences, the larger p decides. "
           "Independently trained priors: Welch's t-test. Two-sided; Holm's correction over the "
-          f"{len(tests)} tests of this table at {ALPHA}; difference = first - second.", ""]
+          f"{len(tests)} test{'s' if len(tests) != 1 else ''} of this table at {ALPHA}; "
+          "difference = first - second.", ""]
     head = ["pair"] + (["steps"] if with_at else []) + ["design", "difference", "t (df)", "p (t)",
                                                         "p (sign-flip)", "Holm-adjusted p", "verdict"]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -155,3 +155,40 @@ def test_shipped_ablations_validate_every_combination():
         base = load_yaml(folder / spec["base"])
         for _, overrides in combinations(spec):
             validate_recipe(apply_overrides(base, list(spec.get("set") or []) + _as_set(overrides)))
+
+
+def test_comparison_pairs_what_shares_a_prior_and_keeps_intervals_in_range(tmp_path):
+    """Synthetic results: sampler variants of one trained prior are paired, separately trained priors are not;
+    from 3 seeds the t-interval is cut to the metric's range in the table, the CSVs and the plot data."""
+    from genfw.ablate import write_comparison, write_sweep
+    from genfw.stats import paired, summarize, welch
+
+    def arm(fid: list[float], acc: list[float], prior: str, sweep: dict | None = None) -> dict:
+        seeds = {s: {"fidelity/fid": f, "class_accuracy": a, "sample/flops_per_image": 1e6,
+                     "sample/seconds_per_image": 0.1} for s, (f, a) in enumerate(zip(fid, acc))}
+        return {"overrides": {}, "seeds": seeds, "priors": {s: [f"{prior}-{s}"] for s in seeds},
+                "sweep": sweep or {}, "sweep_priors": {k: {s: [f"{prior}-{s}"] for s in v} for k, v in (sweep or {}).items()}}
+
+    # p0.2 and p0.8 sample the same prior per seed: a large seed effect, a small consistent sampler effect
+    results = {"p0.2": arm([3.0, 9.0, 0.5], [0.99, 0.70, 0.98], "sundae"),
+               "p0.8": arm([3.5, 9.6, 1.1], [0.97, 0.66, 0.95], "sundae"),
+               "ar": arm([4.0, 5.0, 4.5], [0.90, 0.92, 0.91], "ar")}
+    for r in results.values():
+        r["sweep"] = {8: r["seeds"]}
+        r["sweep_priors"] = {8: r["priors"]}
+    write_comparison(str(tmp_path), results)
+    md = (tmp_path / "comparison.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if " vs " in line}
+    a, b = [3.0, 9.0, 0.5], [3.5, 9.6, 1.1]
+    assert "paired, 3 seeds" in rows["p0.2 vs p0.8"] and f"{paired(a, b).p_t:.3g}" in rows["p0.2 vs p0.8"]
+    assert "independent (Welch)" in rows["p0.2 vs ar"] and f"{welch(a, [4.0, 5.0, 4.5]).p:.3g}" in rows["p0.2 vs ar"]
+    means = {r["combination"]: r for r in csv.DictReader(open(tmp_path / "comparison.csv"))}
+    raw = summarize(a)
+    assert raw.mean - raw.half_width < 0 and float(means["p0.2"]["fidelity/fid:low"]) == 0.0
+    raw = summarize([0.99, 0.70, 0.98])
+    assert raw.mean + raw.half_width > 1 and float(means["p0.2"]["class_accuracy:high"]) == 1.0
+    write_sweep(str(tmp_path), results)
+    sweep = {r["combination"]: r for r in csv.DictReader(open(tmp_path / "sweep.csv"))}
+    assert float(sweep["p0.2"]["fidelity/fid:low"]) == 0.0  # the band the plot draws starts at 0
+    assert all(float(r["fidelity/fid:low"]) >= 0 for r in sweep.values())
+    assert "| p0.2 vs p0.8 | 8 | paired, 3 seeds |" in (tmp_path / "comparison.md").read_text()
