@@ -171,6 +171,9 @@ def load_ablation(path: str) -> dict[str, Any]:
         if sweep is not None:
             raise ConfigError(f"{path}: give tune: (tuned on validation, reported on test) or sweep: "
                               "(a frontier), not both")
+        if isinstance(spec.get("primary"), str) and not spec["primary"].startswith(("fidelity/", "class_accuracy")):
+            raise ConfigError(f"{path}: tune: chooses sampler settings by sample quality; primary "
+                              f"'{spec['primary']}' does not depend on the sampler (use fidelity/fid or class_accuracy)")
     primary = spec.get("primary")
     known = [c.key for c in BASE_COLUMNS + COST_COLUMNS]
     if primary is not None and not (isinstance(primary, str) and (
@@ -294,7 +297,10 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
     ``sweep_steps`` its ``sweep.steps``; ``output_dir`` its ``output_dir``; ``shared_dir``
     (default ``output_dir/_shared``) lets several ablations share one tokenizer, latent set and
     identical priors. Returns ``{name: {"overrides", "seeds": {seed: metrics},
-    "metrics": means over seeds, "sweep": {steps: {seed: metrics}}}}``.
+    "metrics": means over seeds, "sweep": {steps: {seed: metrics}}, "priors": {seed: [trained prior
+    folder per level]} (what makes two combinations a paired design), "sweep_priors", and with
+    ``tune:`` "tuned": {"settings", "metric", "grid"}}}``. Seed metrics hold the run's own 95%
+    intervals as ``<metric>:low`` / ``<metric>:high`` (bootstrap FID/KID, Wilson class accuracy).
     """
     from genfw.pipeline import Run
 
@@ -349,6 +355,8 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
             res = resolve(cname, overrides, _seed_overrides(seed))
             jobs.append((cname, seed, None, folder, res))
             if tune:
+                if "fidelity" not in res.recipe.evaluate.metrics:
+                    raise ConfigError(f"{path}: tune: needs 'fidelity' in evaluate.metrics (combination '{cname}')")
                 points = tune_points(res)
                 unknown -= set(points[0]) if points else set()
                 for point in points:
@@ -581,6 +589,8 @@ def mean_metrics(seed_metrics: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     first = next(iter(seed_metrics.values()), {})
     out: dict[str, Any] = {}
     for key, value in first.items():
+        if key.endswith((":low", ":high")):
+            continue  # a run's own interval: averaging its bounds over seeds would mean nothing
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             vals = [float(m[key]) for m in seed_metrics.values() if isinstance(m.get(key), (int, float))]
             out[key] = sum(vals) / len(vals)

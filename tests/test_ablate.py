@@ -131,7 +131,8 @@ def test_ablation_file_errors_are_clear(tmp_path):
 
     for bad, words in (("tune: {temperature: 0.9}", "tune must map"), ("tune: {}", "tune must map"),
                        ("tune: {temperature: [1.0]}\nsweep: {steps: [2]}", "not both"),
-                       ("tune: {temperature: [1, 2, 3, 4, 5], steps: [1, 2, 3, 4, 5]}", "at most")):
+                       ("tune: {temperature: [1, 2, 3, 4, 5], steps: [1, 2, 3, 4, 5]}", "at most"),
+                       ("tune: {temperature: [1.0]}\nprimary: train/flops", "does not depend on the sampler")):
         (tmp_path / "t.yaml").write_text(f"base: b.yaml\nvariants: {{x: {{seed: 1}}}}\n{bad}\n")
         with pytest.raises(ConfigError, match=words):
             load_ablation(str(tmp_path / "t.yaml"))
