@@ -136,6 +136,13 @@ def test_ablation_file_errors_are_clear(tmp_path):
         (tmp_path / "t.yaml").write_text(f"base: b.yaml\nvariants: {{x: {{seed: 1}}}}\n{bad}\n")
         with pytest.raises(ConfigError, match=words):
             load_ablation(str(tmp_path / "t.yaml"))
+    # a setting no arm's sampler has fails before any run
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "variants": {"s": VARIANTS["sundae"]},
+                                                     "tune": {"top_k": [5, 10]}, "output_dir": str(tmp_path / "o")}))
+    result = CliRunner().invoke(app, ["ablate", str(tmp_path / "t.yaml")])
+    assert result.exit_code == 2 and "none of the combinations' priors" in result.output, result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_shipped_ablations_validate_every_combination():
