@@ -44,7 +44,8 @@ sign-flip test over the per-seed differences, the larger p decides; independentl
 priors get Welch's t-test. Holm's correction over every test of one table. With 3 or more seeds
 a cell is the mean with its 95% t-interval cut to the metric's range; with fewer, every seed's
 value with its 95% interval within the run (FID/KID: bootstrap over the samples from
-``evaluate/features.safetensors``; class accuracy: Wilson). Verdicts are "significant after
+``evaluate/features.safetensors``; class accuracy, precision, coverage: Wilson). Verdicts are
+"significant after
 Holm" or "not significant", nothing else.
 
 **Output.** ``comparison.md``, ``comparison.csv`` (per metric: mean, ``:low``/``:high`` of the
@@ -483,7 +484,8 @@ def tuned_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def within_run_intervals(folder: str, n_boot: int = 1000) -> dict[str, Any]:
-    """Per-run 95% intervals from ``evaluate/features.safetensors``: bootstrap FID/KID, Wilson class accuracy.
+    """Per-run 95% intervals from ``evaluate/features.safetensors``: bootstrap FID/KID; Wilson for class
+    accuracy, precision and coverage.
 
     Keys ``<metric>:low`` and ``<metric>:high``; empty when the run evaluated no fidelity.
     """
@@ -494,7 +496,7 @@ def within_run_intervals(folder: str, n_boot: int = 1000) -> dict[str, Any]:
     path = os.path.join(folder, "evaluate", PER_SAMPLE_FILE)
     if not os.path.exists(path):
         return {}
-    tensors, _ = checkpoint.read(path)
+    tensors, meta = checkpoint.read(path)
     out: dict[str, Any] = {}
     fake = tensors["sample_features"].double().numpy()
     real = tensors["reference_features"].double().numpy()
@@ -502,10 +504,22 @@ def within_run_intervals(folder: str, n_boot: int = 1000) -> dict[str, Any]:
     for key, fn in (("fidelity/fid", bootstrap_fid), ("fidelity/kid", bootstrap_kid)):
         iv = fn(fake, real, n_boot=draws)
         out |= {f"{key}:low": iv.low, f"{key}:high": iv.high}
-    if "correct" in tensors:
-        correct = tensors["correct"]
-        iv = wilson(int(correct.sum()), int(correct.numel()))
-        out |= {"class_accuracy:low": iv.low, "class_accuracy:high": iv.high}
+    # proportions with Wilson: class accuracy over the samples; precision (a sample inside some
+    # reference image's k-NN ball, <= as torch-fidelity) over the samples and coverage (a reference
+    # image whose ball, strict <, holds a sample) over the reference images, each given the other set
+    proportions = {"class_accuracy": tensors["correct"].bool()} if "correct" in tensors else {}
+    k = int(meta.get("prdc_k", 5))
+    if real.shape[0] > k:
+        import torch
+
+        r, f = torch.from_numpy(real), torch.from_numpy(fake)
+        radii = torch.cdist(r, r).kthvalue(k + 1, dim=1).values  # +1: the image itself
+        d = torch.cdist(f, r)  # [N, M]
+        proportions["fidelity/precision"] = (d <= radii[None]).any(1)
+        proportions["fidelity/coverage"] = (d < radii[None]).any(0)
+    for key, hits in proportions.items():
+        iv = wilson(int(hits.sum()), int(hits.numel()))
+        out |= {f"{key}:low": iv.low, f"{key}:high": iv.high}
     return out
 
 
@@ -751,7 +765,7 @@ def write_comparison(out_dir: str, results: dict[str, Any], primary: str | None 
         md += [f"Fewer than {MIN_SEEDS_FOR_T} seeds (N = {', '.join(map(str, ns)) or '0'}): every seed's value, "
                "no interval over seeds; in brackets the 95% interval within that seed's run (FID, KID: "
                "bootstrap over the samples with the reference fixed, for the value at this sample count; "
-               "class accuracy: Wilson), never outside the metric's range."]
+               "class accuracy, precision, coverage: Wilson), never outside the metric's range."]
     md += ["Shared across seeds: the data split, tokenizer, latent set, evaluation classifier and reference "
            "images; per seed: the prior's initial weights, batch order and noise, and its samples.", ""]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -161,7 +161,7 @@ def _save_per_sample(run: Run, features: dict[str, torch.Tensor], extractor, ima
     if isinstance(extractor, metrics.Classifier) and labels is not None:
         tensors["correct"] = (metrics.classify(extractor, images) == labels.cpu().long()).to(torch.uint8)
     meta = {"type": "evaluation_features", "feature_extractor_id": result.get("feature_extractor_id", ""),
-            "reference": run.recipe.evaluate.reference}
+            "reference": run.recipe.evaluate.reference, "prdc_k": result.get("prdc_k", 5)}
     checkpoint.save_tensors(run.path("evaluate", PER_SAMPLE_FILE), tensors, meta)
 
 

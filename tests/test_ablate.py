@@ -105,6 +105,18 @@ def test_ablate_tunes_samplers_on_validation_and_reports_on_test(shared_root):
         tensors, meta = checkpoint.read(out / arm / "evaluate" / "features.safetensors")
         assert tensors["sample_features"].shape[0] == BASE["evaluate"]["n_samples"] == tensors["correct"].numel()
         assert meta["reference"] == "test"
+        # Wilson intervals of the proportions hold the values evaluation computed (same features, same rule)
+        from genfw.ablate import within_run_intervals
+        from genfw.stats import wilson
+
+        metrics = json.loads((out / arm / "metrics.json").read_text())
+        intervals = within_run_intervals(str(out / arm), n_boot=50)
+        for key in ("fidelity/fid", "fidelity/kid"):
+            assert 0 <= intervals[f"{key}:low"] <= max(metrics[key], 0) <= intervals[f"{key}:high"], key
+        n, m = metrics["fidelity/num_samples"], metrics["fidelity/num_reference"]
+        for key, count in (("class_accuracy", n), ("fidelity/precision", n), ("fidelity/coverage", m)):
+            expected = wilson(round(metrics[key] * count), count)  # the same hits as evaluation counted
+            assert (intervals[f"{key}:low"], intervals[f"{key}:high"]) == (expected.low, expected.high), key
     md = (out / "comparison.md").read_text()
     assert "Samplers: tuned on validation, reported on test" in md and "## Tuned sampler settings" in md
     assert "best" not in md.lower() and "clearly" not in md.lower()
