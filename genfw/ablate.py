@@ -45,8 +45,7 @@ priors get Welch's t-test. Holm's correction over every test of one table. With 
 a cell is the mean with its 95% t-interval cut to the metric's range; with fewer, every seed's
 value with its 95% interval within the run (FID/KID: bootstrap over the samples from
 ``evaluate/features.safetensors``; class accuracy, precision, coverage: Wilson). Verdicts are
-"significant after
-Holm" or "not significant", nothing else.
+"significant after Holm" or "not significant", nothing else.
 
 **Output.** ``comparison.md``, ``comparison.csv`` (per metric: mean, ``:low``/``:high`` of the
 t-interval, empty under 3 seeds, and ``:n``), ``comparison_seeds.csv`` (every seed's value and
