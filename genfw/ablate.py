@@ -419,6 +419,8 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
                                                                   for c, per in tuned.items()}))
         for cname, per_point in tuned.items():
             results[cname]["tuned"] = choose_tuned(per_point, column)
+        for cname, _ in combos:  # a prior with none of the tune: settings samples as its recipe says
+            results[cname].setdefault("tuned", {"settings": {}, "metric": column.key if column else "", "grid": []})
         jobs = [(c, s, st, f, r if c not in tuned else resolve(
                     c, results[c]["overrides"], _seed_overrides(s) + ["evaluate.reference=test"]
                     + _as_set({f"sample.params.{k}": v for k, v in results[c]["tuned"]["settings"].items()})))
@@ -473,12 +475,13 @@ def tuned_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     metric = ""
     for name, r in results.items():
         t = r.get("tuned")
-        if not t:
+        if t is None:
             continue
-        metric = t["metric"]
-        value = next(g["value"] for g in t["grid"] if g["settings"] == t["settings"])
-        rows.append([name, ", ".join(f"{k}={v}" for k, v in t["settings"].items()) or "(nothing to tune)",
-                     f"{value:.4g}", str(len(t["grid"]))])
+        metric = t["metric"] or metric
+        value = next((g["value"] for g in t["grid"] if g["settings"] == t["settings"]), None)
+        rows.append([name, ", ".join(f"{k}={v}" for k, v in t["settings"].items())
+                     or "(none of the tune: settings is a setting of this prior: sampled as its recipe says)",
+                     f"{value:.4g}" if value is not None else "—", str(len(t["grid"]))])
     return ["combination", "tuned settings", f"{metric} (validation)", "settings tried"], rows
 
 
@@ -782,7 +785,7 @@ def write_comparison(out_dir: str, results: dict[str, Any], primary: str | None 
            "of the priors counted by FlopCounterMode (a cached autoregressive step counts what it "
            "computes for one token, a parallel step the whole grid); evals / image = backbone rows "
            "per image."]
-    tuned = {n: r["tuned"] for n, r in results.items() if r.get("tuned")}
+    tuned = {n: r["tuned"] for n, r in results.items() if r.get("tuned") is not None}
     if tuned:
         md += ["", "## Tuned sampler settings", "",
                "| combination | tuned settings | validation value of each setting tried |", "|---|---|---|"]

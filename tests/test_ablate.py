@@ -212,3 +212,23 @@ def test_comparison_pairs_what_shares_a_prior_and_keeps_intervals_in_range(tmp_p
     assert float(sweep["p0.2"]["fidelity/fid:low"]) == 0.0  # the band the plot draws starts at 0
     assert all(float(r["fidelity/fid:low"]) >= 0 for r in sweep.values())
     assert "| p0.2 vs p0.8 | 8 | paired, 3 seeds |" in (tmp_path / "comparison.md").read_text()
+
+
+def test_tuning_picks_by_the_metric_direction_and_says_when_nothing_was_tunable():
+    from genfw.ablate import BASE_COLUMNS, choose_tuned, tuned_rows
+
+    fid, acc = (next(c for c in BASE_COLUMNS if c.key == k) for k in ("fidelity/fid", "class_accuracy"))
+    per_point = {(("temperature", 0.8),): {0: {"fidelity/fid": 5.0, "class_accuracy": 0.7},
+                                           1: {"fidelity/fid": 7.0, "class_accuracy": 0.7}},
+                 (("temperature", 1.0),): {0: {"fidelity/fid": 5.5, "class_accuracy": 0.9},
+                                           1: {"fidelity/fid": 5.5, "class_accuracy": 0.8}}}
+    assert choose_tuned(per_point, fid)["settings"] == {"temperature": 1.0}  # mean 5.5 < 6.0
+    assert choose_tuned(per_point, acc)["settings"] == {"temperature": 1.0}  # mean 0.85 > 0.7
+    per_point[(("temperature", 1.0),)][1]["class_accuracy"] = 0.5
+    assert choose_tuned(per_point, acc)["settings"] == {"temperature": 0.8}  # higher is better
+    results = {"sundae": {"tuned": choose_tuned(per_point, fid)},
+               "ar": {"tuned": {"settings": {}, "metric": "fidelity/fid", "grid": []}}}
+    header, rows = tuned_rows(results)
+    assert header[2] == "fidelity/fid (validation)"
+    assert rows[0] == ["sundae", "temperature=1.0", "5.5", "2"]
+    assert rows[1][0] == "ar" and "sampled as its recipe says" in rows[1][1] and rows[1][2] == "—"
