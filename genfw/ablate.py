@@ -310,6 +310,8 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
             raise ConfigError(f"--seeds must be between 1 and {MAX_SEEDS}, got {seeds}")
         spec["seeds"] = list(range(seeds))
     if sweep_steps is not None:
+        if spec.get("tune"):
+            raise ConfigError(f"{path}: tunes its samplers (tune:); --sweep-steps (a frontier) cannot be added to it")
         spec["sweep"] = {"steps": _int_list("--sweep-steps", "steps", list(sweep_steps), 1, MAX_SWEEP_POINTS)}
     seed_list: list[int | None] = list(spec.get("seeds") or [None])
     sweep = (spec.get("sweep") or {}).get("steps") or []

@@ -427,8 +427,8 @@ def ablate(
         help="Train every combination's prior N times (seeds 0..N-1; tokenizer and latents shared): "
              "per-seed values (t-interval from 3 seeds), paired or Welch tests with Holm")] = None,
     sweep_steps: Annotated[str | None, typer.Option(
-        help="Comma-separated sampling step counts, e.g. 10,25,50: quality vs evaluations and "
-             "vs seconds per image, one curve per combination (sweep.png)")] = None,
+        help="Comma-separated sampling step counts, e.g. 10,25,50: a frontier of quality vs counted "
+             "sampling FLOPs and vs seconds per image, one curve per combination (sweep.png)")] = None,
 ) -> None:
     """Run every combination of a grid (sharing common stages) and write a comparison table and plots."""
     from genfw.ablate import summary_rows, tuned_rows
