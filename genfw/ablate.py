@@ -406,7 +406,7 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
         metrics = dict(run.run())
         metrics |= _prior_costs(run, flops_cache)
         metrics |= _sampling_flops(run, flops_cache)
-        metrics |= within_run_intervals(folder)
+        metrics |= within_run_intervals(folder, device=str(run.device))
         return metrics, [os.path.realpath(run.path(f"prior{i}")) for i in range(len(res.prior_specs))]
 
     # 1. tuning: every setting of the grid on the validation reference, one setting chosen per combination
@@ -487,7 +487,11 @@ def tuned_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["combination", "tuned settings", f"{metric} (validation)", "settings tried"], rows
 
 
-def within_run_intervals(folder: str, n_boot: int = 1000) -> dict[str, Any]:
+#: Most samples for KID's within-run interval: its bootstrap holds the N x N kernel matrix.
+MAX_KID_BOOTSTRAP = 5000
+
+
+def within_run_intervals(folder: str, n_boot: int = 1000, device: str = "cpu") -> dict[str, Any]:
     """Per-run 95% intervals from ``evaluate/features.safetensors``: bootstrap FID/KID; Wilson for class
     accuracy, precision and coverage.
 
@@ -505,9 +509,11 @@ def within_run_intervals(folder: str, n_boot: int = 1000) -> dict[str, Any]:
     fake = tensors["sample_features"].double().numpy()
     real = tensors["reference_features"].double().numpy()
     draws = n_boot if fake.shape[1] <= 512 else max(100, n_boot // 10)  # Inception: 2048-d eigenproblems
-    for key, fn in (("fidelity/fid", bootstrap_fid), ("fidelity/kid", bootstrap_kid)):
-        iv = fn(fake, real, n_boot=draws)
-        out |= {f"{key}:low": iv.low, f"{key}:high": iv.high}
+    iv = bootstrap_fid(fake, real, n_boot=draws, device=device)
+    out |= {"fidelity/fid:low": iv.low, "fidelity/fid:high": iv.high}
+    if fake.shape[0] <= MAX_KID_BOOTSTRAP and real.shape[0] <= MAX_KID_BOOTSTRAP:
+        iv = bootstrap_kid(fake, real, n_boot=draws)
+        out |= {"fidelity/kid:low": iv.low, "fidelity/kid:high": iv.high}
     # proportions with Wilson: class accuracy over the samples; precision (a sample inside some
     # reference image's k-NN ball, <= as torch-fidelity) over the samples and coverage (a reference
     # image whose ball, strict <, holds a sample) over the reference images, each given the other set

@@ -94,6 +94,15 @@ def test_fid_and_kid_from_features_match_scipy_and_torch_fidelity():
     idx = np.random.default_rng(5).integers(0, 60, size=60)
     counts = np.bincount(idx, minlength=60).astype(float)
     assert stats.fid_from_features(x, y, counts) == pytest.approx(stats.fid_from_features(x[idx], y), rel=1e-9)
+    # fewer samples than dimensions (the other branch), and a batch of draws at once
+    few, wide = _features(12, 30, 0.2, 7), _features(40, 30, 0.0, 8)
+    s1, s2 = np.cov(few, rowvar=False), np.cov(wide, rowvar=False)
+    by_hand = ((few.mean(0) - wide.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert stats.fid_from_features(few, wide) == pytest.approx(by_hand, rel=1e-6)
+    draws = stats._counts(12, 3, 1)
+    batch = stats._FID(wide).batch(torch.from_numpy(few), torch.from_numpy(draws))
+    singly = [stats.fid_from_features(few[np.repeat(np.arange(12), c.astype(int))], wide) for c in draws]
+    assert batch == pytest.approx(singly, rel=1e-8)
 
 
 def test_bootstrap_intervals_contain_the_estimate_and_never_go_below_zero():
