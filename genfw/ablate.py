@@ -13,7 +13,9 @@ An ablation file::
       prior.backbone.params.resampling: [2d, 1d]
     seeds: [0, 1, 2]                    # train every combination's prior once per seed (optional)
     primary: class_accuracy             # the metric whose differences are tested (optional)
-    sweep: {steps: [10, 25, 50]}        # also sample every prior with these step counts (optional)
+    # how the samplers are matched: at most one of these two (neither: "not matched")
+    tune: {temperature: [0.8, 0.9, 1.0], steps: [32, 64]}   # tuned on validation, reported on test
+    sweep: {steps: [10, 25, 50]}        # or: a frontier, every prior at these step counts
 
 Every combination runs in ``output_dir/<combination>/`` (``.../seed-<s>/`` with seeds); stages
 with the same fingerprint — tokenizer, latents and priors — are shared through
@@ -23,19 +25,39 @@ sampler settings).
 **Seeds.** Seed ``s`` sets ``train.prior.seed=s`` and ``sample.seed=s``: each seed trains its
 own prior (initial weights, batch order, noise) and draws its own samples. Shared across seeds:
 the data split, the tokenizer, the latent dataset and the evaluation's feature extractor and
-reference images (all from the recipe's ``seed``), so the interval measures the prior and the
+reference images (all from the recipe's ``seed``), so the spread measures the prior and the
 sampler, not the tokenizer.
 
-**Output.** ``comparison.md`` (mean ± 95% t-interval over seeds with N; which differences on the
-primary metric are significant by Welch's t-test, Holm-corrected), ``comparison.csv`` (mean,
-interval half-width and N per metric), ``comparison_seeds.csv`` (every seed's value),
-``comparison.png``; with a sweep, ``sweep.csv`` and ``sweep.png`` (quality against backbone
-evaluations per image and against seconds per image, one curve per combination, 95% bands).
+**Matched samplers.** ``tune:`` maps sampler settings (``sample.params`` keys) to values; each
+combination tries every setting of the grid its prior has (a key its prior lacks, e.g.
+``sample_proportion`` for absorbing, is left out for it) in ``.../tune/<setting>/``, with other
+samples (``sample.seed`` + 1000) scored against the validation half of the reference images
+(``evaluate.reference=validation``); the setting with the lowest FID (highest accuracy) on the
+primary metric, mean over seeds, is then run and reported on fresh samples against the disjoint
+test half. The trained priors are shared, not retrained. ``sweep:`` instead compares along a
+frontier: quality against counted sampling FLOPs per image and against seconds per image.
+comparison.md opens with which of the two it did ("Samplers: ...").
+
+**Statistics** (rules in :mod:`genfw.stats`). Combinations that sample the same trained prior at
+every seed (sampler settings, sweep points) are a paired design: paired t-test and exact
+sign-flip test over the per-seed differences, the larger p decides; independently trained
+priors get Welch's t-test. Holm's correction over every test of one table. With 3 or more seeds
+a cell is the mean with its 95% t-interval cut to the metric's range; with fewer, every seed's
+value with its 95% interval within the run (FID/KID: bootstrap over the samples from
+``evaluate/features.safetensors``; class accuracy, precision, coverage: Wilson). Verdicts are
+"significant after Holm" or "not significant", nothing else.
+
+**Output.** ``comparison.md``, ``comparison.csv`` (per metric: mean, ``:low``/``:high`` of the
+t-interval, empty under 3 seeds, and ``:n``), ``comparison_seeds.csv`` (every seed's value and
+its within-run ``:low``/``:high``), ``comparison.png``; with a sweep, ``sweep.csv`` and
+``sweep.png`` (bands only from 3 seeds, never outside the metric's range).
 
 **Cost.** Per combination: the prior's training FLOPs (one step counted with torch's
-``FlopCounterMode``, times the steps) and wall time; sampling backbone evaluations and seconds
-per image. Held-out likelihoods are split by kind (exact, bound, estimate; SUNDAE's denoising
-loss in its own column), never mixed in one column.
+``FlopCounterMode``, times the steps) and wall time; sampling FLOPs per image (one sampling call
+of the priors, up to 8 images, counted by ``FlopCounterMode``: a cached autoregressive step
+counts its one token's work), backbone evaluations and seconds per image. Held-out likelihoods
+are split by kind (exact, bound, estimate; SUNDAE's denoising loss in its own column), never
+mixed in one column.
 """
 
 from __future__ import annotations
@@ -58,10 +80,13 @@ from genfw.config import apply_overrides, load_yaml, validate_recipe
 from genfw.errors import ConfigError
 from genfw.metrics import NLL_KIND_LABELS
 from genfw.progress import console
-from genfw.stats import Summary, holm, summarize, welch
+from genfw.stats import MIN_SEEDS_FOR_T, Interval, holm_adjusted, paired, t_interval, welch
 
 MAX_SEEDS = 20
 MAX_SWEEP_POINTS = 20
+MAX_TUNE_POINTS = 24
+#: Sample seed offset of tuning runs: tuning draws other samples than the reported runs.
+TUNE_SEED_OFFSET = 1000
 ALPHA = 0.05
 
 
@@ -85,6 +110,7 @@ COST_COLUMNS = [
     Column("train/flops", "prior train FLOPs", "lower"),
     Column("train_seconds", "prior train s", "lower"),
     Column("sample/evaluations_per_image", "evals / image", "lower"),
+    Column("sample/flops_per_image", "sampling FLOPs / image", "lower"),
     Column("sample/seconds_per_image", "s / image", "lower"),
 ]
 #: Metrics a primary metric may be, in the order the default is picked from.
@@ -115,7 +141,7 @@ def _int_list(path: str, key: str, values: Any, low: int, most: int) -> list[int
 
 def load_ablation(path: str) -> dict[str, Any]:
     spec = load_yaml(path)
-    allowed = {"base", "set", "variants", "grid", "output_dir", "name", "seeds", "primary", "sweep"}
+    allowed = {"base", "set", "variants", "grid", "output_dir", "name", "seeds", "primary", "sweep", "tune"}
     unknown = set(spec) - allowed
     if unknown:
         raise ConfigError(f"{path}: unknown ablation key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -133,6 +159,21 @@ def load_ablation(path: str) -> dict[str, Any]:
         if not isinstance(sweep, dict) or set(sweep) != {"steps"}:
             raise ConfigError(f"{path}: sweep must be {{steps: [n1, n2, ...]}} (sampling steps), got {sweep!r}")
         sweep["steps"] = _int_list(path, "sweep.steps", sweep["steps"], 1, MAX_SWEEP_POINTS)
+    tune = spec.get("tune")
+    if tune is not None:
+        if not isinstance(tune, dict) or not tune or not all(
+                isinstance(k, str) and isinstance(v, list) and v for k, v in tune.items()):
+            raise ConfigError(f"{path}: tune must map sampler settings to lists of values, e.g. "
+                              f"{{temperature: [0.8, 1.0], steps: [32, 64]}}; got {tune!r}")
+        points = math.prod(len(v) for v in tune.values())
+        if points > MAX_TUNE_POINTS:
+            raise ConfigError(f"{path}: tune has {points} settings per combination, at most {MAX_TUNE_POINTS}")
+        if sweep is not None:
+            raise ConfigError(f"{path}: give tune: (tuned on validation, reported on test) or sweep: "
+                              "(a frontier), not both")
+        if isinstance(spec.get("primary"), str) and not spec["primary"].startswith(("fidelity/", "class_accuracy")):
+            raise ConfigError(f"{path}: tune: chooses sampler settings by sample quality; primary "
+                              f"'{spec['primary']}' does not depend on the sampler (use fidelity/fid or class_accuracy)")
     primary = spec.get("primary")
     known = [c.key for c in BASE_COLUMNS + COST_COLUMNS]
     if primary is not None and not (isinstance(primary, str) and (
@@ -256,7 +297,10 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
     ``sweep_steps`` its ``sweep.steps``; ``output_dir`` its ``output_dir``; ``shared_dir``
     (default ``output_dir/_shared``) lets several ablations share one tokenizer, latent set and
     identical priors. Returns ``{name: {"overrides", "seeds": {seed: metrics},
-    "metrics": means over seeds, "sweep": {steps: {seed: metrics}}}}``.
+    "metrics": means over seeds, "sweep": {steps: {seed: metrics}}, "priors": {seed: [trained prior
+    folder per level]} (what makes two combinations a paired design), "sweep_priors", and with
+    ``tune:`` "tuned": {"settings", "metric", "grid"}}}``. Seed metrics hold the run's own 95%
+    intervals as ``<metric>:low`` / ``<metric>:high`` (bootstrap FID/KID, Wilson class accuracy).
     """
     from genfw.pipeline import Run
 
@@ -266,6 +310,8 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
             raise ConfigError(f"--seeds must be between 1 and {MAX_SEEDS}, got {seeds}")
         spec["seeds"] = list(range(seeds))
     if sweep_steps is not None:
+        if spec.get("tune"):
+            raise ConfigError(f"{path}: tunes its samplers (tune:); --sweep-steps (a frontier) cannot be added to it")
         spec["sweep"] = {"steps": _int_list("--sweep-steps", "steps", list(sweep_steps), 1, MAX_SWEEP_POINTS)}
     seed_list: list[int | None] = list(spec.get("seeds") or [None])
     sweep = (spec.get("sweep") or {}).get("steps") or []
@@ -285,13 +331,41 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
         except ConfigError as e:
             raise type(e)(f"ablation combination '{cname}': {e}") from None
 
+    tune = spec.get("tune") or {}
+
+    def tune_points(res) -> list[dict[str, Any]]:
+        """The tune grid restricted to the settings this combination's prior(s) have."""
+        from genfw.registry import get_registry
+
+        fields = set.intersection(*(set(get_registry().load("prior", p.name).SamplerParams.model_fields)
+                                    for p in res.prior_specs))
+        keys = [k for k in tune if k in fields]
+        return [dict(zip(keys, values)) for values in itertools.product(*(tune[k] for k in keys))] if keys else []
+
+    def sample_seed(res) -> int:
+        r = res.recipe
+        return r.sample.seed if r.sample.seed is not None else r.seed
+
     # Validate every run before starting any of them.
     jobs = []  # (combination, seed, sweep steps or None, folder, resolved)
+    tuning = []  # (combination, seed, settings, folder, resolved): run first, on the validation reference
+    if tune:
+        unknown = set(tune)
     for cname, overrides in combos:
         for seed in seed_list:
             folder = os.path.join(out_dir, cname, *([f"seed-{seed}"] if seed is not None else []))
             res = resolve(cname, overrides, _seed_overrides(seed))
             jobs.append((cname, seed, None, folder, res))
+            if tune:
+                if "fidelity" not in res.recipe.evaluate.metrics:
+                    raise ConfigError(f"{path}: tune: needs 'fidelity' in evaluate.metrics (combination '{cname}')")
+                points = tune_points(res)
+                unknown -= set(points[0]) if points else set()
+                for point in points:
+                    extra = _seed_overrides(seed) + _as_set({f"sample.params.{k}": v for k, v in point.items()})
+                    extra += [f"sample.seed={sample_seed(res) + TUNE_SEED_OFFSET}", "evaluate.reference=validation"]
+                    tuning.append((cname, seed, point, os.path.join(folder, "tune", _slug(point)),
+                                   resolve(cname, overrides, extra + _sweep_metrics(res))))
             if sweep and _prior_has_steps(res):
                 for steps in sweep:
                     if res.sampler_params[0].model_dump().get("steps") == steps and len(res.sampler_params) == 1:
@@ -300,11 +374,13 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
                     jobs.append((cname, seed, steps, os.path.join(folder, f"steps-{steps}"),
                                  resolve(cname, overrides, _seed_overrides(seed) + [f"sample.params.steps={steps}"]
                                          + _sweep_metrics(res))))
+    if tune and unknown:
+        raise ConfigError(f"{path}: tune: {sorted(unknown)} is a sampler setting of none of the combinations' priors")
     # ... and check this machine can run each of them before the first stage of the first.
     from genfw.preflight import preflight
 
     checked = set()
-    for cname, _, _, _, res in jobs:
+    for cname, _, _, _, res in tuning + jobs:
         if res is None:
             continue
         r = res.recipe  # what the checks look at; runs that agree on it are checked once
@@ -317,34 +393,176 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
         if report.failed:
             report.checks = [type(c)(f"{cname}: {c.name}", c.ok, c.message) for c in report.checks]
             report.raise_if_failed()
-    results: dict[str, Any] = {c: {"overrides": o, "seeds": {}, "sweep": {}} for c, o in combos}
+    results: dict[str, Any] = {c: {"overrides": o, "seeds": {}, "sweep": {}, "priors": {}, "sweep_priors": {}}
+                               for c, o in combos}
     shared = shared_dir or os.path.join(out_dir, "_shared")
     flops_cache: dict[str, int] = {}
-    for i, (cname, seed, steps, folder, res) in enumerate(jobs, 1):
-        key = seed if seed is not None else 0
-        if folder is None:
-            results[cname]["sweep"].setdefault(steps, {})[key] = results[cname]["seeds"][key]
-            continue
-        label = cname + (f" seed {seed}" if seed is not None else "") + (f" steps {steps}" if steps else "")
-        console.rule(f"[bold]{i}/{len(jobs)}: {label}")
+    total = len(tuning) + len(jobs)
+
+    def execute(i: int, label: str, folder: str, res) -> tuple[dict[str, Any], list[str]]:
+        console.rule(f"[bold]{i}/{total}: {label}")
         run = Run(res, output_dir=folder, device=device)
         _link_shared(run, shared)
         metrics = dict(run.run())
         metrics |= _prior_costs(run, flops_cache)
+        metrics |= _sampling_flops(run, flops_cache)
+        metrics |= within_run_intervals(folder, device=str(run.device))
+        return metrics, [os.path.realpath(run.path(f"prior{i}")) for i in range(len(res.prior_specs))]
+
+    # 1. tuning: every setting of the grid on the validation reference, one setting chosen per combination
+    tuned: dict[str, dict[tuple, dict[Any, dict[str, Any]]]] = {}
+    for i, (cname, seed, point, folder, res) in enumerate(tuning, 1):
+        label = f"{cname}{f' seed {seed}' if seed is not None else ''} tune {_slug(point)} (validation)"
+        metrics, _ = execute(i, label, folder, res)
+        tuned.setdefault(cname, {}).setdefault(tuple(point.items()), {})[seed if seed is not None else 0] = metrics
+    if tune:
+        column = pick_primary({c: {"seeds": next(iter(per.values()))} for c, per in tuned.items()},
+                              spec.get("primary"), table_columns({c: {"seeds": next(iter(per.values()))}
+                                                                  for c, per in tuned.items()}))
+        for cname, per_point in tuned.items():
+            results[cname]["tuned"] = choose_tuned(per_point, column)
+        for cname, _ in combos:  # a prior with none of the tune: settings samples as its recipe says
+            results[cname].setdefault("tuned", {"settings": {}, "metric": column.key if column else "", "grid": []})
+        jobs = [(c, s, st, f, r if c not in tuned else resolve(
+                    c, results[c]["overrides"], _seed_overrides(s) + ["evaluate.reference=test"]
+                    + _as_set({f"sample.params.{k}": v for k, v in results[c]["tuned"]["settings"].items()})))
+                for c, s, st, f, r in jobs]
+    # 2. the reported runs (on the test reference when tuned)
+    for i, (cname, seed, steps, folder, res) in enumerate(jobs, len(tuning) + 1):
+        key = seed if seed is not None else 0
+        if folder is None:
+            results[cname]["sweep"].setdefault(steps, {})[key] = results[cname]["seeds"][key]
+            results[cname]["sweep_priors"].setdefault(steps, {})[key] = results[cname]["priors"][key]
+            continue
+        label = cname + (f" seed {seed}" if seed is not None else "") + (f" steps {steps}" if steps else "")
+        metrics, priors = execute(i, label, folder, res)
         if steps is not None:  # what the sampler does not change comes from the seed's main run
             main = results[cname]["seeds"].get(key, {})
             metrics = {k: v for k, v in main.items() if _sampler_free(k)} | metrics
         if steps is None:
             results[cname]["seeds"][key] = metrics
+            results[cname]["priors"][key] = priors
         else:
             results[cname]["sweep"].setdefault(steps, {})[key] = metrics
+            results[cname]["sweep_priors"].setdefault(steps, {})[key] = priors
     for r in results.values():
         r["metrics"] = mean_metrics(r["seeds"])
-    write_comparison(out_dir, results, primary=spec.get("primary"))
+    samplers = ("tuned on validation, reported on test" if tune else "frontier" if sweep else "as set per combination")
+    write_comparison(out_dir, results, primary=spec.get("primary"), samplers=samplers)
     if sweep:
         write_sweep(out_dir, results, primary=spec.get("primary"))
     console.print(f"[green]✓[/green] comparison -> {os.path.join(out_dir, 'comparison.md')}")
     return results
+
+
+def choose_tuned(per_point: dict[tuple, dict[Any, dict[str, Any]]], column: Column | None) -> dict[str, Any]:
+    """The setting whose mean validation value of ``column`` over seeds ranks first (grid order breaks ties).
+
+    Returns ``{"settings", "metric", "grid": [{"settings", "value", "n"}]}``.
+    """
+    grid = []
+    for point, per_seed in per_point.items():
+        vals = _values(per_seed, column.key) if column is not None else []
+        grid.append({"settings": dict(point), "value": sum(vals) / len(vals) if vals else None, "n": len(vals)})
+    if column is None or not any(g["value"] is not None for g in grid):
+        raise ConfigError("tune: no quality metric to tune on (evaluate fidelity or class_accuracy, or set primary:)")
+    sign = 1.0 if column.better == "lower" else -1.0
+    best = min((g for g in grid if g["value"] is not None), key=lambda g: sign * g["value"])
+    return {"settings": best["settings"], "metric": column.key, "grid": grid}
+
+
+def tuned_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) for the terminal: each combination's tuned sampler settings and validation value."""
+    rows = []
+    metric = ""
+    for name, r in results.items():
+        t = r.get("tuned")
+        if t is None:
+            continue
+        metric = t["metric"] or metric
+        value = next((g["value"] for g in t["grid"] if g["settings"] == t["settings"]), None)
+        rows.append([name, ", ".join(f"{k}={v}" for k, v in t["settings"].items())
+                     or "(none of the tune: settings is a setting of this prior: sampled as its recipe says)",
+                     f"{value:.4g}" if value is not None else "—", str(len(t["grid"]))])
+    return ["combination", "tuned settings", f"{metric} (validation)", "settings tried"], rows
+
+
+#: Most samples for KID's within-run interval: its bootstrap holds the N x N kernel matrix.
+MAX_KID_BOOTSTRAP = 5000
+
+
+def within_run_intervals(folder: str, n_boot: int = 1000, device: str = "cpu") -> dict[str, Any]:
+    """Per-run 95% intervals from ``evaluate/features.safetensors``: bootstrap FID/KID; Wilson for class
+    accuracy, precision and coverage.
+
+    Keys ``<metric>:low`` and ``<metric>:high``; empty when the run evaluated no fidelity.
+    """
+    from genfw import checkpoint
+    from genfw.evaluate import PER_SAMPLE_FILE
+    from genfw.stats import bootstrap_fid, bootstrap_kid, wilson
+
+    path = os.path.join(folder, "evaluate", PER_SAMPLE_FILE)
+    if not os.path.exists(path):
+        return {}
+    tensors, meta = checkpoint.read(path)
+    out: dict[str, Any] = {}
+    fake = tensors["sample_features"].double().numpy()
+    real = tensors["reference_features"].double().numpy()
+    draws = n_boot if fake.shape[1] <= 512 else max(100, n_boot // 10)  # Inception: 2048-d eigenproblems
+    iv = bootstrap_fid(fake, real, n_boot=draws, device=device)
+    out |= {"fidelity/fid:low": iv.low, "fidelity/fid:high": iv.high}
+    if fake.shape[0] <= MAX_KID_BOOTSTRAP and real.shape[0] <= MAX_KID_BOOTSTRAP:
+        iv = bootstrap_kid(fake, real, n_boot=draws)
+        out |= {"fidelity/kid:low": iv.low, "fidelity/kid:high": iv.high}
+    # proportions with Wilson: class accuracy over the samples; precision (a sample inside some
+    # reference image's k-NN ball, <= as torch-fidelity) over the samples and coverage (a reference
+    # image whose ball, strict <, holds a sample) over the reference images, each given the other set
+    proportions = {"class_accuracy": tensors["correct"].bool()} if "correct" in tensors else {}
+    k = int(meta.get("prdc_k", 5))
+    if real.shape[0] > k:
+        import torch
+
+        r, f = torch.from_numpy(real), torch.from_numpy(fake)
+        radii = torch.cdist(r, r).kthvalue(k + 1, dim=1).values  # +1: the image itself
+        d = torch.cdist(f, r)  # [N, M]
+        proportions["fidelity/precision"] = (d <= radii[None]).any(1)
+        proportions["fidelity/coverage"] = (d < radii[None]).any(0)
+    for key, hits in proportions.items():
+        iv = wilson(int(hits.sum()), int(hits.numel()))
+        out |= {f"{key}:low": iv.low, f"{key}:high": iv.high}
+    return out
+
+
+def _sampling_flops(run, cache: dict[str, Any]) -> dict[str, Any]:
+    """Sampling FLOPs per image: one sampling call of the run's priors counted by torch's FlopCounterMode.
+
+    Counted, not estimated: an autoregressive prior's cached one-token steps count by what they
+    compute, a parallel step by its whole grid. At most 8 images (``sample.batch_size`` or fewer).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from genfw import checkpoint
+    from genfw.sampling import sample_labels
+
+    paths = [os.path.realpath(os.path.join(run.path(f"prior{i}"), "model.safetensors"))
+             for i in range(len(run.resolved.prior_specs))]
+    samplers = [s.model_dump() if hasattr(s, "model_dump") else s for s in run.resolved.sampler_params]
+    key = json.dumps([paths, samplers, run.recipe.sample.labels], sort_keys=True, default=str)
+    if key not in cache:
+        priors = [checkpoint.load(p, device=run.device).eval() for p in paths]
+        n = max(1, min(8, run.recipe.sample.batch_size, run.recipe.sample.n))
+        labels = sample_labels(n, run.num_classes, run.recipe.sample.labels)
+        labels = labels.to(run.device) if labels is not None else None
+        g = torch.Generator(device=run.device).manual_seed(run.sample_seed())
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            codes: list[Any] = []
+            for level, (prior, sp) in enumerate(zip(priors, run.resolved.sampler_params)):
+                codes.append(prior.sample(n, labels=labels,
+                                          context=codes[:level] or None, generator=g,
+                                          params=prior.sampler_params(sp)))
+        cache[key] = counter.get_total_flops() / n
+    return {"sample/flops_per_image": float(cache[key])}
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,6 +613,8 @@ def mean_metrics(seed_metrics: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     first = next(iter(seed_metrics.values()), {})
     out: dict[str, Any] = {}
     for key, value in first.items():
+        if key.endswith((":low", ":high")):
+            continue  # a run's own interval: averaging its bounds over seeds would mean nothing
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             vals = [float(m[key]) for m in seed_metrics.values() if isinstance(m.get(key), (int, float))]
             out[key] = sum(vals) / len(vals)
@@ -415,49 +635,153 @@ def pick_primary(results: dict[str, Any], requested: str | None, columns: list[C
     return None
 
 
-def significance(results: dict[str, Any], column: Column) -> list[dict[str, Any]]:
-    """Welch's t-test for every pair of combinations with >= 2 seeds of the primary metric.
+#: Metrics that are proportions: no interval leaves [0, 1]. Every other column is >= 0.
+PROPORTIONS = ("fidelity/precision", "fidelity/recall", "fidelity/coverage", "class_accuracy")
 
-    Pairs are only formed within one column, so likelihoods of different kinds are never ranked
-    against each other. Holm's correction over all pairs decides significance at ALPHA.
+
+def bounds(key: str) -> tuple[float, float]:
+    """The range a metric's true value lies in: [0, 1] for proportions, [0, inf) for the rest."""
+    return (0.0, 1.0) if key in PROPORTIONS else (0.0, math.inf)
+
+
+def _seed_items(seed_metrics: dict[Any, dict[str, Any]], key: str) -> list[tuple[Any, float, Interval | None]]:
+    """(seed, value, within-run interval or None) for every seed with a finite value of ``key``."""
+    out = []
+    for seed, m in seed_metrics.items():
+        em = expand_kinds(m)
+        v = em.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            lo, hi = em.get(f"{key}:low"), em.get(f"{key}:high")
+            iv = Interval(float(v), lo, hi, "within run") if lo is not None and hi is not None else None
+            out.append((seed, float(v), iv))
+    return out
+
+
+def cell(seed_metrics: dict[Any, dict[str, Any]], key: str) -> tuple[str, Interval | None, int]:
+    """(text, interval over seeds or None, N) of one table cell.
+
+    With at least 3 seeds: mean [t-interval, clipped to the metric's range]. With fewer: every
+    seed's value, each with its within-run interval (bootstrap or Wilson) where there is one.
     """
-    names = [n for n in results if len(_values(results[n]["seeds"], column.key)) >= 2]
+    items = _seed_items(seed_metrics, key)
+    if not items:
+        return "", None, 0
+    iv = t_interval([v for _, v, _ in items], bounds(key))
+    if iv is not None:
+        return iv.text(), iv, len(items)
+    return "; ".join(w.text() if w is not None else f"{v:.4g}" for _, v, w in items), None, len(items)
+
+
+def _design(a: tuple[dict, dict], b: tuple[dict, dict]) -> str:
+    """'paired' when every seed both have uses the same trained prior(s), 'independent' when none does."""
+    (sa, pa), (sb, pb) = a, b
+    common = [s for s in sa if s in sb]
+    shared = [pa.get(s) is not None and pa.get(s) == pb.get(s) for s in common]
+    if common and all(shared):
+        return "paired"
+    return "mixed" if any(shared) else "independent"
+
+
+def _tests(entries: dict[str, tuple[dict, dict]], column: Column, label: str = "") -> list[dict[str, Any]]:
+    """One test per pair of entries ``{name: (seed metrics, prior identity per seed)}``, without correction."""
     rows = []
-    for a, b in itertools.combinations(names, 2):
-        test = welch(_values(results[a]["seeds"], column.key), _values(results[b]["seeds"], column.key))
-        rows.append({"a": a, "b": b, "difference": test.difference, "t": test.t, "df": test.df, "p": test.p})
-    for row, rejected in zip(rows, holm([r["p"] for r in rows], ALPHA)):
-        row["significant"] = rejected
+    for a, b in itertools.combinations(entries, 2):
+        design = _design(entries[a], entries[b])
+        va = {s: v for s, v, _ in _seed_items(entries[a][0], column.key)}
+        vb = {s: v for s, v, _ in _seed_items(entries[b][0], column.key)}
+        row = {"a": a, "b": b, "at": label, "design": design}
+        if design == "paired":
+            common = [s for s in va if s in vb]
+            if len(common) < 2:
+                continue
+            t = paired([va[s] for s in common], [vb[s] for s in common])
+            row |= {"difference": t.difference, "t": t.t, "df": float(t.df), "p_t": t.p_t,
+                    "p_sign_flip": t.p_sign_flip, "p": t.p, "n": t.n}
+        elif design == "independent":
+            if len(va) < 2 or len(vb) < 2:
+                continue
+            w = welch(list(va.values()), list(vb.values()))
+            row |= {"difference": w.difference, "t": w.t, "df": w.df, "p_t": w.p, "p_sign_flip": None,
+                    "p": w.p, "n": min(len(va), len(vb))}
+        else:
+            continue  # some seeds share a prior and some do not: neither test fits
+        rows.append(row)
     return rows
 
 
-def write_comparison(out_dir: str, results: dict[str, Any], primary: str | None = None) -> None:
+def _holm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for row, adjusted in zip(rows, holm_adjusted([r["p"] for r in rows])):
+        row["p_holm"] = adjusted
+        row["significant"] = adjusted <= ALPHA
+    return rows
+
+
+def significance(results: dict[str, Any], column: Column) -> list[dict[str, Any]]:
+    """A test for every pair of combinations on ``column``, Holm-corrected over all of them.
+
+    Combinations that sample the same trained prior(s) at every seed (other sampler settings)
+    are paired: paired t-test and exact sign-flip test over the per-seed differences, the larger
+    p decides. Independently trained priors: Welch's t-test. Pairs are formed within one column,
+    so likelihoods of different kinds are never ranked against each other.
+    """
+    entries = {n: (r["seeds"], r.get("priors") or {}) for n, r in results.items()}
+    return _holm(_tests(entries, column))
+
+
+def _tests_markdown(tests: list[dict[str, Any]], with_at: bool = False) -> list[str]:
+    md = ["Paired designs (the same trained prior at every seed, other sampler settings): paired t-test "
+          "and exact sign-flip permutation test over the per-seed differences, the larger p decides. "
+          "Independently trained priors: Welch's t-test. Two-sided; Holm's correction over the "
+          f"{len(tests)} test{'s' if len(tests) != 1 else ''} of this table at {ALPHA}; "
+          "difference = first - second.", ""]
+    head = ["pair"] + (["steps"] if with_at else []) + ["design", "difference", "t (df)", "p (t)",
+                                                        "p (sign-flip)", "Holm-adjusted p", "verdict"]
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in tests:
+        verdict = "significant after Holm" if t["significant"] else "not significant"
+        flip = f"{t['p_sign_flip']:.3g}" if t["p_sign_flip"] is not None else "—"
+        design = f"paired, {t['n']} seeds" if t["design"] == "paired" else "independent (Welch)"
+        cells = [f"{t['a']} vs {t['b']}"] + ([str(t["at"])] if with_at else []) + [
+            design, f"{t['difference']:.4g}", f"{t['t']:.3g} ({t['df']:.3g})", f"{t['p_t']:.3g}", flip,
+            f"{t['p_holm']:.3g}", verdict]
+        md.append("| " + " | ".join(cells) + " |")
+    return md
+
+
+SAMPLERS_TEXT = {
+    "tuned on validation, reported on test": "each combination's sampler settings were tuned on the validation "
+    "reference (a grid over the `tune:` settings; the one with the lowest FID, or highest accuracy, as mean "
+    "over seeds on the primary metric, on samples drawn for tuning only) and are reported here on fresh samples against the disjoint test reference",
+    "frontier": "compared along a frontier: quality against counted sampling FLOPs and seconds per image at "
+    "each step count (see below)",
+    "as set per combination": "not matched (no `tune:` or `sweep:`): each combination samples with its own "
+    "settings, so a difference may be a sampler effect",
+}
+
+
+def write_comparison(out_dir: str, results: dict[str, Any], primary: str | None = None,
+                     samplers: str = "as set per combination") -> None:
     """comparison.md (table), comparison.csv, comparison_seeds.csv and comparison.png."""
     columns = table_columns(results)
-    summaries: dict[str, dict[str, Summary | None]] = {}
-    for name, r in results.items():
-        summaries[name] = {}
-        for c in columns:
-            vals = _values(r["seeds"], c.key)
-            summaries[name][c.key] = summarize(vals) if vals else None
-    ns = sorted({s.n for per in summaries.values() for s in per.values() if s is not None})
+    cells = {name: {c.key: cell(r["seeds"], c.key) for c in columns} for name, r in results.items()}
+    ns = sorted({n for per in cells.values() for _, _, n in per.values() if n})
     arrow = {"lower": " ↓", "higher": " ↑", "": ""}
     header = ["combination", "N"] + [f"{c.label}{arrow[c.better]}" for c in columns]
-    md = []
-    multi = any(n > 1 for n in ns)
-    if multi:
-        md += [f"Mean ± half-width of the 95% t-interval over N seeds (N = {', '.join(map(str, ns))}); "
-               "every seed's value is in comparison_seeds.csv. Shared across seeds: the data split, "
-               "tokenizer, latent set, evaluation classifier and reference images; per seed: the "
-               "prior's initial weights, batch order and noise, and its samples.", ""]
+    md = [f"Samplers: {samplers} — {SAMPLERS_TEXT.get(samplers, samplers)}.", ""]
+    if ns and min(ns) >= MIN_SEEDS_FOR_T:
+        md += [f"Mean [95% t-interval over N seeds, cut to the metric's range] (N = {', '.join(map(str, ns))}); "
+               "every seed's value is in comparison_seeds.csv."]
     else:
-        md += ["One seed per combination: no interval; differences may be noise "
-               "(run with --seeds N or a seeds: list for intervals and tests).", ""]
+        md += [f"Fewer than {MIN_SEEDS_FOR_T} seeds (N = {', '.join(map(str, ns)) or '0'}): every seed's value, "
+               "no interval over seeds; in brackets the 95% interval within that seed's run (FID, KID: "
+               "bootstrap over the samples with the reference fixed, for the value at this sample count; "
+               "class accuracy, precision, coverage: Wilson), never outside the metric's range."]
+    md += ["Shared across seeds: the data split, tokenizer, latent set, evaluation classifier and reference "
+           "images; per seed: the prior's initial weights, batch order and noise, and its samples.", ""]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in results:
-        n = max((s.n for s in summaries[name].values() if s is not None), default=0)
-        cells = [s.text() if s is not None else "" for s in (summaries[name][c.key] for c in columns)]
-        md.append("| " + " | ".join([name, str(n)] + cells) + " |")
+        n = max((k for _, _, k in cells[name].values()), default=0)
+        md.append("| " + " | ".join([name, str(n)] + [cells[name][c.key][0] for c in columns]) + " |")
     kinds = sorted({m.get(k) for r in results.values() for m in r["seeds"].values()
                     for k in m if k.endswith("/nll_kind")} - {None})
     if kinds:
@@ -465,8 +789,19 @@ def write_comparison(out_dir: str, results: dict[str, Any], primary: str | None 
         md += [f"- `{k}`: {NLL_KIND_LABELS.get(k, k)}" for k in kinds]
     md += ["", "Cost: prior train FLOPs = one training step counted by torch's FlopCounterMode "
            "(matmuls, convolutions) x steps; train s = wall time of the prior stage (shared priors "
-           "counted in every combination that uses them); evals / image = backbone rows per image "
-           "(a cached autoregressive step is one token, a parallel step the whole grid)."]
+           "counted in every combination that uses them); sampling FLOPs / image = one sampling call "
+           "of the priors counted by FlopCounterMode (a cached autoregressive step counts what it "
+           "computes for one token, a parallel step the whole grid); evals / image = backbone rows "
+           "per image."]
+    tuned = {n: r["tuned"] for n, r in results.items() if r.get("tuned") is not None}
+    if tuned:
+        md += ["", "## Tuned sampler settings", "",
+               "| combination | tuned settings | validation value of each setting tried |", "|---|---|---|"]
+        for name, t in tuned.items():
+            tried = "; ".join(f"{', '.join(f'{k}={v}' for k, v in g['settings'].items())}: "
+                              + (f"{g['value']:.4g}" if g["value"] is not None else "—") for g in t["grid"])
+            chosen = ", ".join(f"{k}={v}" for k, v in t["settings"].items()) or "(no tunable setting)"
+            md.append(f"| {name} | {chosen} | {t['metric']}: {tried} |")
     first = pick_primary(results, primary, columns)
     # a likelihood as primary metric: one test table per kind, never a pair across kinds
     primaries = [c for c in columns if primary and c.key.startswith(primary + "[")] or ([first] if first else [])
@@ -476,39 +811,38 @@ def write_comparison(out_dir: str, results: dict[str, Any], primary: str | None 
         tests = significance(results, primary_col)
         md += ["", f"## Differences in {primary_col.label}", ""]
         if not tests:
-            md.append("No test: it needs two combinations with at least two seeds each.")
+            md.append("No test: it needs two combinations with at least two seeds each (paired: two common seeds).")
         else:
-            md += [f"Welch's t-test per pair (two-sided), Holm-corrected over {len(tests)} pairs at "
-                   f"{ALPHA}; difference = first - second.", "",
-                   "| pair | difference | t | df | p | verdict |", "|---|---|---|---|---|---|"]
-            for t in tests:
-                verdict = "significant" if t["significant"] else "not significant"
-                md.append(f"| {t['a']} vs {t['b']} | {t['difference']:.4g} | {t['t']:.3g} | {t['df']:.3g} | "
-                          f"{t['p']:.3g} | {verdict} |")
+            md += _tests_markdown(tests)
     md += ["", "Overrides per combination:", ""]
     md += [f"- `{name}`: " + ", ".join(f"`{k}={v}`" for k, v in r["overrides"].items()) for name, r in results.items()]
     io.write_text(os.path.join(out_dir, "comparison.md"), "\n".join(md) + "\n")
 
     buf = _io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["combination"] + [f"{c.key}{suffix}" for c in columns for suffix in ("", ":ci95", ":n")])
-    for name in results:
+    writer.writerow(["combination"] + [f"{c.key}{suffix}" for c in columns for suffix in ("", ":low", ":high", ":n")])
+    for name, r in results.items():
         row = [name]
         for c in columns:
-            s = summaries[name][c.key]
-            row += ["", "", 0] if s is None else [s.mean, s.half_width if s.n > 1 else "", s.n]
+            items = _seed_items(r["seeds"], c.key)
+            iv = cells[name][c.key][1]
+            row += ["", "", "", 0] if not items else [
+                sum(v for _, v, _ in items) / len(items), iv.low if iv else "", iv.high if iv else "", len(items)]
         writer.writerow(row)
     io.write_text(os.path.join(out_dir, "comparison.csv"), buf.getvalue())
 
     buf = _io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["combination", "seed"] + [c.key for c in columns])
+    within = [c.key for c in columns if any(f"{c.key}:low" in m for r in results.values() for m in r["seeds"].values())]
+    writer.writerow(["combination", "seed"] + [c.key for c in columns] + [f"{k}{s}" for k in within
+                                                                           for s in (":low", ":high")])
     for name, r in results.items():
         for seed, m in r["seeds"].items():
             em = expand_kinds(m)
-            writer.writerow([name, seed] + [em.get(c.key, "") for c in columns])
+            writer.writerow([name, seed] + [em.get(c.key, "") for c in columns]
+                            + [em.get(f"{k}{s}", "") for k in within for s in (":low", ":high")])
     io.write_text(os.path.join(out_dir, "comparison_seeds.csv"), buf.getvalue())
-    _bar_chart(out_dir, results, columns, summaries)
+    _bar_chart(out_dir, results, columns, cells)
 
 
 def _pyplot():
@@ -528,18 +862,38 @@ def _save(fig, target: str) -> None:
     io.write_bytes(target, png.getvalue())
 
 
-def _bar_chart(out_dir: str, results: dict[str, Any], columns: list[Column],
-               summaries: dict[str, dict[str, Summary | None]]) -> None:
-    numeric = [c for c in columns if all(summaries[n][c.key] is not None for n in results)]
+def _bar_chart(out_dir: str, results: dict[str, Any], columns: list[Column], cells: dict[str, dict]) -> None:
+    """Means with their clipped t-interval (>= 3 seeds) or every seed's value with its within-run interval.
+
+    Quality and likelihood columns only; the costs are in the table.
+    """
+    cost = {c.key for c in COST_COLUMNS}
+    numeric = [c for c in columns if c.key not in cost and all(cells[n][c.key][2] for n in results)]
     if not numeric:
         return
     plt = _pyplot()
     names = list(results)
     fig, axes = plt.subplots(1, len(numeric), figsize=(3.2 * len(numeric), 3.4), squeeze=False)
     for ax, c in zip(axes[0], numeric):
-        stats = [summaries[n][c.key] for n in names]
-        ax.bar(range(len(names)), [s.mean for s in stats], yerr=[s.half_width for s in stats],
-               capsize=3, color="tab:blue")
+        bars, points = [], []  # (x, value, low, high): one matplotlib call each, not one per point
+        for x, name in enumerate(names):
+            iv = cells[name][c.key][1]
+            if iv is not None:
+                bars.append((x, iv.estimate, iv.low, iv.high))
+                continue
+            items = _seed_items(results[name]["seeds"], c.key)
+            for j, (_, v, w) in enumerate(items):
+                xj = x + 0.15 * (j - (len(items) - 1) / 2)
+                points.append((xj, v, w.low if w is not None else v, w.high if w is not None else v))
+        for group, kind in ((bars, "bar"), (points, "point")):
+            if not group:
+                continue
+            xs, ys, lows, highs = zip(*group)
+            if kind == "bar":
+                ax.bar(xs, ys, color="tab:blue")
+            yerr = [[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]]
+            ax.errorbar(xs, ys, yerr=yerr, fmt="none" if kind == "bar" else "o", color="black" if kind == "bar"
+                        else "tab:blue", capsize=2, markersize=3)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         ax.set_title(c.label, fontsize=8)
     fig.tight_layout()
@@ -547,13 +901,16 @@ def _bar_chart(out_dir: str, results: dict[str, Any], columns: list[Column],
 
 
 # --------------------------------------------------------------------------------------------
-# sampling-steps sweep
+# sampling-steps sweep: the frontier
 
 
 def write_sweep(out_dir: str, results: dict[str, Any], primary: str | None = None) -> None:
-    """sweep.csv and sweep.png: quality against evaluations and seconds per image, per combination.
+    """sweep.csv and sweep.png: quality against counted sampling FLOPs and seconds per image.
 
     A combination whose prior has no ``steps`` (autoregressive) is one point, from its main runs.
+    Combinations are tested against each other at every step count (paired where they share the
+    trained priors), and each combination at consecutive step counts (paired: one trained prior),
+    Holm-corrected over all the sweep's tests together.
     """
     columns = table_columns({n: {"seeds": {**r["seeds"], **{f"{s}/{k}": m for s, per in r["sweep"].items()
                                                              for k, m in per.items()}}}
@@ -568,79 +925,106 @@ def write_sweep(out_dir: str, results: dict[str, Any], primary: str | None = Non
     for name, r in results.items():
         points = sorted(r["sweep"].items()) or [(None, r["seeds"])]
         for steps, per_seed in points:
-            q = summarize(_values(per_seed, quality.key)) if _values(per_seed, quality.key) else None
-            ev = _values(per_seed, "sample/evaluations_per_image")
-            sec = _values(per_seed, "sample/seconds_per_image")
-            if q is None or not ev or not sec:
+            text, iv, n = cell(per_seed, quality.key)
+            if not n:
                 continue
-            rows.append({"combination": name, "steps": steps if steps is not None else "",
-                         "evaluations_per_image": sum(ev) / len(ev), "seconds_per_image": sum(sec) / len(sec),
-                         quality.key: q.mean, f"{quality.key}:ci95": q.half_width, "n": q.n})
+            cost = {}
+            for k in ("evaluations_per_image", "flops_per_image", "seconds_per_image"):
+                v = _values(per_seed, f"sample/{k}")
+                cost[k] = sum(v) / len(v) if v else ""
+            items = _seed_items(per_seed, quality.key)
+            rows.append({"combination": name, "steps": steps if steps is not None else "", **cost,
+                         quality.key: sum(v for _, v, _ in items) / n, f"{quality.key}:low": iv.low if iv else "",
+                         f"{quality.key}:high": iv.high if iv else "", "n": n,
+                         "per_seed": ";".join(f"{v:.6g}" for _, v, _ in items), "text": text})
     buf = _io.StringIO()
-    fields = ["combination", "steps", "evaluations_per_image", "seconds_per_image", quality.key,
-              f"{quality.key}:ci95", "n"]
-    writer = csv.DictWriter(buf, fieldnames=fields)
+    fields = ["combination", "steps", "evaluations_per_image", "flops_per_image", "seconds_per_image", quality.key,
+              f"{quality.key}:low", f"{quality.key}:high", "n", "per_seed"]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     io.write_text(os.path.join(out_dir, "sweep.csv"), buf.getvalue())
+    flops_axis = all(r["flops_per_image"] != "" for r in rows)
+    x_axes = [("flops_per_image", "counted sampling FLOPs per image") if flops_axis
+              else ("evaluations_per_image", "backbone evaluations per image"),
+              ("seconds_per_image", "seconds per image")]
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, x_key, x_label in ((axes[0], "evaluations_per_image", "backbone evaluations per image"),
-                               (axes[1], "seconds_per_image", "seconds per image")):
+    for ax, (x_key, x_label) in zip(axes, x_axes):
         for name in results:
-            pts = sorted((r for r in rows if r["combination"] == name), key=lambda r: r[x_key])
+            pts = sorted((r for r in rows if r["combination"] == name and r[x_key] != ""), key=lambda r: r[x_key])
             if not pts:
                 continue
             x = [p[x_key] for p in pts]
             y = [p[quality.key] for p in pts]
-            hw = [p[f"{quality.key}:ci95"] for p in pts]
-            if len(pts) == 1:  # a prior without a steps setting: one point with its interval
-                ax.errorbar(x, y, yerr=hw, marker="s", capsize=3, label=name)
-                continue
-            line = ax.plot(x, y, marker="o", label=name)[0]
-            if any(hw):
-                ax.fill_between(x, [a - b for a, b in zip(y, hw)], [a + b for a, b in zip(y, hw)],
-                                color=line.get_color(), alpha=0.2)
+            line = ax.plot(x, y, marker="o" if len(pts) > 1 else "s", label=name,
+                           linestyle="-" if len(pts) > 1 else "none")[0]
+            if all(p[f"{quality.key}:low"] != "" for p in pts):  # >= 3 seeds: the clipped t-interval
+                low, high = [p[f"{quality.key}:low"] for p in pts], [p[f"{quality.key}:high"] for p in pts]
+                if len(pts) > 1:
+                    ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+                else:
+                    ax.errorbar(x, y, yerr=[[y[0] - low[0]], [high[0] - y[0]]], color=line.get_color(), capsize=3)
+            else:  # fewer seeds: every seed's value, no band
+                for p in pts:
+                    seeds = [float(v) for v in p["per_seed"].split(";")]
+                    ax.scatter([p[x_key]] * len(seeds), seeds, s=8, color=line.get_color(), alpha=0.5)
         ax.set_xscale("log")
         # plain numbers at 1-2-5 steps (the default minor-tick labels overlap on a short log axis)
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{quality.label}{' (lower is better)' if quality.better == 'lower' else ''}")
         ax.legend(fontsize=7)
     ns = sorted({r["n"] for r in rows})
-    fig.suptitle(f"{quality.label} vs sampling cost (mean, 95% band over N = {', '.join(map(str, ns))} seeds)",
-                 fontsize=9)
+    how = ("mean, 95% t-band cut to the metric's range" if ns and min(ns) >= MIN_SEEDS_FOR_T
+           else "mean line, every seed as a dot, no band")
+    fig.suptitle(f"{quality.label} vs sampling cost ({how}; N = {', '.join(map(str, ns))} seeds)", fontsize=9)
     fig.tight_layout()
     _save(fig, os.path.join(out_dir, "sweep.png"))
-    lines = ["", "## Quality vs sampling cost", "",
-             f"![sweep](sweep.png)  (data: sweep.csv; {quality.label}, mean ± 95% t-interval over seeds)", "",
-             "| combination | steps | evals / image | s / image | " + quality.label + " |", "|---|---|---|---|---|"]
+    lines = ["", "## Quality vs sampling cost (frontier)", "",
+             f"![sweep](sweep.png)  (data: sweep.csv; {quality.label}: "
+             + ("mean [95% t-interval]" if ns and min(ns) >= MIN_SEEDS_FOR_T else "every seed's value") + ")", "",
+             "| combination | steps | sampling FLOPs / image | evals / image | s / image | " + quality.label + " |",
+             "|---|---|---|---|---|---|"]
+    fmt = lambda v: f"{v:.4g}" if v != "" else "—"  # noqa: E731
     for r in rows:
-        q = Summary(r[quality.key], r[f"{quality.key}:ci95"], r["n"], 0.0)
-        lines.append(f"| {r['combination']} | {r['steps']} | {r['evaluations_per_image']:.4g} | "
-                     f"{r['seconds_per_image']:.4g} | {q.text()} |")
+        lines.append(f"| {r['combination']} | {r['steps']} | {fmt(r['flops_per_image'])} | "
+                     f"{fmt(r['evaluations_per_image'])} | {fmt(r['seconds_per_image'])} | {r['text']} |")
+    step_counts = sorted({s for r in results.values() for s in r["sweep"]})
+    tests = []
+    for steps in step_counts:
+        entries = {n: (r["sweep"][steps], r.get("sweep_priors", {}).get(steps) or {})
+                   for n, r in results.items() if steps in r["sweep"]}
+        tests += _tests(entries, quality, label=str(steps))
+    for name, r in results.items():  # one trained prior at consecutive step counts: paired
+        for s1, s2 in zip(step_counts, step_counts[1:]):
+            if s1 in r["sweep"] and s2 in r["sweep"]:
+                tests += _tests({f"{name}@{s}": (r["sweep"][s], r.get("sweep_priors", {}).get(s) or {})
+                                 for s in (s1, s2)}, quality, label=f"{s1} vs {s2}")
+    if tests:
+        lines += ["", f"### Differences in {quality.label} at each step count", ""]
+        lines += _tests_markdown(_holm(tests), with_at=True)
     io.write_text(md_path, io.read_bytes(md_path).decode() + "\n".join(lines) + "\n")
 
 
 def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) for the terminal: a few columns of the comparison, mean ± interval."""
+    """(header, rows) for the terminal: a few columns of the comparison, as in comparison.md."""
     columns = [c for c in table_columns(results)
                if c.key in ("fidelity/fid", "class_accuracy", "train/flops", "sample/seconds_per_image")
                or "bits_per_token" in c.key]
     header = ["combination", "N"] + [c.label for c in columns]
     rows = []
     for name, r in results.items():
-        cells, n = [], 0
+        texts, n = [], 0
         for c in columns:
-            vals = _values(r["seeds"], c.key)
-            s = summarize(vals) if vals else None
-            n = max(n, s.n if s else 0)
-            cells.append(s.text() if s else "")
-        rows.append([name, str(n)] + cells)
+            text, _, k = cell(r["seeds"], c.key)
+            n = max(n, k)
+            texts.append(text)
+        rows.append([name, str(n)] + texts)
     return header, rows
 
 

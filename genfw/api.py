@@ -240,7 +240,7 @@ def ablate(path: str | os.PathLike, overrides: list[str] | None = None, device: 
     """Run an ablation file (or a shipped one, e.g. ``"ablations/priors"``) like ``genfw ablate``.
 
     Returns ``{combination: {"overrides", "seeds": {seed: metrics}, "metrics": means over seeds,
-    "sweep": ...}}`` (see :func:`genfw.ablate.run_ablation`).
+    "sweep": ..., "priors": ..., "tuned": ...}}`` (see :func:`genfw.ablate.run_ablation`).
     """
     from genfw.ablate import run_ablation
     from genfw.catalog import resolve

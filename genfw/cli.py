@@ -451,13 +451,13 @@ def ablate(
     device: Device = "auto",
     seeds: Annotated[int | None, typer.Option(
         help="Train every combination's prior N times (seeds 0..N-1; tokenizer and latents shared): "
-             "mean ± 95% interval, per-seed CSV, Welch tests")] = None,
+             "per-seed values (t-interval from 3 seeds), paired or Welch tests with Holm")] = None,
     sweep_steps: Annotated[str | None, typer.Option(
-        help="Comma-separated sampling step counts, e.g. 10,25,50: quality vs evaluations and "
-             "vs seconds per image, one curve per combination (sweep.png)")] = None,
+        help="Comma-separated sampling step counts, e.g. 10,25,50: a frontier of quality vs counted "
+             "sampling FLOPs and vs seconds per image, one curve per combination (sweep.png)")] = None,
 ) -> None:
     """Run every combination of a grid (sharing common stages) and write a comparison table and plots."""
-    from genfw.ablate import summary_rows
+    from genfw.ablate import summary_rows, tuned_rows
     from genfw.api import ablate as run_ablation
     from genfw.preflight import check_device
     from genfw.progress import announce
@@ -476,12 +476,17 @@ def ablate(
     results = run_ablation(grid, _overrides(set_, overrides), device=None if device == "auto" else device,
                            output_dir=output, seeds=seeds, sweep_steps=steps)
     header, rows = summary_rows(results)
-    table = Table(title="ablation (mean ± 95% interval over seeds; see comparison.md)")
+    table = Table(title="ablation (mean [95% t-interval] from 3 seeds, else each seed's value; see comparison.md)")
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
     out.print(table)
+    header, rows = tuned_rows(results)
+    if rows:  # plain lines: a table would cut the settings short in a narrow terminal
+        out.print("tuned sampler settings (chosen on the validation reference, reported on test):")
+        for name, settings, value, tried in rows:
+            out.print(f"  {name}: {settings}  ({header[2]} {value}; {tried} settings tried)", soft_wrap=True)
 
 
 @command

@@ -168,6 +168,9 @@ class EvaluateSpec(_Strict):
     classifier_steps: int = Field(300, ge=0)
     inception_weights: str | None = None
     batch_size: int = Field(64, ge=1)
+    # the held-out images split into two disjoint halves (fixed by recipe seed); FID/KID/PRDC
+    # references come from this half only
+    reference: Literal["test", "validation"] = "test"
 
 
 class Recipe(_Strict):

@@ -107,7 +107,10 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
     images = images[:n]
     sample_labels_ = sample_labels_[:n] if sample_labels_ is not None else None
 
-    reference_idx = _subset(hold_idx + train_idx, n, run.recipe.seed)
+    # validation and test references are disjoint (a sampler tuned on one is reported on the other)
+    pool = _reference_half(hold_idx, spec.reference, run.recipe.seed)
+    pool += _reference_half(train_idx, spec.reference, run.recipe.seed)
+    reference_idx = _subset(pool, n, run.recipe.seed)
     reference, _ = _stack(dataset, reference_idx)
     out: dict[str, Any] = {}
     if extractor == "classifier":
@@ -121,12 +124,45 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
         if sample_labels_ is not None:
             out["class_accuracy"] = metrics.classifier_accuracy(classifier, images, sample_labels_)
         extractor = classifier
+    features: dict[str, torch.Tensor] = {}
     with progress_bar(f"evaluate: fidelity features ({images.shape[0]} samples, {reference.shape[0]} reference)",
                       total=None):
         result = metrics.fidelity(images, reference, extractor, batch_size=spec.batch_size, device=device,
-                                  inception_weights_path=spec.inception_weights)
+                                  inception_weights_path=spec.inception_weights, features_out=features)
     out |= {f"fidelity/{k}": v for k, v in result.items()}
+    _save_per_sample(run, features, extractor, images, sample_labels_, result)
     return out
+
+
+def _reference_half(indices: list[int], which: str, seed: int) -> list[int]:
+    """The ``evaluate.reference`` half of ``indices``: two disjoint halves fixed by the seed."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    order = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
+    half = len(order) // 2
+    return sorted(order[:half] if which == "validation" else order[half:])
+
+
+#: Per-sample outputs of the fidelity metrics, for intervals within one run (bootstrap, Wilson).
+PER_SAMPLE_FILE = "features.safetensors"
+
+
+def _save_per_sample(run: Run, features: dict[str, torch.Tensor], extractor, images: torch.Tensor,
+                     labels: torch.Tensor | None, result: dict[str, Any]) -> None:
+    """``evaluate/features.safetensors``: what :mod:`genfw.stats` bootstraps over.
+
+    ``sample_features`` [N, D] and ``reference_features`` [M, D] (the features FID/KID used) and,
+    for class-conditional samples judged by the classifier, ``correct`` [N] (1 where the
+    classifier assigns a sample to the class it was asked for).
+    """
+    from genfw import checkpoint
+
+    tensors = {"sample_features": features["samples"].float().contiguous(),
+               "reference_features": features["reference"].float().contiguous()}
+    if isinstance(extractor, metrics.Classifier) and labels is not None:
+        tensors["correct"] = (metrics.classify(extractor, images) == labels.cpu().long()).to(torch.uint8)
+    meta = {"type": "evaluation_features", "feature_extractor_id": result.get("feature_extractor_id", ""),
+            "reference": run.recipe.evaluate.reference, "prdc_k": result.get("prdc_k", 5)}
+    checkpoint.save_tensors(run.path("evaluate", PER_SAMPLE_FILE), tensors, meta)
 
 
 #: Classifiers trained in this process, by (images, labels, steps, seed, device): the runs of one

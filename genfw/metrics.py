@@ -473,6 +473,7 @@ def fidelity(
     device: str | torch.device = "cpu",
     inception_weights_path: str | os.PathLike | None = None,
     seed: int = 2020,
+    features_out: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """FID, KID, precision/recall, density/coverage (and IS with Inception) of samples vs reference.
 
@@ -480,7 +481,8 @@ def fidelity(
     :class:`Classifier`, or ``"inception-v3-compat"`` (weights from ``inception_weights_path``
     or the hub cache; never downloaded). Precision/recall and density/coverage use ``prdc_k``
     neighbours; KID uses ``kid_subsets`` subsets of ``kid_subset_size`` (default
-    min(1000, N, M)). Returns the metrics with the counts and settings that produced them.
+    min(1000, N, M)). Returns the metrics with the counts and settings that produced them;
+    ``features_out``, when given, receives the features (``samples`` [N, D], ``reference`` [M, D]).
     """
     n, m = samples.shape[0], reference.shape[0]
     if min(n, m) <= prdc_k:
@@ -505,6 +507,8 @@ def fidelity(
         fake, real = features(samples), features(reference)
     f_fake, f_real = fake[feature_layer].float(), real[feature_layer].float()
     info["feature_dim"] = int(f_fake.shape[1])
+    if features_out is not None:
+        features_out |= {"samples": f_fake, "reference": f_real}
 
     out: dict[str, Any] = {}
     stats_fake, stats_real = fid_features_to_statistics(f_fake), fid_features_to_statistics(f_real)

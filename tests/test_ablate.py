@@ -3,6 +3,7 @@
 import csv
 import os
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -20,17 +21,28 @@ BASE = {
 }
 
 
-def test_ablate_compares_priors_on_shared_latents(tmp_path):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+VARIANTS = {
+    "sundae": {"prior.name": "sundae", "sample.params": {"steps": 4, "min_steps": 2}},
+    "absorbing": {"prior.name": "absorbing", "prior.params": {"timesteps": 8, "nll_timesteps": 2},
+                  "sample.params": {"steps": 4}},
+    "autoregressive": {"prior.name": "autoregressive", "sample.params": {}},
+}
+
+
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory):
+    """One output root for this file's ablations: tokenizer, latents and priors train once (``out/_shared``)."""
+    root = tmp_path_factory.mktemp("ablations")
+    (root / "base.yaml").write_text(yaml.safe_dump(BASE))
+    return root
+
+
+def test_ablate_compares_priors_on_shared_latents(shared_root):
+    tmp_path = shared_root
     grid = {
         "base": "base.yaml",
         "output_dir": str(tmp_path / "out"),
-        "variants": {
-            "sundae": {"prior.name": "sundae", "sample.params": {"steps": 4, "min_steps": 2}},
-            "absorbing": {"prior.name": "absorbing", "prior.params": {"timesteps": 8, "nll_timesteps": 2},
-                          "sample.params": {"steps": 4}},
-            "autoregressive": {"prior.name": "autoregressive", "sample.params": {}},
-        },
+        "variants": VARIANTS,
         "grid": {"sample.batch_size": [4, 8]},
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
@@ -56,6 +68,69 @@ def test_ablate_compares_priors_on_shared_latents(tmp_path):
     assert sum(s.startswith("prior0-") for s in shared) == 3
 
 
+def test_ablate_tunes_samplers_on_validation_and_reports_on_test(shared_root):
+    """Two arms, each sampler tuned over a grid on the validation reference, reported on the test one."""
+    import json
+
+    from genfw import checkpoint
+
+    grid = {"base": "base.yaml", "output_dir": str(shared_root / "out"),
+            "variants": {"sundae": VARIANTS["sundae"], "absorbing": VARIANTS["absorbing"]},
+            "tune": {"temperature": [0.5, 1.0], "sample_proportion": [0.8]}}  # a proportion: SUNDAE only
+    (shared_root / "tune.yaml").write_text(yaml.safe_dump(grid))
+    result = CliRunner().invoke(app, ["ablate", str(shared_root / "tune.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "tuned sampler settings" in result.output
+    out = shared_root / "out"
+    for arm, slugs in (("sundae", ["sample_proportion=0.8_temperature=0.5", "sample_proportion=0.8_temperature=1.0"]),
+                       ("absorbing", ["temperature=0.5", "temperature=1.0"])):
+        assert sorted(os.listdir(out / arm / "tune")) == slugs
+        tried = {}
+        for slug in slugs:
+            run = out / arm / "tune" / slug
+            recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+            assert recipe["evaluate"]["reference"] == "validation"
+            # the tuning runs sample the arm's one trained prior (trained once, shared)
+            assert os.path.realpath(run / "prior0") == os.path.realpath(out / arm / "prior0")
+            tried[slug] = json.loads((run / "metrics.json").read_text())["fidelity/fid"]
+        reported = yaml.safe_load((out / arm / "recipe.yaml").read_text())
+        assert reported["evaluate"]["reference"] == "test"
+        best = min(tried, key=tried.get)  # FID: lower is better; the reported run uses the winner
+        assert f"temperature={reported['sample']['params']['temperature']}" in best
+        tuned_table = result.output.split("tuned sampler settings")[1]
+        line = next(row for row in tuned_table.splitlines() if row.strip().startswith(arm + ":"))
+        assert f"temperature={reported['sample']['params']['temperature']}" in line  # the tuned settings printed
+        assert ("sample_proportion=0.8" in line) == (arm == "sundae"), result.output
+        # per-sample outputs for the bootstrap: features of samples and reference, correctness per sample
+        tensors, meta = checkpoint.read(out / arm / "evaluate" / "features.safetensors")
+        assert tensors["sample_features"].shape[0] == BASE["evaluate"]["n_samples"] == tensors["correct"].numel()
+        assert meta["reference"] == "test"
+        # Wilson intervals of the proportions hold the values evaluation computed (same features, same rule)
+        from genfw.ablate import within_run_intervals
+        from genfw.stats import wilson
+
+        metrics = json.loads((out / arm / "metrics.json").read_text())
+        intervals = within_run_intervals(str(out / arm), n_boot=50)
+        for key in ("fidelity/fid", "fidelity/kid"):
+            assert 0 <= intervals[f"{key}:low"] <= max(metrics[key], 0) <= intervals[f"{key}:high"], key
+        n, m = metrics["fidelity/num_samples"], metrics["fidelity/num_reference"]
+        for key, count in (("class_accuracy", n), ("fidelity/precision", n), ("fidelity/coverage", m)):
+            expected = wilson(round(metrics[key] * count), count)  # the same hits as evaluation counted
+            assert (intervals[f"{key}:low"], intervals[f"{key}:high"]) == (expected.low, expected.high), key
+    md = (out / "comparison.md").read_text()
+    assert "Samplers: tuned on validation, reported on test" in md and "## Tuned sampler settings" in md
+    assert "best" not in md.lower() and "clearly" not in md.lower()
+
+
+def test_validation_and_test_references_are_disjoint():
+    from genfw.evaluate import _reference_half
+
+    idx = list(range(100, 137))
+    val, test = _reference_half(idx, "validation", 3), _reference_half(idx, "test", 3)
+    assert not set(val) & set(test) and sorted(val + test) == idx and len(val) == 18
+    assert _reference_half(idx, "validation", 3) == val != _reference_half(idx, "validation", 4)
+
+
 def test_ablation_file_errors_are_clear(tmp_path):
     (tmp_path / "grid.yaml").write_text("base: missing.yaml\ngrid: {seed: [1, 2]}\n")
     result = CliRunner().invoke(app, ["ablate", str(tmp_path / "grid.yaml")])
@@ -63,6 +138,23 @@ def test_ablation_file_errors_are_clear(tmp_path):
     (tmp_path / "bad.yaml").write_text("base: x.yaml\n")
     result = CliRunner().invoke(app, ["ablate", str(tmp_path / "bad.yaml")])
     assert result.exit_code == 2 and "variants" in result.output
+    from genfw.ablate import load_ablation
+    from genfw.errors import ConfigError
+
+    for bad, words in (("tune: {temperature: 0.9}", "tune must map"), ("tune: {}", "tune must map"),
+                       ("tune: {temperature: [1.0]}\nsweep: {steps: [2]}", "not both"),
+                       ("tune: {temperature: [1, 2, 3, 4, 5], steps: [1, 2, 3, 4, 5]}", "at most"),
+                       ("tune: {temperature: [1.0]}\nprimary: train/flops", "does not depend on the sampler")):
+        (tmp_path / "t.yaml").write_text(f"base: b.yaml\nvariants: {{x: {{seed: 1}}}}\n{bad}\n")
+        with pytest.raises(ConfigError, match=words):
+            load_ablation(str(tmp_path / "t.yaml"))
+    # a setting no arm's sampler has fails before any run
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "variants": {"s": VARIANTS["sundae"]},
+                                                     "tune": {"top_k": [5, 10]}, "output_dir": str(tmp_path / "o")}))
+    result = CliRunner().invoke(app, ["ablate", str(tmp_path / "t.yaml")])
+    assert result.exit_code == 2 and "none of the combinations' priors" in result.output, result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_shipped_ablations_validate_every_combination():
@@ -83,3 +175,60 @@ def test_shipped_ablations_validate_every_combination():
         base = load_yaml(folder / spec["base"])
         for _, overrides in combinations(spec):
             validate_recipe(apply_overrides(base, list(spec.get("set") or []) + _as_set(overrides)))
+
+
+def test_comparison_pairs_what_shares_a_prior_and_keeps_intervals_in_range(tmp_path):
+    """Synthetic results: sampler variants of one trained prior are paired, separately trained priors are not;
+    from 3 seeds the t-interval is cut to the metric's range in the table, the CSVs and the plot data."""
+    from genfw.ablate import write_comparison, write_sweep
+    from genfw.stats import paired, summarize, welch
+
+    def arm(fid: list[float], acc: list[float], prior: str, sweep: dict | None = None) -> dict:
+        seeds = {s: {"fidelity/fid": f, "class_accuracy": a, "sample/flops_per_image": 1e6,
+                     "sample/seconds_per_image": 0.1} for s, (f, a) in enumerate(zip(fid, acc))}
+        return {"overrides": {}, "seeds": seeds, "priors": {s: [f"{prior}-{s}"] for s in seeds},
+                "sweep": sweep or {}, "sweep_priors": {k: {s: [f"{prior}-{s}"] for s in v} for k, v in (sweep or {}).items()}}
+
+    # p0.2 and p0.8 sample the same prior per seed: a large seed effect, a small consistent sampler effect
+    results = {"p0.2": arm([3.0, 9.0, 0.5], [0.99, 0.70, 0.98], "sundae"),
+               "p0.8": arm([3.5, 9.6, 1.1], [0.97, 0.66, 0.95], "sundae"),
+               "ar": arm([4.0, 5.0, 4.5], [0.90, 0.92, 0.91], "ar")}
+    for r in results.values():
+        r["sweep"] = {8: r["seeds"]}
+        r["sweep_priors"] = {8: r["priors"]}
+    write_comparison(str(tmp_path), results)
+    md = (tmp_path / "comparison.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if " vs " in line}
+    a, b = [3.0, 9.0, 0.5], [3.5, 9.6, 1.1]
+    assert "paired, 3 seeds" in rows["p0.2 vs p0.8"] and f"{paired(a, b).p_t:.3g}" in rows["p0.2 vs p0.8"]
+    assert "independent (Welch)" in rows["p0.2 vs ar"] and f"{welch(a, [4.0, 5.0, 4.5]).p:.3g}" in rows["p0.2 vs ar"]
+    means = {r["combination"]: r for r in csv.DictReader(open(tmp_path / "comparison.csv"))}
+    raw = summarize(a)
+    assert raw.mean - raw.half_width < 0 and float(means["p0.2"]["fidelity/fid:low"]) == 0.0
+    raw = summarize([0.99, 0.70, 0.98])
+    assert raw.mean + raw.half_width > 1 and float(means["p0.2"]["class_accuracy:high"]) == 1.0
+    write_sweep(str(tmp_path), results)
+    sweep = {r["combination"]: r for r in csv.DictReader(open(tmp_path / "sweep.csv"))}
+    assert float(sweep["p0.2"]["fidelity/fid:low"]) == 0.0  # the band the plot draws starts at 0
+    assert all(float(r["fidelity/fid:low"]) >= 0 for r in sweep.values())
+    assert "| p0.2 vs p0.8 | 8 | paired, 3 seeds |" in (tmp_path / "comparison.md").read_text()
+
+
+def test_tuning_picks_by_the_metric_direction_and_says_when_nothing_was_tunable():
+    from genfw.ablate import BASE_COLUMNS, choose_tuned, tuned_rows
+
+    fid, acc = (next(c for c in BASE_COLUMNS if c.key == k) for k in ("fidelity/fid", "class_accuracy"))
+    per_point = {(("temperature", 0.8),): {0: {"fidelity/fid": 5.0, "class_accuracy": 0.7},
+                                           1: {"fidelity/fid": 7.0, "class_accuracy": 0.7}},
+                 (("temperature", 1.0),): {0: {"fidelity/fid": 5.5, "class_accuracy": 0.9},
+                                           1: {"fidelity/fid": 5.5, "class_accuracy": 0.8}}}
+    assert choose_tuned(per_point, fid)["settings"] == {"temperature": 1.0}  # mean 5.5 < 6.0
+    assert choose_tuned(per_point, acc)["settings"] == {"temperature": 1.0}  # mean 0.85 > 0.7
+    per_point[(("temperature", 1.0),)][1]["class_accuracy"] = 0.5
+    assert choose_tuned(per_point, acc)["settings"] == {"temperature": 0.8}  # higher is better
+    results = {"sundae": {"tuned": choose_tuned(per_point, fid)},
+               "ar": {"tuned": {"settings": {}, "metric": "fidelity/fid", "grid": []}}}
+    header, rows = tuned_rows(results)
+    assert header[2] == "fidelity/fid (validation)"
+    assert rows[0] == ["sundae", "temperature=1.0", "5.5", "2"]
+    assert rows[1][0] == "ar" and "sampled as its recipe says" in rows[1][1] and rows[1][2] == "—"
