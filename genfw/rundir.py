@@ -306,12 +306,25 @@ def is_inside_stage(target: str) -> str | None:
         parent = folder
 
 
-def check_write_target(target: str, overwrite: bool, what: str = "file") -> None:
-    """Refuse to replace an existing file without ``--overwrite``, or to write into a run's stages."""
+def check_write_target(target: str | os.PathLike, overwrite: bool, what: str = "file") -> None:
+    """The one check before any command writes a file the user named (``-o``, ``--grid``, ...).
+
+    Refused: a path inside a run's stage folders (genfw writes those itself), a symbolic link
+    (dangling or not: genfw never writes through one), a directory, and an existing file
+    without ``--overwrite``. Files are then written atomically (``genfw.io.write_bytes``).
+    """
+    target = os.fspath(target)
     run = is_inside_stage(target)
     if run is not None:
         raise ConfigError(f"{target} lies inside the stage folders of the run directory {run}: genfw writes "
                           f"those itself; write the {what} somewhere else")
+    if io.is_local(target):
+        local = io.local_path(target)
+        if os.path.islink(local):
+            raise ConfigError(f"{target} is a symbolic link: genfw never writes through one; remove the link or "
+                              "choose another path")
+        if os.path.isdir(local):
+            raise ConfigError(f"{target} is a directory: give the path of the {what} to write (a file name)")
     if not overwrite and io.exists(target):
         raise ConfigError(f"{target} already exists: pass --overwrite to replace it, or choose another path")
 

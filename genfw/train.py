@@ -266,8 +266,14 @@ class Trainer:
             checkpoint.save(self.snapshot_path, self.final_module(), extra={"step": self.step, "snapshot": True})
 
     def final_module(self) -> nn.Module:
-        """The trained weights: the EMA copy when EMA is on, else the module itself."""
-        return self.ema.module if self.ema is not None else self.module
+        """The trained weights: the EMA copy when EMA is on, else the module itself.
+
+        Before the EMA's first update (``ema_every`` not reached yet) its copy holds the initial
+        weights: the module itself is returned then, as the first update would copy it.
+        """
+        if self.ema is not None and int(self.ema.n_averaged) > 0:
+            return self.ema.module
+        return self.module
 
     # -- loop ---------------------------------------------------------------------------------
 

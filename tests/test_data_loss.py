@@ -1,0 +1,216 @@
+"""Nothing lost, round 3 (issue 21): the last ways to lose a file, a log line or a run's truth.
+
+Write targets (never over a file without --overwrite, never through a symlink, never into a
+stage folder), files opened for appending in a run directory (never through a symlink),
+--force (only genfw's own folders), EMA (never the initial weights), a refused run (changes no
+record), loggers at resume and continue (no step lost) and interrupted stages (what was kept).
+Real processes only where the failure needs one (signals).
+"""
+
+import json
+import os
+
+import pytest
+import yaml
+from helpers import TINY_RECIPE, FastCliRunner
+
+from genfw.cli import app
+
+
+def cli(*args):
+    return FastCliRunner().invoke(app, [str(a) for a in args])
+
+
+def write_recipe(tmp_path, **changes) -> str:
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    for key, value in changes.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def one_line_error(result, *words):
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) >= 1 and lines[-1].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished tiny run (20 prior steps) to copy: tokenizer, latents, prior, samples."""
+    tmp = tmp_path_factory.mktemp("finished")
+    recipe = write_recipe(tmp, **{"train.prior.steps": 20, "train.prior.log_every": 10})
+    result = cli("run", recipe, "-o", tmp / "run", "--stages", "tokenizer,latents,prior,sample")
+    assert result.exit_code == 0, result.output
+    return tmp
+
+
+def copy_run(finished_run, tmp_path):
+    import shutil
+
+    shutil.copytree(finished_run / "run", tmp_path / "run")
+    shutil.copy(finished_run / "r.yaml", tmp_path / "r.yaml")
+    return tmp_path / "run", str(tmp_path / "r.yaml")
+
+
+# --------------------------------------------------------------------------------------------
+# 3. --force deletes only genfw's own folders
+
+
+def test_force_moves_a_foreign_folder_aside_instead_of_deleting_it(finished_run, tmp_path):
+    run, recipe = copy_run(finished_run, tmp_path)
+    import shutil
+
+    shutil.rmtree(run / "samples")
+    (run / "samples").mkdir()
+    (run / "samples" / "pic.png").write_bytes(b"the user's picture")
+    result = cli("run", recipe, "-o", run, "--stages", "sample", "--force")
+    assert result.exit_code == 0, result.output
+    kept = [p for p in run.glob("samples.replaced-*/pic.png")]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"the user's picture", result.output
+    assert "moved to samples.replaced-" in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# 4. EMA
+
+
+def test_ema_every_beyond_steps_is_refused_by_validate_and_run(tmp_path):
+    recipe = write_recipe(tmp_path, **{"train.prior.ema_decay": 0.99, "train.prior.ema_every": 1000})
+    for command in (["validate", recipe], ["run", recipe, "-o", tmp_path / "run", "--dry-run"]):
+        result = cli(*command)
+        one_line_error(result, "ema_every 1000 is larger than steps 3")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_ema_model_is_never_the_initial_weights():
+    """Before the EMA's first update, the final (and snapshot) module is the trained one."""
+    import torch
+
+    from genfw.config import TrainSpec
+    from genfw.registry import build
+    from genfw.train import Trainer
+
+    prior = build("prior", "sundae", {"unroll_steps": 2}, codebook_size=4, grid=[4, 4], num_classes=0, context=[],
+                  backbone={"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}})
+    initial = {k: v.clone() for k, v in prior.state_dict().items()}
+    codes = torch.randint(0, 4, (8, 4, 4))
+    seen = {}
+
+    def at_step_1(trainer):
+        if trainer.step == 1:  # before the EMA's first update (at step 2)
+            seen["module"] = {k: v.clone() for k, v in trainer.final_module().state_dict().items()}
+            seen["live"] = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = TrainSpec(steps=2, batch_size=4, ema_decay=0.9, ema_every=2, lr=1e-2)
+        trainer = Trainer(prior, torch.utils.data.TensorDataset(codes), spec, tmp, seed=0, device="cpu",
+                          prepare=lambda b: {"codes": b[0], "labels": None, "context": None},
+                          description="ema", every=[(1, at_step_1)], log=[])
+        trainer.fit()
+    key = next(k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, seen["live"][k]))
+    assert torch.equal(seen["module"][key], seen["live"][key])
+    assert not torch.equal(seen["module"][key], initial[key])
+
+
+# --------------------------------------------------------------------------------------------
+# 5. a refused run changes no record
+
+
+def test_a_refused_shortening_changes_no_record(finished_run, tmp_path):
+    run, recipe = copy_run(finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in [run / "recipe.yaml", run / "prior0" / "stage.json"]}
+    result = cli("run", recipe, "-o", run, "--set", "train.prior.steps=5")
+    one_line_error(result, "cannot be shortened")
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_an_interrupted_stage_refused_for_fewer_steps_keeps_its_record(finished_run, tmp_path):
+    run, recipe = copy_run(finished_run, tmp_path)
+    stage = run / "prior0" / "stage.json"
+    stage.write_text(stage.read_text().replace('"complete": true', '"complete": false'))
+    before = {p: p.read_bytes() for p in [run / "recipe.yaml", stage]}
+    result = cli("run", recipe, "-o", run, "--set", "train.prior.steps=5")
+    one_line_error(result, "saved training state is at step 20", "cannot be shortened")
+    assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("steps", [10, 30])
+def test_stages_sample_with_a_changed_prior_is_refused(finished_run, tmp_path, steps):
+    run, recipe = copy_run(finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in [run / "recipe.yaml", run / "prior0" / "stage.json",
+                                          run / "samples" / "stage.json"]}
+    result = cli("run", recipe, "-o", run, "--stages", "sample", "--set", f"train.prior.steps={steps}")
+    one_line_error(result, "prior0")
+    assert {p: p.read_bytes() for p in before} == before
+
+
+# --------------------------------------------------------------------------------------------
+# 1. every command that writes a file the user names: one shared check
+
+
+def _writers(target):
+    """Each writing command aimed at ``target`` (the check runs before any work)."""
+    t = str(target)
+    return {
+        "schema": ["schema", "-o", t],
+        "recipes-copy": ["recipes", "copy", "quickstart", t],
+        "export": ["export", "nowhere", "-o", t],
+        "assemble": ["assemble", "-o", t, "--tokenizer", "nowhere", "--prior", "nowhere"],
+        "convert": ["convert", "vqvae2", "nowhere.pt", "-o", t],
+        "bench": ["bench", "nowhere.yaml", "--json", t],
+    }
+
+
+WRITERS = list(_writers("x"))
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_writers_refuse_existing_files_links_directories_and_stage_folders(tmp_path, writer):
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("the user's file\n")
+    cases = {}
+    cases["existing file"] = (victim, [], "already exists: pass --overwrite")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(victim)
+    cases["symlink"] = (link, ["--overwrite"], "is a symbolic link")
+    dangling = tmp_path / "dangling.yaml"
+    dangling.symlink_to(tmp_path / "elsewhere" / "made.yaml")
+    cases["dangling symlink"] = (dangling, ["--overwrite"], "is a symbolic link")
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    cases["directory"] = (folder, ["--overwrite"], "is a directory")
+    run = tmp_path / "run"
+    (run / "prior0").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("name: x\n")
+    model = run / "prior0" / "model.yaml"
+    model.write_text("weights\n")
+    cases["stage folder"] = (model, ["--overwrite"], "inside the stage folders")
+    for case, (target, extra, words) in cases.items():
+        result = cli(*_writers(target)[writer], *extra)
+        assert result.exit_code == 2, (case, result.output)
+        one_line_error(result, words)
+    assert victim.read_text() == "the user's file\n" and model.read_text() == "weights\n"
+    assert not (tmp_path / "elsewhere").exists() and os.path.islink(dangling)
+    assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_schema_and_recipes_copy_replace_a_file_with_overwrite(tmp_path):
+    target = tmp_path / "s.json"
+    target.write_text("old\n")
+    assert cli("schema", "-o", target, "--overwrite").exit_code == 0
+    assert json.loads(target.read_text())["title"]
+    copy = tmp_path / "q.yaml"
+    copy.write_text("old\n")
+    assert cli("recipes", "copy", "quickstart", copy, "--overwrite").exit_code == 0
+    assert "quickstart" in copy.read_text()
