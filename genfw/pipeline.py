@@ -247,6 +247,10 @@ class Run(RunContext):
             stage.check_replace()
         for stage in self._read_only(wanted):
             stage.check_unchanged()
+        if "evaluate" in wanted:  # appended to after the evaluation: refused now, not after the work
+            from genfw.stages.evaluate import HISTORY_FILE
+
+            io.check_plain_file(self.path(HISTORY_FILE))
 
     def _run(self, wanted: list[str]) -> dict[str, Any]:
         if any(s in wanted for s in ("tokenizer", "latents", "prior")):

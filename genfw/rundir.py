@@ -98,16 +98,21 @@ class RunLock:
 
     def _read(self) -> dict:
         try:
-            with open(self.path) as f:
-                return json.loads(f.read() or "{}")
+            fd = io.open_fd(self.path, os.O_RDONLY)
+        except (OSError, GenfwError):
+            return {}
+        try:
+            return json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}")
         except (OSError, ValueError):
             return {}
+        finally:
+            os.close(fd)
 
     def acquire(self) -> None:
         """Take the lock or fail in one line naming the holder; a dead holder's lock is taken over."""
         os.makedirs(self.folder, exist_ok=True)
         for _ in range(20):  # retried only when the lock file was replaced under us
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = io.open_fd(self.path, os.O_RDWR | os.O_CREAT)  # never through a link
             try:
                 locked = self._flock(fd)
                 if locked and os.fstat(fd).st_ino != os.stat(self.path).st_ino:
@@ -187,8 +192,8 @@ def holder_if_running(folder: str) -> dict | None:
     try:
         import fcntl
 
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = io.open_fd(path, os.O_RDONLY)
+    except (OSError, GenfwError):
         return None
     try:
         try:

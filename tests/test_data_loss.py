@@ -214,3 +214,64 @@ def test_schema_and_recipes_copy_replace_a_file_with_overwrite(tmp_path):
     copy.write_text("old\n")
     assert cli("recipes", "copy", "quickstart", copy, "--overwrite").exit_code == 0
     assert "quickstart" in copy.read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# 2. files written in place in a run directory: never through a link
+
+
+def test_a_symlinked_run_lock_is_refused(tmp_path):
+    """``ln -s ../victim RUN/run.lock; genfw run`` must not truncate the link's target."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock").symlink_to(victim)
+    result = cli("run", write_recipe(tmp_path), "-o", run, "--stages", "tokenizer")
+    one_line_error(result, "run.lock is a symbolic link")
+    assert victim.read_text() == "the user's file\n"
+    assert os.path.islink(run / "run.lock") and not (run / "tokenizer").exists()
+    (run / "run.lock").unlink()
+    os.mkfifo(run / "run.lock")  # opened without waiting for a writer, and refused
+    one_line_error(cli("run", write_recipe(tmp_path), "-o", run, "--stages", "tokenizer"), "not a regular file")
+
+
+def test_a_fifo_or_link_is_never_opened_for_appending(tmp_path):
+    from genfw import io
+    from genfw.errors import GenfwError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    (tmp_path / "link").symlink_to(victim)
+    (tmp_path / "dangling").symlink_to(tmp_path / "made.txt")
+    os.mkfifo(tmp_path / "fifo")
+    for name, words in (("link", "symbolic link"), ("dangling", "symbolic link"), ("fifo", "not a regular file")):
+        with pytest.raises(GenfwError, match=words):
+            io.open_append(tmp_path / name)
+        with pytest.raises(GenfwError, match=words):
+            io.check_plain_file(tmp_path / name)
+    assert victim.read_text() == "mine\n" and not (tmp_path / "made.txt").exists()
+    with io.open_append(tmp_path / "log") as f:
+        f.write(b"a\n")
+    assert (tmp_path / "log").read_bytes() == b"a\n"
+
+
+def test_symlinked_logs_and_history_are_not_written_through(finished_run, tmp_path):
+    run, recipe = copy_run(finished_run, tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file\n")
+    (run / "prior0" / "log.jsonl").unlink()
+    (run / "prior0" / "log.jsonl").symlink_to(victim)
+    (run / "metrics_history.jsonl").symlink_to(victim)
+    # evaluation appends to the history: refused before any work
+    result = cli("run", recipe, "-o", run, "--stages", "evaluate")
+    one_line_error(result, "metrics_history.jsonl is a symbolic link")
+    assert not (run / "evaluate").exists()
+    # continuing the prior: the logger is switched off with a warning, training goes on
+    result = cli("run", recipe, "-o", run, "--stages", "prior", "--set", "train.prior.steps=22",
+                 "--set", "train.prior.log_every=1", "--set", "log=[jsonl,csv]")
+    assert result.exit_code == 0, result.output
+    assert "log.jsonl is a symbolic link" in result.output
+    assert victim.read_text() == "the user's file\n"
+    assert os.path.islink(run / "prior0" / "log.jsonl")
+    assert [row.split(",")[0] for row in (run / "prior0" / "log.csv").read_text().splitlines()[1:]] == ["21", "22"]

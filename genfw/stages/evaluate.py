@@ -44,5 +44,5 @@ class EvaluateStage(Stage):
                   "snapshots": getattr(self.run, "snapshots", {}), "folder": self.run.dir, "metrics": metrics}
         path = self.run.path(HISTORY_FILE)
         # append-only like the trainer's log: a crash can at worst cut the last line
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        with io.open_append(path) as f:  # never through a symbolic link
+            f.write((json.dumps(record, default=str) + "\n").encode("utf-8"))

@@ -21,7 +21,7 @@ CSV_FILE = "log.csv"
 def _append_line(path: str, line: str) -> None:
     """Append ``line`` (ending in a newline), first ending a previous line cut by a crash."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "ab+") as f:
+    with io.open_append(path) as f:  # never through a symbolic link
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
@@ -52,6 +52,7 @@ class CSV(Logger):
         super().__init__(params, **construct)
         self.path = os.path.join(self.directory, CSV_FILE)
         self.columns: list[str] = []
+        io.check_plain_file(self.path)  # read and rewritten below: never a link's target
         if os.path.exists(self.path):
             self._resume()
 
