@@ -355,7 +355,9 @@ class Trainer:
         except ValueError:  # not in the main thread
             pass
         t0, last = time.perf_counter(), self.step
-        self.loggers.open(start_step=self.step)
+        # the first step this session may log: records at or after it from an earlier session
+        # came after the saved state and are logged again; those before it are kept
+        self.loggers.open(start_step=self.step + 1)
         try:
             with progress_bar(self.description, total=self.spec.steps, completed=self.step) as bar:
                 if resumed:

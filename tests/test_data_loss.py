@@ -91,18 +91,33 @@ def test_ema_every_beyond_steps_is_refused_by_validate_and_run(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_ema_model_is_never_the_initial_weights():
-    """Before the EMA's first update, the final (and snapshot) module is the trained one."""
+def tiny_prior():
+    from genfw.registry import build
+
+    return build("prior", "sundae", {"unroll_steps": 2}, codebook_size=4, grid=[4, 4], num_classes=0, context=[],
+                 backbone={"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}})
+
+
+def fit(prior, folder, every=None, log=(), **spec):
+    """Train ``prior`` on random codes with the real Trainer into ``folder`` (resuming from its state)."""
     import torch
 
     from genfw.config import TrainSpec
-    from genfw.registry import build
     from genfw.train import Trainer
 
-    prior = build("prior", "sundae", {"unroll_steps": 2}, codebook_size=4, grid=[4, 4], num_classes=0, context=[],
-                  backbone={"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}})
+    codes = torch.randint(0, 4, (8, 4, 4), generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(prior, torch.utils.data.TensorDataset(codes), TrainSpec(batch_size=4, lr=1e-2, **spec),
+                      folder, seed=0, device="cpu", prepare=lambda b: {"codes": b[0], "labels": None, "context": None},
+                      description="tiny", every=every, log=list(log))
+    return trainer.fit()
+
+
+def test_the_ema_model_is_never_the_initial_weights(tmp_path):
+    """Before the EMA's first update, the final (and snapshot) module is the trained one."""
+    import torch
+
+    prior = tiny_prior()
     initial = {k: v.clone() for k, v in prior.state_dict().items()}
-    codes = torch.randint(0, 4, (8, 4, 4))
     seen = {}
 
     def at_step_1(trainer):
@@ -110,14 +125,7 @@ def test_the_ema_model_is_never_the_initial_weights():
             seen["module"] = {k: v.clone() for k, v in trainer.final_module().state_dict().items()}
             seen["live"] = {k: v.clone() for k, v in trainer.module.state_dict().items()}
 
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = TrainSpec(steps=2, batch_size=4, ema_decay=0.9, ema_every=2, lr=1e-2)
-        trainer = Trainer(prior, torch.utils.data.TensorDataset(codes), spec, tmp, seed=0, device="cpu",
-                          prepare=lambda b: {"codes": b[0], "labels": None, "context": None},
-                          description="ema", every=[(1, at_step_1)], log=[])
-        trainer.fit()
+    fit(prior, tmp_path, every=[(1, at_step_1)], steps=2, ema_decay=0.9, ema_every=2)
     key = next(k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, seen["live"][k]))
     assert torch.equal(seen["module"][key], seen["live"][key])
     assert not torch.equal(seen["module"][key], initial[key])
@@ -275,3 +283,98 @@ def test_symlinked_logs_and_history_are_not_written_through(finished_run, tmp_pa
     assert victim.read_text() == "the user's file\n"
     assert os.path.islink(run / "prior0" / "log.jsonl")
     assert [row.split(",")[0] for row in (run / "prior0" / "log.csv").read_text().splitlines()[1:]] == ["21", "22"]
+
+
+# --------------------------------------------------------------------------------------------
+# 6. loggers at resume and continue
+
+
+def test_logs_keep_every_step_across_two_continues_and_a_resume(tmp_path):
+    """log.csv and log.jsonl hold every logged step; TensorBoard the loss and the image at each resume step."""
+    from test_loggers import events, read_csv, read_jsonl
+
+    from genfw.loggers import image_to_uint8
+
+    def image(trainer):
+        trainer.loggers.log_image(trainer.step, "samples", image_to_uint8(torch.zeros(1, 4, 4, dtype=torch.uint8)))
+
+    import torch
+
+    log = ["jsonl", "csv", "tensorboard"]
+    for steps in (2, 4, 6):  # a finished stage, continued twice
+        fit(tiny_prior(), tmp_path, every=[(1, image)], log=log, steps=steps, log_every=1)
+    state = (tmp_path / "train_state.safetensors").read_bytes()
+    fit(tiny_prior(), tmp_path, every=[(1, image)], log=log, steps=8, log_every=1)
+    # killed after step 8 with its state at step 6: steps 7-8 come again (and 9)
+    (tmp_path / "train_state.safetensors").write_bytes(state)
+    fit(tiny_prior(), tmp_path, every=[(1, image)], log=log, steps=9, log_every=1)
+    everything = list(range(1, 10))
+    assert sorted(read_csv(tmp_path)["loss/main"]) == everything
+    assert [int(r.split(",")[0]) for r in (tmp_path / "log.csv").read_text().splitlines()[1:]] == everything
+    assert sorted(read_jsonl(tmp_path)["loss/main"]) == everything
+    acc = events(tmp_path)
+    assert [e.step for e in acc.Scalars("loss/main")] == everything
+    assert [e.step for e in acc.Images("samples")] == everything
+
+
+class _ListLogger:
+    """Records in a JSON file; ``keep(step, start_step)`` decides what survives a reopen."""
+
+    keep = staticmethod(lambda step, start_step: step < start_step)
+
+    def __init__(self, params=None, **construct):
+        from genfw.loggers import Logger
+
+        Logger.__init__(self, params, **construct)
+        self.path = os.path.join(self.directory, "records.json")
+        os.makedirs(self.directory, exist_ok=True)
+        old = json.loads(open(self.path).read()) if os.path.exists(self.path) else []
+        self.records = [r for r in old if self.keep(r[0], self.start_step)]
+
+    def log_scalars(self, step, scalars):
+        self.records.append([step, scalars])
+
+    def close(self):
+        with open(self.path, "w") as f:
+            json.dump(self.records, f)
+
+
+def _read_first(directory):  # a reader that takes the first value of a step (as W&B does)
+    out = {}
+    for step, scalars in json.loads(open(os.path.join(directory, "records.json")).read()):
+        for tag, value in scalars.items():
+            out.setdefault(tag, {}).setdefault(step, value)
+    return out
+
+
+def _logger(keep):
+    from genfw.loggers import Logger
+
+    return type("Wrong", (_ListLogger, Logger), {"keep": staticmethod(keep)})
+
+
+def test_check_logger_passes_the_right_logger_and_fails_the_wrong_ones():
+    from genfw.testing import check_logger
+
+    check_logger(_logger(lambda step, start: step < start), read_back=_read_first)
+    with pytest.raises(AssertionError, match="step 3 not read back"):  # the old trainer's loss: one step early
+        check_logger(_logger(lambda step, start: step < start - 1), read_back=_read_first)
+    with pytest.raises(AssertionError, match="step 5: read back 9.0"):  # keeps what came after the state
+        check_logger(_logger(lambda step, start: True), read_back=_read_first)
+
+
+def test_csv_survives_a_metric_named_step_or_holding_a_newline(tmp_path):
+    from genfw_loggers.files import CSV, JSONLines
+    from test_loggers import read_csv
+
+    for cls in (CSV, JSONLines):
+        for start, steps in ((1, (1, 2)), (3, (3,))):
+            logger = cls(directory=str(tmp_path), start_step=start)
+            for step in steps:
+                logger.log_scalars(step, {"step": 100.0 + step, "a\nb": float(step), "c\r": 1.0})
+            logger.close()
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0] == "step,metric/step,a\\nb,c\\r" and len(rows) == 4
+    assert read_csv(tmp_path)["metric/step"] == {1: 101.0, 2: 102.0, 3: 103.0}
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[2]["metric/step"] == 103.0

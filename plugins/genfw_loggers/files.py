@@ -10,6 +10,7 @@ import csv
 import io as _io
 import json
 import os
+import re
 
 from genfw import io
 from genfw.loggers import Logger
@@ -29,6 +30,16 @@ def _append_line(path: str, line: str) -> None:
         f.write(line.encode())
 
 
+# A scalar whose tag is "step" would overwrite the record's step: it is stored under this name.
+STEP_TAG = "metric/step"
+
+
+def _tag(tag: str) -> str:
+    """A scalar's tag as a key or column: never ``step``, no control characters (one line per record)."""
+    tag = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(tag))
+    return STEP_TAG if tag == "step" else tag
+
+
 class JSONLines(Logger):
     """``log.jsonl``: ``{"step": n, tag: value, ...}`` per record; the report plots it.
 
@@ -37,15 +48,18 @@ class JSONLines(Logger):
     """
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        _append_line(os.path.join(self.directory, JSONL_FILE), json.dumps({"step": step, **scalars}) + "\n")
+        record = {"step": step, **{_tag(k): v for k, v in scalars.items()}}
+        _append_line(os.path.join(self.directory, JSONL_FILE), json.dumps(record) + "\n")
 
 
 class CSV(Logger):
     """``log.csv``: a header (``step`` then every tag in order of first appearance), one row per record.
 
     A tag first seen after rows were written widens the header (the file is rewritten, atomically);
-    a record without some tag leaves its cell empty. On resume, rows at or after the resumed step
-    are dropped (they are about to be logged again), so each step appears once. Images are not stored.
+    a record without some tag leaves its cell empty; a tag named ``step`` is the column
+    ``metric/step``, control characters (newlines) in a tag are escaped (``\\n``). On resume, rows
+    at or after ``start_step`` are dropped (they are about to be logged again), so each step
+    appears once. Images are not stored.
     """
 
     def __init__(self, params=None, **construct) -> None:
@@ -82,7 +96,7 @@ class CSV(Logger):
         io.write_text(self.path, buf.getvalue())
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        record = {"step": step, **scalars}
+        record = {"step": step, **{_tag(k): v for k, v in scalars.items()}}
         new = [k for k in record if k not in self.columns]
         if new or not os.path.exists(self.path):
             old = self.columns
