@@ -378,3 +378,60 @@ def test_csv_survives_a_metric_named_step_or_holding_a_newline(tmp_path):
     assert read_csv(tmp_path)["metric/step"] == {1: 101.0, 2: 102.0, 3: 103.0}
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and records[2]["metric/step"] == 103.0
+
+
+# --------------------------------------------------------------------------------------------
+# 7. interrupted stages say so, keep what they made and say how to go on
+
+
+def test_sigterm_during_the_sample_stage_keeps_the_images_made(finished_run, tmp_path):
+    """A real process: SIGTERM once the first images are on disk; they stay, and the error says so."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run, recipe = copy_run(finished_run, tmp_path)
+    shutil.rmtree(run / "samples")
+    env = {**os.environ, "GENFW_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "genfw", "run", recipe, "-o", str(run), "--stages", "sample",
+                             "--set", "sample.n=20000", "--set", "sample.batch_size=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(run.glob("samples/0000[2-9]*.png")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    kept = sorted(run.glob("samples/0*.png"))
+    assert f"samples: interrupted after {len(kept)} of 20000 images; those are kept" in " ".join(err.split()), err
+    assert len(kept) >= 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("stage", ["latents", "evaluate"])
+def test_an_interrupted_latents_or_evaluate_stage_says_what_it_kept(finished_run, tmp_path, monkeypatch, stage):
+    import genfw_vq.pixels
+
+    import genfw.evaluate
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if stage == "latents":
+        monkeypatch.setattr(genfw_vq.pixels.Pixels, "encode", interrupt)
+        args, words = ["--stages", "latents"], "latents: interrupted after encoding 0"
+    else:
+        monkeypatch.setattr(genfw.evaluate, "evaluate_run", interrupt)
+        args, words = ["--stages", "evaluate"], "evaluate: interrupted; the models and samples are kept"
+    import shutil
+
+    run, recipe = copy_run(finished_run, tmp_path)
+    shutil.rmtree(run / stage, ignore_errors=True)
+    result = cli("run", recipe, "-o", run, *args)
+    one_line_error(result, words, "run the same command again")
+    assert result.exit_code == 1
