@@ -83,6 +83,19 @@ def pid_alive(pid: int, proc_start: str | None = None) -> bool:
     return True
 
 
+def holder_info(raw: object) -> dict:
+    """A lock file's JSON as a holder record: a dict whose ``pid`` is a plausible PID or None.
+
+    The file may hold anything (a crash, a hostile edit): 0 and negative PIDs would name process
+    groups to ``os.kill``, and a PID beyond the kernel's range cannot be a live process.
+    """
+    info = dict(raw) if isinstance(raw, dict) else {}
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+        info["pid"] = None
+    return info
+
+
 def describe_holder(info: dict) -> str:
     return (f"PID {info.get('pid', '?')} on host {info.get('host', '?')} (started {info.get('started', '?')}"
             + (f": {info['command']}" if info.get("command") else "") + ")")
@@ -102,8 +115,8 @@ class RunLock:
         except (OSError, GenfwError):
             return {}
         try:
-            return json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}")
-        except (OSError, ValueError):
+            return holder_info(json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}"))
+        except (OSError, ValueError, RecursionError):
             return {}
         finally:
             os.close(fd)
@@ -203,8 +216,8 @@ def holder_if_running(folder: str) -> dict | None:
         except BlockingIOError:
             pass
         try:
-            return json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}")
-        except ValueError:
+            return holder_info(json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}"))
+        except (ValueError, RecursionError):
             return {}
     finally:
         os.close(fd)

@@ -30,14 +30,22 @@ def _append_line(path: str, line: str) -> None:
         f.write(line.encode())
 
 
-# A scalar whose tag is "step" would overwrite the record's step: it is stored under this name.
-STEP_TAG = "metric/step"
+# A scalar whose tag is "step" would overwrite the record's step: it is stored as "metric/step"
+# (and a tag "metric/step" as "metric/metric/step", so two tags never share a column).
+_STEP_LIKE = re.compile(r"^(metric/)*step$")
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: re.Match) -> str:
+    c = m.group()
+    return _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
 
 
 def _tag(tag: str) -> str:
-    """A scalar's tag as a key or column: never ``step``, no control characters (one line per record)."""
-    tag = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(tag))
-    return STEP_TAG if tag == "step" else tag
+    """A scalar's tag as a key or column, one to one: never ``step``, control characters escaped
+    as in Python (``\\n``, ``\\x1b``; a backslash doubled), so a record stays one line."""
+    tag = re.sub("[\x00-\x1f\x7f\x85\u2028\u2029\\\\]", _escape, str(tag))
+    return "metric/" + tag if _STEP_LIKE.match(tag) else tag
 
 
 class JSONLines(Logger):
