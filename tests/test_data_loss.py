@@ -194,7 +194,7 @@ def test_writers_refuse_existing_files_links_directories_and_stage_folders(tmp_p
     cases["symlink"] = (link, ["--overwrite"], "is a symbolic link")
     dangling = tmp_path / "dangling.yaml"
     dangling.symlink_to(tmp_path / "elsewhere" / "made.yaml")
-    cases["dangling symlink"] = (dangling, ["--overwrite"], "is a symbolic link")
+    cases["dangling symlink"] = (dangling, ["--overwrite"], "is a symbolic link: genfw never writes through one")
     folder = tmp_path / "folder.yaml"
     folder.mkdir()
     cases["directory"] = (folder, ["--overwrite"], "is a directory")
@@ -435,3 +435,36 @@ def test_an_interrupted_latents_or_evaluate_stage_says_what_it_kept(finished_run
     result = cli("run", recipe, "-o", run, *args)
     one_line_error(result, words, "run the same command again")
     assert result.exit_code == 1
+
+
+# --------------------------------------------------------------------------------------------
+# docs/errors.md lists every refusal above
+
+
+DOC_ROWS = {
+    "write-target-exists": ("already exists: pass --overwrite to replace it", 2),
+    "write-target-symlink": ("is a symbolic link: genfw never writes through one", 2),
+    "write-target-directory": ("is a directory: give the path of the schema to write", 2),
+    "write-target-in-stage": ("lies inside the stage folders of the run directory", 2),
+    "run-lock-symlink": ("run.lock is a symbolic link", 1),
+    "run-lock-fifo": ("not a regular file", 1),
+    "history-symlink": ("metrics_history.jsonl is a symbolic link", 1),
+    "log-symlink": ("log.jsonl is a symbolic link", 0),
+    "force-foreign-folder": ("moved to samples.replaced-", 0),
+    "ema-every-beyond-steps": ("ema_every 1000 is larger than steps 3", 2),
+    "resume-beyond-steps": ("saved training state is at step 20", 2),
+    "read-stage-changed": ("is only read by this run (--stages) but the recipe no longer matches it", 2),
+    "sample-stage-interrupted": ("samples: interrupted after 12 of 20000 images; those are kept", 1),
+    "latents-stage-interrupted": ("latents: interrupted after encoding 0", 1),
+    "evaluate-stage-interrupted": ("evaluate: interrupted; the models and samples are kept", 1),
+}
+
+
+def test_docs_list_every_refusal_with_its_message_and_exit_code():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines() if line.startswith("| `")}
+    for case_id, (fragment, code) in DOC_ROWS.items():
+        assert case_id in rows, f"docs/errors.md lacks {case_id}"
+        assert fragment in rows[case_id] and rows[case_id].rstrip().endswith(f"| {code} |"), rows[case_id]

@@ -32,8 +32,10 @@ class SampleStage(Stage):
         written: list[str] = []
 
         def keep(start: int, images, _codes) -> None:  # as they come: an interruption keeps them
-            chunk = labels[start : start + images.shape[0]] if labels is not None else None
-            written.extend(write_images(self.folder, images, chunk, run.dataset.class_names, start=start))
+            for i in range(images.shape[0]):  # one by one, so the count of kept images is exact
+                label = labels[start + i : start + i + 1] if labels is not None else None
+                written.extend(write_images(self.folder, images[i : i + 1], label, run.dataset.class_names,
+                                            start=start + i))
 
         try:
             result = generate(tokenizer, priors, spec.n, labels=labels, seed=run.sample_seed(),
