@@ -271,15 +271,18 @@ def test_symlinked_logs_and_history_are_not_written_through(finished_run, tmp_pa
     (run / "prior0" / "log.jsonl").unlink()
     (run / "prior0" / "log.jsonl").symlink_to(victim)
     (run / "metrics_history.jsonl").symlink_to(victim)
+    (tmp_path / "elsewhere").mkdir()
+    (run / "prior0" / "tensorboard").symlink_to(tmp_path / "elsewhere")
     # evaluation appends to the history: refused before any work
     result = cli("run", recipe, "-o", run, "--stages", "evaluate")
     one_line_error(result, "metrics_history.jsonl is a symbolic link")
     assert not (run / "evaluate").exists()
     # continuing the prior: the logger is switched off with a warning, training goes on
     result = cli("run", recipe, "-o", run, "--stages", "prior", "--set", "train.prior.steps=22",
-                 "--set", "train.prior.log_every=1", "--set", "log=[jsonl,csv]")
+                 "--set", "train.prior.log_every=1", "--set", "log=[jsonl,csv,tensorboard]")
     assert result.exit_code == 0, result.output
-    assert "log.jsonl is a symbolic link" in result.output
+    assert "log.jsonl is a symbolic link" in result.output and "tensorboard is a symbolic link" in result.output
+    assert list((tmp_path / "elsewhere").iterdir()) == []
     assert victim.read_text() == "the user's file\n"
     assert os.path.islink(run / "prior0" / "log.jsonl")
     assert [row.split(",")[0] for row in (run / "prior0" / "log.csv").read_text().splitlines()[1:]] == ["21", "22"]
