@@ -292,9 +292,15 @@ def test_symlinked_logs_and_history_are_not_written_through(finished_run, tmp_pa
 # 6. loggers at resume and continue
 
 
-def test_logs_keep_every_step_across_two_continues_and_a_resume(tmp_path):
+def test_logs_keep_every_step_across_two_continues_and_a_resume(tmp_path, monkeypatch):
     """log.csv and log.jsonl hold every logged step; TensorBoard the loss and the image at each resume step."""
+    from tensorboard.summary.writer import event_file_writer
     from test_loggers import events, read_csv, read_jsonl
+
+    # TensorBoard reads a folder's event files in name order, and names made by one process in
+    # the same second differ only by a counter, compared as text ("10" < "9"): a counter that
+    # gains a digit between these sessions would reorder them. Separate runs are separate processes.
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(10**6))
 
     from genfw.loggers import image_to_uint8
 
