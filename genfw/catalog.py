@@ -11,7 +11,6 @@ no symlinks). So ``recipes/quickstart.yaml`` keeps working from a clone, and
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +102,11 @@ def copy_recipe(name: str, target: str | os.PathLike | None = None, force: bool 
         base_source = (source.parent / base).resolve()
         if base_source.is_file():
             files.append((base_source, (target_path.parent / base).resolve()))
+    from genfw import io
+    from genfw.rundir import check_write_target
+
     for _, dst in files:
-        if dst.exists() and not force:
-            raise ConfigError(f"{dst} exists: choose another target or pass --force to overwrite it")
+        check_write_target(dst, force, "recipe")
     for src, dst in files:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        io.write_bytes(dst, src.read_bytes())  # atomic, and never through a link
     return target_path

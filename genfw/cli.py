@@ -220,11 +220,16 @@ def _check_plugins(registry, as_json: bool) -> None:
 @command
 def schema(
     output: Annotated[str | None, typer.Option("-o", "--output", help="Write here instead of printing")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file at --output")] = False,
 ) -> None:
     """Write the recipe JSON schema (every registered component's params) for editor completion."""
     from genfw import io
     from genfw.registry import get_registry
+    from genfw.rundir import check_write_target
     from genfw.schema import recipe_schema
+
+    if output is not None:
+        check_write_target(output, overwrite, "schema")
 
     result, skipped = recipe_schema(get_registry())
     for s in skipped:
@@ -329,8 +334,9 @@ def run(
     output_dir: _OldOutputDir = None,
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option(help="Reuse a run directory that belongs to another recipe")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Delete stage folders made from other inputs "
-                                                        "(default: move them aside as <stage>.replaced-<time>)")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Delete genfw's stage folders made from other inputs "
+                                                        "(default: move them aside as <stage>.replaced-<time>; "
+                                                        "folders genfw did not make are always moved aside)")] = False,
 ) -> None:
     """Validate a recipe and check this machine, then train, sample, evaluate and report into its run directory.
 
@@ -642,18 +648,23 @@ def inpaint(
     output: Annotated[str, typer.Option("-o", "--output", help="Folder for the completions")] = "inpainted",
     out_dir: _OldOut = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="A sampler override, as the positional ones")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing PNGs of the same names")] = False,
 ) -> None:
     """Regenerate the masked region of an image (any mask shape), keeping the rest."""
     from genfw.api import load_model
     from genfw.inpaint import inpaint_file
     from genfw.progress import announce
+    from genfw.rundir import check_write_target
     from genfw.sampling import resolve_device
 
     dev = resolve_device(device)
     announce(dev, "bf16")
     _warn_plugin_problems()
+    folder = out_dir or output
+    for target in [*(os.path.join(folder, f"{i:03d}.png") for i in range(n)), os.path.join(folder, "side_by_side.png")]:
+        check_write_target(target, overwrite, "images")
     path = inpaint_file(load_model(model, dev), image, mask, n=n, label=label, seed=seed, temperature=temperature,
-                        steps=steps, out_dir=out_dir or output, overrides=_overrides(set_, overrides))
+                        steps=steps, out_dir=folder, overrides=_overrides(set_, overrides))
     out.print(f"[green]✓[/green] {n} completions -> {path}")
 
 
@@ -717,7 +728,7 @@ def convert(
 
     from genfw import convert as converters
     from genfw.registry import get_registry
-    from genfw.rundir import is_inside_stage
+    from genfw.rundir import check_write_target
 
     registry = get_registry()
     registry.get("converter", source_format)  # an unknown name is the first thing to say
@@ -730,11 +741,7 @@ def convert(
             values[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item}: not a YAML value ({str(e).splitlines()[0]})") from None
-    if os.path.exists(output) and not overwrite:
-        raise GenfwError(f"{output} exists: pass --overwrite to replace it, or choose another -o")
-    if is_inside_stage(output) is not None:
-        raise GenfwError(f"{output} lies inside the stage folders of the run directory {is_inside_stage(output)}: "
-                         "genfw writes those itself; write the model file somewhere else")
+    check_write_target(output, overwrite, "model file")
     converters.run(source_format, source, output, config=config, preset=preset, resolution=resolution,
                    set_values=values or None, registry=registry)
     out.print(f"[green]✓[/green] {source} -> {output}")
@@ -750,9 +757,9 @@ def assemble(
 ) -> None:
     """Assemble a bundle (for sample, inpaint, bench) from a tokenizer file and prior files."""
     from genfw.bundle import assemble as assemble_bundle
+    from genfw.rundir import check_write_target
 
-    if os.path.exists(output) and not overwrite:
-        raise GenfwError(f"{output} exists: pass --overwrite to replace it, or choose another -o")
+    check_write_target(output, overwrite, "bundle")
     assemble_bundle(output, tokenizer, prior, sampler or [])
     out.print(f"[green]✓[/green] bundle -> {output}")
 
@@ -769,6 +776,7 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Repeats of forward + sampling (median, min and max are "
                                               "reported)")] = 3,
     json_file: Annotated[str | None, typer.Option("--json", help="Write the JSON record here ('-' prints it)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file at --json")] = False,
     matmul_size: Annotated[list[int] | None, typer.Option(help="Side of a square matmul measuring the peak; "
                                                                "repeat for several (default 1024, 2048, 4096 "
                                                                "on CPU; 4096, 8192, 16384 on CUDA)")] = None,
@@ -778,7 +786,10 @@ def bench(
     from genfw import io
     from genfw.bench import bench as run_bench
     from genfw.bench import print_table
+    from genfw.rundir import check_write_target
 
+    if json_file not in (None, "-"):
+        check_write_target(json_file, overwrite, "JSON record")
     result = run_bench(source, batch_size=batch_size, steps=steps, device=device, precision=precision,
                        compile=compile_, repeats=repeats, overrides=set_, matmul_size=matmul_size)
     if json_file == "-":
@@ -820,12 +831,12 @@ def recipes_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
 def recipes_copy(
     name: Annotated[str, typer.Argument(help="A shipped recipe (genfw recipes list)")],
     target: Annotated[str | None, typer.Argument(help="Folder or .yaml path (default: the working folder)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing file")] = False,
 ) -> None:
     """Copy a shipped recipe (and an ablation's base recipe) to edit and run."""
     from genfw.catalog import copy_recipe
 
-    path = copy_recipe(name, target, force=force)
+    path = copy_recipe(name, target, force=overwrite)
     out.print(f"[green]✓[/green] {name} -> {path}  (run it: genfw run {path})")
 
 

@@ -139,6 +139,15 @@ class TrainSpec(_Strict):
     num_workers: int = Field(0, ge=0)
     compile: bool = False
 
+    @model_validator(mode="after")
+    def _ema_updated(self):
+        # the EMA copy is updated every `ema_every` steps: beyond `steps` it would never be, and
+        # the saved model would be the random initialisation
+        if self.ema_decay and self.steps and self.ema_every > self.steps:
+            raise ValueError(f"ema_every {self.ema_every} is larger than steps {self.steps}: the EMA weights would "
+                             f"never be updated; use ema_every <= {self.steps} (or ema_decay: null)")
+        return self
+
 
 class TrainSection(_Strict):
     tokenizer: TrainSpec = Field(default_factory=TrainSpec)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,47 @@ def remove_temp_files(folder: str | os.PathLike) -> list[str]:
                 except FileNotFoundError:
                     pass
     return removed
+
+
+def open_fd(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` for files genfw writes in place (locks, append-only logs): never through a link.
+
+    The last component is opened with ``O_NOFOLLOW`` (a symbolic link, dangling or not, is
+    refused instead of writing to its target) and must be a regular file (a FIFO or device is
+    refused, not waited on). Every such open in a run directory goes through here.
+    """
+    path = os.fspath(path)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags | nofollow | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as e:
+        if os.path.islink(path):  # ELOOP (Linux) or EMLINK (BSD): O_NOFOLLOW refused the link
+            raise GenfwError(f"{path} is a symbolic link: genfw never writes through one (its target would be "
+                             "overwritten); remove the link") from None
+        if e.errno in (errno.ENXIO, errno.EWOULDBLOCK):  # a FIFO without a reader
+            raise GenfwError(f"{path} is not a regular file: remove it (genfw writes a plain file there)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise GenfwError(f"{path} is not a regular file: remove it (genfw writes a plain file there)")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return fd
+
+
+def open_append(path: str | os.PathLike) -> typing.BinaryIO:
+    """An append-only file (created if absent) opened through :func:`open_fd`, readable too."""
+    return os.fdopen(open_fd(path, os.O_RDWR | os.O_APPEND | os.O_CREAT), "ab+")
+
+
+def check_plain_file(path: str | os.PathLike) -> None:
+    """Fail now, before work, where :func:`open_fd` would later refuse ``path`` (absent is fine)."""
+    path = os.fspath(path)
+    if os.path.islink(path):
+        raise GenfwError(f"{path} is a symbolic link: genfw never writes through one (its target would be "
+                         "overwritten); remove the link")
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise GenfwError(f"{path} is not a regular file: remove it (genfw writes a plain file there)")
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:

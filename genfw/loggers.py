@@ -8,8 +8,10 @@ kind ``"logger"``; docs/writing-plugins.md shows one.
 
 A logger is built once per training stage as ``cls(params, directory=..., stage=...,
 start_step=...)``: ``directory`` is the stage folder (e.g. ``RUN/prior0``), ``stage`` its name,
-``start_step`` the step training starts from (> 0 when resuming: records at or after it were
-logged before the interruption and are about to be logged again).
+``start_step`` the first step this session can log: 1 for a stage trained from scratch, ``S + 1``
+when it resumes or continues from a state saved at step ``S``. Records of an earlier session at
+or after ``start_step`` came after that state (an interruption) and are about to be logged
+again: drop or replace them. Records before it are the stage's history: keep every one.
 
 Only rank 0 of a ``torchrun`` logs. Logging never stops training: a logger that raises — when
 built or on any call — gets one warning on stderr naming it and the error, and is switched off
@@ -111,8 +113,10 @@ class LoggerSet:
         """Names of the loggers still working (all chosen ones before they are built)."""
         return [n for n, _ in self._loggers] if self._loggers is not None else [n for n, _ in self.specs]
 
-    def open(self, start_step: int = 0) -> None:
-        """Build the loggers (no-op when already open, and on ranks other than 0)."""
+    def open(self, start_step: int = 1) -> None:
+        """Build the loggers (no-op when already open, and on ranks other than 0).
+
+        ``start_step``: the first step this session can log (the saved step + 1), see above."""
         if self._loggers is not None:
             return
         self._loggers = []

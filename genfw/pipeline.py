@@ -178,9 +178,6 @@ class Run(RunContext):
                         f"run directory {self.dir} belongs to recipe '{old.get('name')}', not '{self.recipe.name}': "
                         "choose another output_dir (-o/--output) or pass --overwrite"
                     )
-            if self.write_recipe:
-                io.write_text(recipe_file, rundir.RECIPE_HEADER + "\n"
-                              + yaml.safe_dump(self.resolved.raw, sort_keys=False))
         except BaseException:
             self.lock.release()
             raise
@@ -211,6 +208,10 @@ class Run(RunContext):
         try:
             if dist.is_main():
                 self._check_before_work(wanted)
+                # only now, every check passed: the run's record of its recipe changes
+                if self.write_recipe:
+                    io.write_text(self.path(rundir.RECIPE_FILE), rundir.RECIPE_HEADER + "\n"
+                                  + yaml.safe_dump(self.resolved.raw, sort_keys=False))
             return self._run(wanted)
         finally:
             self.lock.release()
@@ -230,10 +231,26 @@ class Run(RunContext):
             out.append(self.stage("evaluate"))
         return out
 
+    def _read_only(self, wanted: list[str]) -> list[Stage]:
+        """The stages this selection loads from disk without (re)computing them."""
+        out: list[Stage] = []
+        if "tokenizer" not in wanted and self._tokenizer is None:
+            out.append(self.stage("tokenizer"))
+        if "prior" not in wanted and self._priors is None and any(s in wanted for s in ("sample", "evaluate")):
+            out += self.prior_stages
+        return out
+
     def _check_before_work(self, wanted: list[str]) -> None:
-        """Refusals (a shorter training, a read file in a folder to replace) before anything runs."""
+        """Refusals (a shorter training, a read file in a folder to replace, a stage left out of
+        ``--stages`` that the recipe now describes otherwise) before anything runs or is written."""
         for stage in self._began(wanted):
             stage.check_replace()
+        for stage in self._read_only(wanted):
+            stage.check_unchanged()
+        if "evaluate" in wanted:  # appended to after the evaluation: refused now, not after the work
+            from genfw.stages.evaluate import HISTORY_FILE
+
+            io.check_plain_file(self.path(HISTORY_FILE))
 
     def _run(self, wanted: list[str]) -> dict[str, Any]:
         if any(s in wanted for s in ("tokenizer", "latents", "prior")):

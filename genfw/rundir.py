@@ -83,6 +83,19 @@ def pid_alive(pid: int, proc_start: str | None = None) -> bool:
     return True
 
 
+def holder_info(raw: object) -> dict:
+    """A lock file's JSON as a holder record: a dict whose ``pid`` is a plausible PID or None.
+
+    The file may hold anything (a crash, a hostile edit): 0 and negative PIDs would name process
+    groups to ``os.kill``, and a PID beyond the kernel's range cannot be a live process.
+    """
+    info = dict(raw) if isinstance(raw, dict) else {}
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+        info["pid"] = None
+    return info
+
+
 def describe_holder(info: dict) -> str:
     return (f"PID {info.get('pid', '?')} on host {info.get('host', '?')} (started {info.get('started', '?')}"
             + (f": {info['command']}" if info.get("command") else "") + ")")
@@ -98,16 +111,21 @@ class RunLock:
 
     def _read(self) -> dict:
         try:
-            with open(self.path) as f:
-                return json.loads(f.read() or "{}")
-        except (OSError, ValueError):
+            fd = io.open_fd(self.path, os.O_RDONLY)
+        except (OSError, GenfwError):
             return {}
+        try:
+            return holder_info(json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}"))
+        except (OSError, ValueError, RecursionError):
+            return {}
+        finally:
+            os.close(fd)
 
     def acquire(self) -> None:
         """Take the lock or fail in one line naming the holder; a dead holder's lock is taken over."""
         os.makedirs(self.folder, exist_ok=True)
         for _ in range(20):  # retried only when the lock file was replaced under us
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = io.open_fd(self.path, os.O_RDWR | os.O_CREAT)  # never through a link
             try:
                 locked = self._flock(fd)
                 if locked and os.fstat(fd).st_ino != os.stat(self.path).st_ino:
@@ -187,8 +205,8 @@ def holder_if_running(folder: str) -> dict | None:
     try:
         import fcntl
 
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = io.open_fd(path, os.O_RDONLY)
+    except (OSError, GenfwError):
         return None
     try:
         try:
@@ -198,8 +216,8 @@ def holder_if_running(folder: str) -> dict | None:
         except BlockingIOError:
             pass
         try:
-            return json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}")
-        except ValueError:
+            return holder_info(json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}"))
+        except (ValueError, RecursionError):
             return {}
     finally:
         os.close(fd)
@@ -306,12 +324,25 @@ def is_inside_stage(target: str) -> str | None:
         parent = folder
 
 
-def check_write_target(target: str, overwrite: bool, what: str = "file") -> None:
-    """Refuse to replace an existing file without ``--overwrite``, or to write into a run's stages."""
+def check_write_target(target: str | os.PathLike, overwrite: bool, what: str = "file") -> None:
+    """The one check before any command writes a file the user named (``-o``, ``--grid``, ...).
+
+    Refused: a path inside a run's stage folders (genfw writes those itself), a symbolic link
+    (dangling or not: genfw never writes through one), a directory, and an existing file
+    without ``--overwrite``. Files are then written atomically (``genfw.io.write_bytes``).
+    """
+    target = os.fspath(target)
     run = is_inside_stage(target)
     if run is not None:
         raise ConfigError(f"{target} lies inside the stage folders of the run directory {run}: genfw writes "
                           f"those itself; write the {what} somewhere else")
+    if io.is_local(target):
+        local = io.local_path(target)
+        if os.path.islink(local):
+            raise ConfigError(f"{target} is a symbolic link: genfw never writes through one; remove the link or "
+                              "choose another path")
+        if os.path.isdir(local):
+            raise ConfigError(f"{target} is a directory: give the path of the {what} to write (a file name)")
     if not overwrite and io.exists(target):
         raise ConfigError(f"{target} already exists: pass --overwrite to replace it, or choose another path")
 

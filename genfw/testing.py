@@ -345,10 +345,14 @@ def check_prior(component: str | type, params: dict[str, Any] | None = None, *, 
 
 def check_logger(component: str | type, params: dict[str, Any] | None = None, *,
                  read_back: Any = None) -> None:
-    """Build, log scalars and images, close, resume on the same folder; optionally read it all back.
+    """Build, log scalars and images, close, and resume on the same folder the way the trainer does.
 
-    ``read_back(directory) -> {tag: {step: value}}``, when given, must return every scalar
-    logged (a resumed logger's records replacing those at and after the resumed step).
+    Three sessions, as a stage lives them: steps 1-3 from scratch (``start_step=1``, state saved
+    at step 3); a continue from that state (``start_step=4``) logging steps 4-5 and then killed
+    with its last state at step 4; a resume from it (``start_step=5``) logging step 5 again with
+    new values, and step 6. ``read_back(directory) -> {tag: {step: value}}``, when given, must
+    return every step 1-6 with its latest value: a logger that loses a step at a resume or a
+    continue, or keeps a value logged after the saved state, fails here.
     """
     from genfw.loggers import Logger, image_to_uint8
 
@@ -359,33 +363,35 @@ def check_logger(component: str | type, params: dict[str, Any] | None = None, *,
         _check_params_reject_typos(cls)
         cls.check_available()
         directory = os.path.join(tmp, "prior0")
-        logger = registry.build("logger", name, params or {}, directory=directory, stage="prior0", start_step=0)
         expected: dict[str, dict[int, float]] = {}
-        records = {1: {"loss/main": 2.5, "lr": 1e-3}, 2: {"loss/main": 2.25, "lr": 1e-3, "level0/usage": 0.5},
-                   3: {"loss/main": 2.0, "lr": 5e-4}}
-        for step, scalars in records.items():
-            logger.log_scalars(step, scalars)
-            for tag, value in scalars.items():
-                expected.setdefault(tag, {})[step] = value
-        grey = torch.linspace(-1, 1, 8 * 8).view(1, 8, 8)
-        logger.log_image(2, "samples", image_to_uint8(grey))
-        logger.log_image(3, "samples", image_to_uint8(torch.zeros(3, 8, 8, dtype=torch.uint8) + 200))
-        logger.close()
-        # resume at step 3 (as after an interruption): step 3 is logged again with new values
-        again = registry.build("logger", name, params or {}, directory=directory, stage="prior0", start_step=3)
-        again.log_scalars(3, {"loss/main": 1.75, "lr": 5e-4})
-        again.log_scalars(4, {"loss/main": 1.5, "lr": 2.5e-4})
-        again.close()
-        expected["loss/main"].update({3: 1.75, 4: 1.5})
-        expected["lr"].update({4: 2.5e-4})
+        grey = image_to_uint8(torch.linspace(-1, 1, 8 * 8).view(1, 8, 8))
+        colour = image_to_uint8(torch.zeros(3, 8, 8, dtype=torch.uint8) + 200)
+        sessions = [  # (start_step, {step: scalars}, image steps), as Trainer.fit opens its loggers
+            (1, {1: {"loss/main": 2.5, "lr": 1e-3}, 2: {"loss/main": 2.25, "lr": 1e-3, "level0/usage": 0.5},
+                 3: {"loss/main": 2.0, "lr": 5e-4}}, (2, 3)),
+            (4, {4: {"loss/main": 1.75, "lr": 5e-4}, 5: {"loss/main": 9.0, "lr": 9.0}}, (4, 5)),
+            (5, {5: {"loss/main": 1.5, "lr": 2.5e-4}, 6: {"loss/main": 1.25, "lr": 2.5e-4}}, (5,)),
+        ]
+        for start_step, records, image_steps in sessions:
+            logger = registry.build("logger", name, params or {}, directory=directory, stage="prior0",
+                                    start_step=start_step)
+            for step, scalars in records.items():
+                logger.log_scalars(step, scalars)
+                for tag, value in scalars.items():
+                    expected.setdefault(tag, {})[step] = value
+                if step in image_steps:
+                    logger.log_image(step, "samples", grey if step % 2 else colour)
+            logger.close()
         if read_back is not None:
             got = read_back(directory)
             for tag, by_step in expected.items():
                 assert tag in got, f"tag '{tag}' not read back (got {sorted(got)})"
                 for step, value in by_step.items():
-                    assert step in got[tag], f"tag '{tag}' step {step} not read back (got steps {sorted(got[tag])})"
+                    assert step in got[tag], (f"tag '{tag}' step {step} not read back (got steps {sorted(got[tag])}): "
+                                              "records before start_step must be kept")
                     assert abs(got[tag][step] - value) <= 1e-6 * max(1.0, abs(value)), \
-                        f"tag '{tag}' step {step}: read back {got[tag][step]}, logged {value}"
+                        (f"tag '{tag}' step {step}: read back {got[tag][step]}, logged {value} last: records at or "
+                         "after start_step come again and replace the earlier ones")
 
 
 # --------------------------------------------------------------------------------------------

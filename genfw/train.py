@@ -266,8 +266,14 @@ class Trainer:
             checkpoint.save(self.snapshot_path, self.final_module(), extra={"step": self.step, "snapshot": True})
 
     def final_module(self) -> nn.Module:
-        """The trained weights: the EMA copy when EMA is on, else the module itself."""
-        return self.ema.module if self.ema is not None else self.module
+        """The trained weights: the EMA copy when EMA is on, else the module itself.
+
+        Before the EMA's first update (``ema_every`` not reached yet) its copy holds the initial
+        weights: the module itself is returned then, as the first update would copy it.
+        """
+        if self.ema is not None and int(self.ema.n_averaged) > 0:
+            return self.ema.module
+        return self.module
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -349,7 +355,9 @@ class Trainer:
         except ValueError:  # not in the main thread
             pass
         t0, last = time.perf_counter(), self.step
-        self.loggers.open(start_step=self.step)
+        # the first step this session may log: records at or after it from an earlier session
+        # came after the saved state and are logged again; those before it are kept
+        self.loggers.open(start_step=self.step + 1)
         try:
             with progress_bar(self.description, total=self.spec.steps, completed=self.step) as bar:
                 if resumed:

@@ -60,7 +60,7 @@ def test_copy_refuses_to_overwrite(tmp_path):
     assert copied.read_bytes() == (ROOT / "recipes" / "quickstart.yaml").read_bytes()
     copied.write_text("# mine\n")
     again = CliRunner().invoke(app, ["recipes", "copy", "quickstart", str(tmp_path)])
-    assert again.exit_code != 0 and "--force" in again.output and copied.read_text() == "# mine\n"
+    assert again.exit_code != 0 and "--overwrite" in again.output and copied.read_text() == "# mine\n"
     forced = CliRunner().invoke(app, ["recipes", "copy", "quickstart", str(tmp_path), "--force"])
     assert forced.exit_code == 0 and copied.read_bytes() == (ROOT / "recipes" / "quickstart.yaml").read_bytes()
     # an ablation comes with its base recipe

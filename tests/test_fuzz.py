@@ -288,3 +288,109 @@ def test_fuzz_recipe(tmp_path, baseline_rss):
         counts[outcome] = counts.get(outcome, 0) + 1
     report("recipe", counts, t0, rss0)
     assert counts.get("error", 0) >= CASES // 4
+
+
+# --------------------------------------------------------------------------------------------
+# lock files
+
+
+LOCK_KINDS = ["json", "symlink", "json", "text", "dangling", "json", "directory", "fifo", "json", "empty"]
+
+
+def mutate_lock(rng: random.Random, kind: str, path, victim) -> None:
+    """Put a hostile ``run.lock`` of ``kind`` at ``path``: mutated holder JSON, garbage, a link, a folder, a FIFO."""
+    import socket
+
+    if kind == "json":
+        holder = {"pid": rng.choice([os.getpid(), 1, 2**22 + 7, 0, -5]), "host": socket.gethostname(),
+                  "proc_start": "123", "started": "2026-01-01T00:00:00+00:00", "command": "genfw run r.yaml"}
+        path.write_text(json.dumps(mutate_json(rng, holder)))
+    elif kind == "text":
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(1, 64))))
+    elif kind == "symlink":
+        path.symlink_to(victim)
+    elif kind == "dangling":
+        path.symlink_to(victim.parent / "made-through-a-link")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"")
+
+
+def test_fuzz_lock_file(tmp_path, run_dir, baseline_rss):
+    """A hostile run.lock: the run takes it over or refuses in one line, never writes through it or hangs."""
+    recipe, base = run_dir
+    work = tmp_path / "run"
+    shutil.copytree(base, work)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file\n")
+    argv = ["run", str(recipe), "--output-dir", str(work), "--stages", "tokenizer"]
+    counts: dict[str, int] = {}
+    t0, rss0 = time.perf_counter(), rss()
+    for i in range(max(1, CASES // 10)):  # each case is a whole (reusing) run: a tenth of the cases
+        rng = random.Random(f"lock-{SEED}-{i}")
+        lock = work / "run.lock"
+        kind = LOCK_KINDS[i % len(LOCK_KINDS)]
+        mutate_lock(rng, kind, lock, victim)
+        outcome = run_case(argv, f"lock seed {SEED} case {i} ({kind})")
+        counts[outcome] = counts.get(outcome, 0) + 1
+        assert victim.read_text() == "the user's file\n", f"lock seed {SEED} case {i} ({kind}): wrote through a link"
+        assert not (tmp_path / "made-through-a-link").exists(), f"lock case {i} ({kind}): wrote through a link"
+        if kind in ("symlink", "dangling", "fifo", "directory"):
+            assert outcome == "error", f"lock seed {SEED} case {i} ({kind}): taken"
+        if os.path.isdir(lock) and not os.path.islink(lock):
+            os.rmdir(lock)
+        elif os.path.lexists(lock):
+            os.unlink(lock)
+    report("lock file", counts, t0, rss0)
+
+
+# --------------------------------------------------------------------------------------------
+# CSV metric names
+
+
+HOSTILE_TAGS = ["step", "Step", "step ", "", " ", "a\nb", "a\r\nb", "\r", "a,b", 'a"b', '"', "'", "a\tb", "#x",
+                "=1+1", "loss/main", "lr", "é/ü", "\x00", "\x1b[31mred", "x" * 300, "1", "-1", "nan", "metric/step",
+                "a\\nb", "\ufeffbom", "\u2028sep"]
+
+
+def test_fuzz_csv_metric_names(tmp_path, baseline_rss):
+    """Hostile tags over resumes and continues: log.csv stays one header and one row per step, each read back."""
+    import csv
+
+    from genfw_loggers.files import CSV
+
+    counts: dict[str, int] = {}
+    t0, rss0 = time.perf_counter(), rss()
+    for i in range(max(1, CASES // 8)):  # each case several logger sessions: an eighth of the cases
+        rng = random.Random(f"csv-{SEED}-{i}")
+        folder = tmp_path / f"c{i}"
+        expected: dict[int, dict[str, float]] = {}
+        saved = 0
+        for _session in range(rng.randint(1, 4)):
+            start = saved + 1 - (rng.randint(0, saved) if rng.random() < 0.3 else 0)  # an interrupted one re-logs
+            expected = {s: v for s, v in expected.items() if s < start}
+            logger = CSV(directory=str(folder), start_step=start)
+            step = start - 1
+            for _ in range(rng.randint(1, 5)):
+                step += rng.randint(1, 3)
+                tags = rng.sample(HOSTILE_TAGS, rng.randint(1, 4))
+                values = {t: float(rng.randint(-9, 9)) for t in tags}
+                logger.log_scalars(step, values)
+                expected[step] = values
+            logger.close()
+            saved = step
+        with open(folder / "log.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        what = f"csv seed {SEED} case {i}"
+        assert rows[0][0] == "step" and len(set(rows[0])) == len(rows[0]), f"{what}: header {rows[0]!r}"
+        assert all(len(r) == len(rows[0]) for r in rows), f"{what}: ragged rows"
+        steps = [int(r[0]) for r in rows[1:]]
+        assert steps == sorted(expected), f"{what}: steps {steps} != {sorted(expected)}"
+        for row in rows[1:]:
+            got = sorted(float(v) for v in row[1:] if v != "")
+            assert got == sorted(expected[int(row[0])].values()), f"{what}: step {row[0]}: {row!r}"
+        counts["ok"] = counts.get("ok", 0) + 1
+    report("csv metric names", counts, t0, rss0)

@@ -173,6 +173,19 @@ class Stage:
         if action == "replace":
             rundir.check_reads(self.folder, self.run.force, self.run.read_paths())
 
+    def check_unchanged(self) -> None:
+        """Fail when this stage is only read (left out of ``--stages``) but the recipe now describes
+        it otherwise: what is read, and the records written after, would not match the recipe."""
+        if self.record() is None:
+            return  # nothing made yet: reading it says so
+        action, why = self.decide()
+        if action != "reuse":
+            why = why or "it has not finished"
+            raise ConfigError(
+                f"{self.name} is only read by this run (--stages) but the recipe no longer matches it ({why}): "
+                f"add {self.name.rstrip('0123456789')} to --stages to recompute it, or undo the change"
+            )
+
     def begin(self, collective: bool = True) -> bool:
         """True when the stage must run; moves aside what was made from other inputs."""
         if not dist.is_main():
@@ -194,8 +207,11 @@ class Stage:
         previous = self.record()
         self._seconds_before = previous.seconds if previous is not None and action in ("resume", "continue") else 0.0
         if action == "replace":
-            moved = rundir.move_aside(self.folder, self.run.force, self.run.read_paths())
-            where = "deleted (--force)" if self.run.force or moved is None else f"moved to {os.path.basename(moved)}"
+            # --force deletes only what genfw made (a readable stage.json of its own); a foreign
+            # folder (the user's files, an unreadable record) is always moved aside
+            force = self.run.force and previous is not None and previous.fingerprint != "unreadable"
+            moved = rundir.move_aside(self.folder, force, self.run.read_paths())
+            where = "deleted (--force)" if force or moved is None else f"moved to {os.path.basename(moved)}"
             console.print(f"[yellow]•[/yellow] {self.name}: {why}, recomputing; the previous folder is {where}")
         elif action == "continue":
             console.print(f"[yellow]•[/yellow] {self.name}: {why}")

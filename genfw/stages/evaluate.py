@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from genfw import __version__, io
+from genfw.errors import GenfwError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.stages.base import Stage
 
@@ -31,7 +32,13 @@ class EvaluateStage(Stage):
         if not self.begin(collective=False) and os.path.exists(metrics_file):
             return io.read_json(metrics_file)
         t0 = time.perf_counter()
-        metrics = evaluate_run(run, tokenizer, priors)
+        try:
+            metrics = evaluate_run(run, tokenizer, priors)
+        except KeyboardInterrupt:
+            raise GenfwError(
+                f"evaluate: interrupted; the models and samples are kept, no metrics were written; run the same command "
+                f"again (or `genfw eval {getattr(run, 'run_dir', run.dir)}`) to evaluate"
+            ) from None
         io.write_json(metrics_file, metrics)
         self.append_history(metrics)
         self.finish(time.perf_counter() - t0, collective=False)
@@ -44,5 +51,5 @@ class EvaluateStage(Stage):
                   "snapshots": getattr(self.run, "snapshots", {}), "folder": self.run.dir, "metrics": metrics}
         path = self.run.path(HISTORY_FILE)
         # append-only like the trainer's log: a crash can at worst cut the last line
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        with io.open_append(path) as f:  # never through a symbolic link
+            f.write((json.dumps(record, default=str) + "\n").encode("utf-8"))

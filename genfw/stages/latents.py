@@ -9,6 +9,7 @@ import torch
 
 from genfw import dist
 from genfw.data import AsTorchDataset, FlipDoubled, LatentWriter
+from genfw.errors import GenfwError
 from genfw.interfaces import Tokenizer
 from genfw.progress import progress_bar
 from genfw.stages.base import Stage
@@ -42,10 +43,19 @@ class LatentsStage(Stage):
                 data = FlipDoubled(data)
             writer = LatentWriter(self.file(split), spec.shard_size, {**meta, "flip": flip})
             loader = torch.utils.data.DataLoader(data, batch_size=spec.batch_size, shuffle=False)
-            with progress_bar(f"latents ({split})", total=len(data)) as bar:
-                for images, labels in loader:
-                    codes = tokenizer.encode(images.to(run.device))
-                    writer.add(codes, labels)
-                    bar.advance(images.shape[0])
+            done = 0
+            try:
+                with progress_bar(f"latents ({split})", total=len(data)) as bar:
+                    for images, labels in loader:
+                        codes = tokenizer.encode(images.to(run.device))
+                        writer.add(codes, labels)
+                        done += images.shape[0]
+                        bar.advance(images.shape[0])
+            except KeyboardInterrupt:
+                raise GenfwError(
+                    f"latents: interrupted after encoding {done} of {len(data)} {split} images; the trained tokenizer "
+                    f"is kept, the unfinished latents are not used; run the same command again to extract them "
+                    "(this stage starts over, the finished stages are reused)"
+                ) from None
             writer.close()
         self.finish(time.perf_counter() - t0)

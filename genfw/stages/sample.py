@@ -6,9 +6,10 @@ import time
 from typing import Any
 
 from genfw import io
+from genfw.errors import GenfwError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.progress import console
-from genfw.samples import write_samples
+from genfw.samples import write_images, write_samples
 from genfw.sampling import generate, sample_labels
 from genfw.stages.base import Stage
 
@@ -28,11 +29,25 @@ class SampleStage(Stage):
         t0 = time.perf_counter()
         run, spec = self.run, self.run.recipe.sample
         labels = sample_labels(spec.n, run.num_classes, spec.labels)
-        result = generate(tokenizer, priors, spec.n, labels=labels, seed=run.sample_seed(), batch_size=spec.batch_size,
-                          sampler=run.resolved.sampler_params, device=run.device,
-                          precision=run.recipe.train.prior.precision)
+        written: list[str] = []
+
+        def keep(start: int, images, _codes) -> None:  # as they come: an interruption keeps them
+            for i in range(images.shape[0]):  # one by one, so the count of kept images is exact
+                label = labels[start + i : start + i + 1] if labels is not None else None
+                written.extend(write_images(self.folder, images[i : i + 1], label, run.dataset.class_names,
+                                            start=start + i))
+
+        try:
+            result = generate(tokenizer, priors, spec.n, labels=labels, seed=run.sample_seed(),
+                              batch_size=spec.batch_size, sampler=run.resolved.sampler_params, device=run.device,
+                              precision=run.recipe.train.prior.precision, on_chunk=keep)
+        except KeyboardInterrupt:
+            raise GenfwError(
+                f"samples: interrupted after {len(written)} of {spec.n} images; those are kept in {self.folder}; run "
+                "the same command again to finish the stage (it samples them all again, to the same images)"
+            ) from None
         write_samples(self.folder, result.images, labels, run.dataset.class_names, spec.grid_columns,
-                      codes=result.codes)
+                      codes=result.codes, pngs=False)
         io.write_json(self.file("timing.json"), {"seconds": result.seconds, "n": spec.n,
                                                  "images_per_second": result.images_per_second,
                                                  "device": str(run.device), **result.stats})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
@@ -12,7 +13,7 @@ from genfw.context import model_file
 from genfw.errors import ConfigError
 from genfw.registry import component_name
 from genfw.stages.base import Stage, file_fingerprint, train_inputs
-from genfw.train import Trainer
+from genfw.train import STATE_FILE, Trainer
 
 MODEL_FILE = "model.safetensors"
 
@@ -58,6 +59,29 @@ class TrainingStage(Stage):
     @property
     def model_path(self) -> str:
         return self.file(MODEL_FILE)
+
+    def saved_step(self) -> int | None:
+        """The step of this stage's ``train_state.safetensors`` (from its header), or None."""
+        try:
+            _, meta = checkpoint.read_meta(self.file(STATE_FILE))
+            step = dict(meta["tree"]["__dict__"])["step"]
+        except Exception:  # noqa: BLE001 - absent or unreadable: the trainer says what is wrong
+            return None
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+    def check_replace(self) -> None:
+        """Also: an unfinished stage whose saved state is past the steps now asked for is refused
+        here, before its ``stage.json`` (or anything else) is rewritten."""
+        super().check_replace()
+        steps = self.steps()
+        if steps is None or self.decide()[0] != "resume" or not os.path.exists(self.file(STATE_FILE)):
+            return
+        step = self.saved_step()
+        if step is not None and step > steps:
+            raise ConfigError(
+                f"{self.name}: its saved training state is at step {step}, beyond the {steps} steps asked for: training "
+                f"cannot be shortened; ask for {step} or more, or run into another --output-dir"
+            )
 
     def load(self) -> nn.Module:
         return checkpoint.load(self.model_path, device=self.run.device)

@@ -10,6 +10,7 @@ import csv
 import io as _io
 import json
 import os
+import re
 
 from genfw import io
 from genfw.loggers import Logger
@@ -21,12 +22,30 @@ CSV_FILE = "log.csv"
 def _append_line(path: str, line: str) -> None:
     """Append ``line`` (ending in a newline), first ending a previous line cut by a crash."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "ab+") as f:
+    with io.open_append(path) as f:  # never through a symbolic link
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 f.write(b"\n")
         f.write(line.encode())
+
+
+# A scalar whose tag is "step" would overwrite the record's step: it is stored as "metric/step"
+# (and a tag "metric/step" as "metric/metric/step", so two tags never share a column).
+_STEP_LIKE = re.compile(r"^(metric/)*step$")
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: re.Match) -> str:
+    c = m.group()
+    return _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+
+
+def _tag(tag: str) -> str:
+    """A scalar's tag as a key or column, one to one: never ``step``, control characters escaped
+    as in Python (``\\n``, ``\\x1b``; a backslash doubled), so a record stays one line."""
+    tag = re.sub("[\x00-\x1f\x7f\x85\u2028\u2029\\\\]", _escape, str(tag))
+    return "metric/" + tag if _STEP_LIKE.match(tag) else tag
 
 
 class JSONLines(Logger):
@@ -37,21 +56,25 @@ class JSONLines(Logger):
     """
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        _append_line(os.path.join(self.directory, JSONL_FILE), json.dumps({"step": step, **scalars}) + "\n")
+        record = {"step": step, **{_tag(k): v for k, v in scalars.items()}}
+        _append_line(os.path.join(self.directory, JSONL_FILE), json.dumps(record) + "\n")
 
 
 class CSV(Logger):
     """``log.csv``: a header (``step`` then every tag in order of first appearance), one row per record.
 
     A tag first seen after rows were written widens the header (the file is rewritten, atomically);
-    a record without some tag leaves its cell empty. On resume, rows at or after the resumed step
-    are dropped (they are about to be logged again), so each step appears once. Images are not stored.
+    a record without some tag leaves its cell empty; a tag named ``step`` is the column
+    ``metric/step``, control characters (newlines) in a tag are escaped (``\\n``). On resume, rows
+    at or after ``start_step`` are dropped (they are about to be logged again), so each step
+    appears once. Images are not stored.
     """
 
     def __init__(self, params=None, **construct) -> None:
         super().__init__(params, **construct)
         self.path = os.path.join(self.directory, CSV_FILE)
         self.columns: list[str] = []
+        io.check_plain_file(self.path)  # read and rewritten below: never a link's target
         if os.path.exists(self.path):
             self._resume()
 
@@ -81,7 +104,7 @@ class CSV(Logger):
         io.write_text(self.path, buf.getvalue())
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        record = {"step": step, **scalars}
+        record = {"step": step, **{_tag(k): v for k, v in scalars.items()}}
         new = [k for k in record if k not in self.columns]
         if new or not os.path.exists(self.path):
             old = self.columns

@@ -48,9 +48,13 @@ class TensorBoard(Logger):
     def __init__(self, params=None, **construct) -> None:
         super().__init__(params, **construct)
         writer = _summary_writer()
-        # purge_step: events at or after the resumed step, written before an interruption, are
-        # hidden by TensorBoard (they are about to be logged again).
-        self.writer = writer(log_dir=os.path.join(self.directory, self.params.subdir),
+        log_dir = os.path.join(self.directory, self.params.subdir)
+        if os.path.islink(log_dir):  # events would land wherever the link points
+            raise PluginError(f"{log_dir} is a symbolic link: genfw never writes through one; remove the link")
+        # purge_step: events at or after start_step (the first step this session logs), written
+        # after the saved state by an interrupted session, are hidden by TensorBoard (they are
+        # about to be logged again); the saved step's own events stay.
+        self.writer = writer(log_dir=log_dir,
                              purge_step=self.start_step or None, flush_secs=self.params.flush_secs,
                              max_queue=self.params.max_queue)
 
