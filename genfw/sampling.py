@@ -218,9 +218,7 @@ def check_sampling_sizes(tokenizer: Tokenizer, priors: list[Prior], n: int, batc
     limits.check("samples", n, "the number of samples")
     limits.check("batch", batch_size, "the batch size")
     for sp in samplers:
-        for key, value in sp.model_dump().items():
-            if (key == "steps" or key.endswith("_steps")) and isinstance(value, int):
-                limits.check("sampler_steps", value, f"sampler param {key}")
+        limits.check_sampler_steps(sp.model_dump())
     if grid is not None:
         h, w = grid
         if h < 1 or w < 1:

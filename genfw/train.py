@@ -70,7 +70,7 @@ class ResumableBatches(torch.utils.data.Sampler):
         step = self.start_step
         while True:
             epoch, offset = divmod(step, self.per_epoch)
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) % 2**64)  # any 63-bit seed
             perm = torch.randperm(self.n, generator=g)
             if self.n < self.batch_size:  # tiny datasets: sample with repetition
                 perm = perm.repeat(math.ceil(self.batch_size / self.n))
