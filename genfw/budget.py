@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from genfw import limits
+from genfw import io, limits
 from genfw.errors import ConfigError, GenfwError
 
 
@@ -94,3 +94,49 @@ def check_training_memory(run: Any) -> int:
             f"{limits.env_var('train_gib')}=N (GiB)")
     _checked[key] = need
     return need
+
+
+def check_init_sources(run: Any, missing_ok: bool = False) -> None:
+    """Refuse an ``init_from`` of the wrong kind or shape from its file's header, before any stage runs.
+
+    The recipe's models are built on the ``meta`` device and compared, tensor name by tensor
+    name, with the header of the file to start from. ``missing_ok`` (``genfw validate``) skips a
+    file that is not on this machine; a run refuses it.
+    """
+    from genfw.context import model_file
+    from genfw.stages.training import check_warm_start
+
+    recipe, resolved = run.recipe, run.resolved
+    sources = [("tokenizer", recipe.tokenizer.init_from, "tokenizer.init_from")]
+    sources += [(f"prior{i}", spec.init_from, f"prior level {i} init_from") for i, spec in enumerate(resolved.prior_specs)]
+    sources = [(stage, src, key) for stage, src, key in sources if src]
+    if not sources:
+        return
+    present = []
+    for stage, src, key in sources:
+        path = model_file(src, stage)
+        if io.is_local(path) and not os.path.exists(io.local_path(path)):
+            if missing_ok:
+                continue
+            raise ConfigError(f"{key}: {path} does not exist")
+        present.append((stage, src, key))
+    if not present:
+        return
+    data = run.registry.build("dataset", recipe.data.name, resolved.data_params)
+    channels, resolution = data.channels, tuple(data.resolution)
+    try:
+        num_classes = data.num_classes if recipe.class_conditional else 0
+    except GenfwError:
+        num_classes = 0
+    tok = _meta_build(f"tokenizer '{recipe.tokenizer.name}'", lambda: run.registry.build(
+        "tokenizer", recipe.tokenizer.name, resolved.tokenizer_params, channels=channels, resolution=list(resolution)))
+    for stage, src, key in present:
+        if stage == "tokenizer":
+            check_warm_start(tok, src, stage, key)
+        elif not recipe.tokenizer.checkpoint:  # with a tokenizer file, the prior's grid comes from that file
+            i = int(stage[len("prior"):])
+            spec = resolved.prior_specs[i]
+            construct = run.prior_construct(tok, i, spec, resolution, num_classes)
+            prior = _meta_build(f"prior {i} '{spec.name}'", lambda spec=spec, i=i, construct=construct: (
+                run.registry.build("prior", spec.name, resolved.prior_params[i], **construct)))
+            check_warm_start(prior, src, stage, key)

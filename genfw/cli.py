@@ -254,6 +254,13 @@ def validate(
     from genfw.preflight import preflight
 
     resolved = _load_recipe(resolve(recipe), _overrides(set_, overrides))
+    if resolved.recipe.tokenizer.init_from or any(spec.init_from for spec in resolved.prior_specs):
+        from genfw.budget import check_init_sources
+        from genfw.context import RunContext
+        from genfw.preflight import check_device
+
+        usable = check_device(resolved.recipe.device) is None
+        check_init_sources(RunContext(resolved, device=None if usable else "cpu"), missing_ok=True)
     out.print(f"[green]✓[/green] {recipe}: recipe '{resolved.recipe.name}' is valid "
               f"({len(resolved.prior_specs)} prior level(s))")
     report = preflight(resolved)
@@ -335,6 +342,10 @@ def run(
     pipeline = Run(resolved, output_dir=output or output_dir, device=requested, overwrite=overwrite, force=force)
     preflight(resolved, pipeline.device, wanted).raise_if_failed()
     if dry_run:
+        from genfw.budget import check_init_sources, check_training_memory
+
+        check_training_memory(pipeline)
+        check_init_sources(pipeline)
         _print_plan(pipeline.plan())
         return
     announce(pipeline.device, resolved.recipe.train.prior.precision)
