@@ -675,8 +675,7 @@ def convert(
     """Convert a foreign checkpoint (taming VQ-GAN, Unleashing, SUNDAE, VQ-VAE-2) into a genfw model file."""
     import inspect
 
-    import yaml
-
+    from genfw.config import parse_value
     from genfw.registry import get_registry
     from genfw.rundir import is_inside_stage
 
@@ -702,7 +701,7 @@ def convert(
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
                 raise GenfwError(f"--set expects key=value, got '{item}'")
-            values[key.strip()] = yaml.safe_load(value)
+            values[key.strip()] = parse_value(value)  # invalid YAML stays text, for the converter to judge
         # taming's converter takes genfw vqgan params; the papers' converters the authors' hyper-parameters
         name = "params" if accepted is not None and "params" in accepted else "overrides"
         options[name], flags[name] = values, "--set"

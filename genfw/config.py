@@ -363,6 +363,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None,
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML (``10``, ``[3, 7]``, ``null``), ``1e-3`` a number too (YAML 1.1
+    would read it as text); text that is not valid YAML (``{a``) stays text, for validation to judge."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except (yaml.YAMLError, RecursionError):
+        value = text
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        value = float(value)
+    return value
+
+
 def parse_override(item: str) -> tuple[str, Any, bool]:
     """``a.b=value`` -> ("a.b", parsed value, False); ``~a.b`` -> ("a.b", None, True).
 
@@ -377,12 +389,7 @@ def parse_override(item: str) -> tuple[str, Any, bool]:
     elif "=" in text:
         path, _, raw_value = text.partition("=")
         delete = False
-        try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else None
-        except yaml.YAMLError:
-            value = raw_value
-        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-3 as text; on a command line it is a number
+        value = parse_value(raw_value)
     else:
         raise ConfigError(f"an override expects key.path=value (set) or ~key.path (delete), got '{item}'")
     keys = path.strip().split(".")

@@ -77,6 +77,12 @@ def _params(h: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str
     depth = [int(d) for d in h["net.depth"]]
     if len(depth) != 3:
         raise ConfigError(f"[net] depth {depth}: expected [pre, valley, post]")
+    for key in ("net.shorten_factor", "data.sequence_length", "data.vocab_size", "net.dim", "net.nb_heads"):
+        if isinstance(h[key], bool) or int(h[key]) < 1:
+            section, name = key.split(".")
+            raise ConfigError(f"[{section}] {name} = {h[key]!r}: must be a positive integer")
+    if any(d < 0 for d in depth):
+        raise ConfigError(f"[net] depth {depth}: layer counts cannot be negative")
     k, n = int(h["net.shorten_factor"]), int(h["data.sequence_length"])
     latent = h["vqgan.latent_shape"] or [math.isqrt(n)] * 2
     if len(latent) != 2 or latent[0] != latent[1] or latent[0] * latent[1] != n:
@@ -127,8 +133,8 @@ def convert_sundae(src: str | os.PathLike, out: str | os.PathLike, *, config: st
     h = hyper_parameters(core.read_config(config), overrides or {})
     try:
         params, construct, sampler = _params(h)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid SUNDAE config: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"invalid SUNDAE config: {type(e).__name__}: {e}") from None
     bp = construct["backbone"]["params"]
     k, dim = bp["shorten_factors"][0], bp["dim"]
     side = math.isqrt(k)
