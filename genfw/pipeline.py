@@ -167,8 +167,7 @@ class Run(RunContext):
                               "write")
             if os.path.exists(recipe_file):
                 try:
-                    with open(recipe_file, "rb") as f:
-                        old = yaml.safe_load(f) or {}
+                    old = rundir.read_recipe_yaml(recipe_file) or {}
                 except (yaml.YAMLError, ValueError, RecursionError):
                     old = {}
                 if not isinstance(old, dict):
@@ -392,8 +391,7 @@ def load_run_models(run_dir: str, device: torch.device | str = "cpu") -> tuple[T
     recipe_file = os.path.join(run_dir, "recipe.yaml")
     if os.path.exists(recipe_file):
         try:
-            with open(recipe_file, "rb") as f:
-                raw = yaml.safe_load(f) or {}
+            raw = rundir.read_recipe_yaml(recipe_file) or {}
         except (yaml.YAMLError, ValueError, RecursionError) as e:
             raise CheckpointError(f"{recipe_file} is corrupt ({type(e).__name__}): restore it, or rerun the recipe "
                                   "into a new run directory") from None

@@ -21,6 +21,7 @@ import shutil
 import socket
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
 from genfw import io
 from genfw.errors import ConfigError, GenfwError
@@ -29,6 +30,7 @@ LOCK_FILE = "run.lock"
 RECIPE_FILE = "recipe.yaml"
 # The first line of every recipe.yaml genfw writes: how it knows the file is its own.
 RECIPE_HEADER = "# the recipe as run by genfw (written by `genfw run`; edit the original, not this copy)"
+QUICK_LOOK_BYTES = 1 << 20  # fail_fast_if_locked reads a recipe only this small (recipes are kilobytes)
 STAGE_FOLDERS = ("tokenizer", "latents", "samples", "evaluate")  # plus prior0, prior1, ...
 
 
@@ -221,6 +223,8 @@ def fail_fast_if_locked(recipe: str, overrides: list[str] | None, output_dir: st
         if target is None:
             import yaml
 
+            if io.is_local(recipe) and os.path.getsize(io.local_path(recipe)) > QUICK_LOOK_BYTES:
+                return  # too large for a quick look: validation bounds it (GENFW_MAX_RECIPE_BYTES)
             raw = yaml.safe_load(io.read_bytes(recipe).decode("utf-8")) or {}
             for item in overrides or []:
                 key, _, value = item.partition("=")
@@ -237,6 +241,21 @@ def fail_fast_if_locked(recipe: str, overrides: list[str] | None, output_dir: st
 
 # --------------------------------------------------------------------------------------------
 # what genfw may touch
+
+
+def read_recipe_yaml(path: str) -> Any:
+    """A run directory's ``recipe.yaml``, parsed; bounded like a command-line recipe (its size is
+    checked before parsing, and its values once aliases are expanded)."""
+    import yaml
+
+    from genfw import limits
+    from genfw.config import check_expansion
+
+    limits.check("recipe_bytes", os.path.getsize(path), f"{path}: its size", " bytes")
+    with open(path, "rb") as f:
+        raw = yaml.safe_load(f)
+    check_expansion(raw, path)
+    return raw
 
 
 def recipe_is_ours(folder: str) -> bool:
