@@ -85,9 +85,16 @@ def pid_alive(pid: int, proc_start: str | None = None) -> bool:
     return True
 
 
+def _printable(value: object, limit: int = 300) -> str:
+    """A string from a lock file made safe to print: control and escape bytes shown as escapes."""
+    text = str(value)[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def describe_holder(info: dict) -> str:
-    return (f"PID {info.get('pid', '?')} on host {info.get('host', '?')} (started {info.get('started', '?')}"
-            + (f": {info['command']}" if info.get("command") else "") + ")")
+    return (f"PID {_printable(info.get('pid', '?'))} on host {_printable(info.get('host', '?'))} "
+            f"(started {_printable(info.get('started', '?'))}"
+            + (f": {_printable(info['command'])}" if info.get("command") else "") + ")")
 
 
 class RunLock:
@@ -101,9 +108,10 @@ class RunLock:
     def _read(self) -> dict:
         try:
             with open(self.path) as f:
-                return json.loads(f.read() or "{}")
-        except (OSError, ValueError):
+                info = json.loads(f.read() or "{}")
+        except (OSError, ValueError, RecursionError):
             return {}
+        return info if isinstance(info, dict) else {}
 
     def acquire(self) -> None:
         """Take the lock or fail in one line naming the holder; a dead holder's lock is taken over."""
@@ -122,19 +130,25 @@ class RunLock:
             if not locked:
                 os.close(fd)
                 raise GenfwError(in_use_message(self.folder, holder))
-            if holder.get("pid") and holder.get("pid") != os.getpid():
+            pid = holder.get("pid")
+            if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and pid != os.getpid():
                 if holder.get("host") != socket.gethostname():
                     os.close(fd)
                     raise GenfwError(
                         f"run directory {self.folder} is locked by {describe_holder(holder)}, another host: if that "
                         f"run has ended, delete {self.path}"
                     )
-                if pid_alive(int(holder["pid"]), holder.get("proc_start")):
-                    os.close(fd)  # alive although its flock is gone (a filesystem without flock)
-                    raise GenfwError(in_use_message(self.folder, holder))
+                if pid_alive(pid, holder.get("proc_start")):
+                    os.close(fd)  # alive, but its flock is gone: a reused PID, or a filesystem without flock
+                    raise GenfwError(
+                        f"run directory {self.folder} is locked by {describe_holder(holder)}, which still runs but "
+                        "does not hold the lock: if no genfw run uses this directory, the PID was reused by another "
+                        f"process; delete {self.path} and run again")
+                from rich.markup import escape
+
                 from genfw.progress import console
 
-                console.print(f"[yellow]•[/yellow] taking over the lock of {describe_holder(holder)}, "
+                console.print(f"[yellow]•[/yellow] taking over the lock of {escape(describe_holder(holder))}, "
                               "which is no longer running")
             info = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": _proc_start(os.getpid()),
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -200,9 +214,10 @@ def holder_if_running(folder: str) -> dict | None:
         except BlockingIOError:
             pass
         try:
-            return json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}")
-        except ValueError:
+            info = json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}")
+        except (ValueError, RecursionError):
             return {}
+        return info if isinstance(info, dict) else {}
     finally:
         os.close(fd)
 
