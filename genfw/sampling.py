@@ -42,8 +42,31 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def check_count(n: object, what: str = "the number of samples") -> int:
+    """``n`` as an int (a Python or NumPy integer; not 2.5, '3' or True), or one line saying what it must be."""
+    import operator
+
+    try:
+        value = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        value = None
+    if value is None:
+        raise ConfigError(f"{what} must be an integer, got {n!r}")
+    return value
+
+
+def choose_seed(seed: object) -> int:
+    """A checked seed (0..2**63-1); None draws a fresh random one (``SampleResult.stats['seed']`` records it)."""
+    if seed is None:
+        import secrets
+
+        return secrets.randbits(63)
+    return limits.check_seed(seed)
+
+
 def sample_labels(n: int, num_classes: int, labels: list[int] | None) -> torch.Tensor | None:
     """Labels for ``n`` samples: the given list cycled, or round-robin over the classes."""
+    n = check_count(n)
     if n < 1:
         raise ConfigError(f"the number of samples must be at least 1, got {n}")
     limits.check("samples", n, "the number of samples")
@@ -140,7 +163,7 @@ def generate(
     n: int,
     *,
     labels: torch.Tensor | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     batch_size: int = 16,
     sampler: list[Any] | Any | None = None,
     device: torch.device | str = "cpu",
@@ -157,13 +180,16 @@ def generate(
     ``init_codes``/``masks`` (per level, [n, h, w]) inpaint: only masked positions change.
     ``grid`` asks for a code grid larger than the training one (single-level models only).
     Chunk ``k`` uses a generator seeded with ``seed + k``, so results depend on seed and
-    batch size only. ``on_chunk(start, images, codes)`` receives each chunk as it is made (for
+    batch size only (``seed=None``: a random seed, recorded in ``stats["seed"]``).
+    ``on_chunk(start, images, codes)`` receives each chunk as it is made (for
     writing images as they come, so an interruption keeps them). ``progress`` names the
     progress bar (None: no bar).
     """
     from genfw.progress import progress_bar
 
     device = torch.device(device)
+    n, batch_size = check_count(n), check_count(batch_size, "the batch size")
+    seed = choose_seed(seed)
     if len(priors) != len(tokenizer.levels):
         raise ConfigError(f"{len(priors)} priors for a tokenizer with {len(tokenizer.levels)} levels")
     if grid is not None and len(priors) > 1:
@@ -202,7 +228,9 @@ def generate(
                 bar.advance(m)
     _sync(device)
     seconds = time.perf_counter() - t0
-    stats = {"backbone_evaluations": evaluations} if evaluations else {}
+    stats: dict[str, Any] = {"seed": seed}
+    if evaluations:
+        stats["backbone_evaluations"] = evaluations
     return SampleResult(torch.cat(images), [torch.cat(c) for c in all_codes], labels, seconds, stats)
 
 
