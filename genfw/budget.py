@@ -30,6 +30,21 @@ def device_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for new allocations on ``device`` now: free GPU memory for CUDA, else the RAM the
+    kernel reports available (MemAvailable), else the machine's total. None if unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (ValueError, OSError, RuntimeError, IndexError):
+        pass
+    return device_memory_bytes(device)
+
+
 def _meta_build(what: str, build) -> torch.nn.Module:
     bound = limits.limit("modules")
     try:

@@ -39,6 +39,8 @@ LIMITS: dict[str, tuple[int, str]] = {
     "modules": (10_000, "modules in one model a recipe builds (the shipped recipes: at most 300)"),
     # 0: the memory of the device training runs on (GPU memory, or the machine's RAM)
     "train_gib": (0, "GiB for the weights, gradients and Adam moments of the models a recipe trains"),
+    # 0: the memory free on the sampling device now (free GPU memory, or the machine's available RAM)
+    "activation_gib": (0, "GiB of activations one sampling chunk holds (a lower bound per backbone evaluation)"),
 }
 
 
