@@ -284,7 +284,7 @@ def _memory_as_error(device: torch.device, batch_size: int) -> Iterator[None]:
             raise
         first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
         raise GenfwError(f"sampling ran out of memory on {device} ({first}): lower --batch-size (now {batch_size}) "
-                         "or the grid size; images written so far are kept") from None
+                         "or the grid size") from None
 
 
 def check_sampling_sizes(tokenizer: Tokenizer, priors: list[Prior], n: int, batch_size: int, samplers: list[Any],

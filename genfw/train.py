@@ -351,7 +351,7 @@ class Trainer:
         t0, last = time.perf_counter(), self.step
         self.loggers.open(start_step=self.step)
         try:
-            with progress_bar(self.description, total=self.spec.steps, completed=self.step) as bar:
+            with progress_bar(self.description, total=self.spec.steps, completed=self.step, unit="step") as bar:
                 if resumed:
                     bar.note(f"resumed at step {self.step}")
                 while self.step < self.spec.steps:
@@ -370,8 +370,8 @@ class Trainer:
                         self.loggers.log_scalars(self.step, logs)
                         if self.on_step:
                             self.on_step(self.step, logs)
-                    main_loss = next((v for k, v in logs.items() if k.startswith("loss/")), float("nan"))
-                    bar.update(self.step, loss=main_loss)
+                    losses = {k: v for k, v in logs.items() if k.startswith("loss/")}
+                    bar.update(self.step, **(losses or {"loss": float("nan")}))
                     if self.step % self.spec.checkpoint_every == 0 or self.step == self.spec.steps:
                         self.save_state()
                     if self.spec.snapshot_every and self.step % self.spec.snapshot_every == 0:
