@@ -111,17 +111,29 @@ def check_training_memory(run: Any) -> int:
     return need
 
 
-def check_init_sources(run: Any, missing_ok: bool = False) -> None:
-    """Refuse an ``init_from`` of the wrong kind or shape from its file's header, before any stage runs.
+def check_model_sources(run: Any, missing_ok: bool = False) -> None:
+    """Refuse unreadable ``checkpoint`` files and an ``init_from`` of the wrong kind or shape, from
+    the files' headers, before any stage runs.
 
-    The recipe's models are built on the ``meta`` device and compared, tensor name by tensor
-    name, with the header of the file to start from. ``missing_ok`` (``genfw validate``) skips a
-    file that is not on this machine; a run refuses it.
+    For ``init_from`` the recipe's models are built on the ``meta`` device and compared, tensor
+    name by tensor name, with the header of the file to start from. ``missing_ok`` (``genfw
+    validate``) skips a file that is not on this machine; a run refuses it.
     """
+    from genfw import checkpoint
     from genfw.context import model_file
     from genfw.stages.training import check_warm_start
 
     recipe, resolved = run.recipe, run.resolved
+    files = [("tokenizer.checkpoint", recipe.tokenizer.checkpoint)]
+    files += [(f"prior level {i} checkpoint", spec.checkpoint) for i, spec in enumerate(resolved.prior_specs)]
+    for key, path in files:
+        if not path:
+            continue
+        if io.is_local(path) and not os.path.exists(io.local_path(path)):
+            if missing_ok:
+                continue
+            raise ConfigError(f"{key}: {path} does not exist")
+        checkpoint.read_meta(path)  # the header: a corrupt, truncated or unreachable file is one line now
     sources = [("tokenizer", recipe.tokenizer.init_from, "tokenizer.init_from")]
     sources += [(f"prior{i}", spec.init_from, f"prior level {i} init_from") for i, spec in enumerate(resolved.prior_specs)]
     sources = [(stage, src, key) for stage, src, key in sources if src]

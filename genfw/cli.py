@@ -254,13 +254,14 @@ def validate(
     from genfw.preflight import preflight
 
     resolved = _load_recipe(resolve(recipe), _overrides(set_, overrides))
-    if resolved.recipe.tokenizer.init_from or any(spec.init_from for spec in resolved.prior_specs):
-        from genfw.budget import check_init_sources
+    specs = [resolved.recipe.tokenizer, *resolved.prior_specs]
+    if any(spec.init_from or spec.checkpoint for spec in specs):
+        from genfw.budget import check_model_sources
         from genfw.context import RunContext
         from genfw.preflight import check_device
 
         usable = check_device(resolved.recipe.device) is None
-        check_init_sources(RunContext(resolved, device=None if usable else "cpu"), missing_ok=True)
+        check_model_sources(RunContext(resolved, device=None if usable else "cpu"), missing_ok=True)
     out.print(f"[green]✓[/green] {recipe}: recipe '{resolved.recipe.name}' is valid "
               f"({len(resolved.prior_specs)} prior level(s))")
     report = preflight(resolved)
@@ -342,10 +343,10 @@ def run(
     pipeline = Run(resolved, output_dir=output or output_dir, device=requested, overwrite=overwrite, force=force)
     preflight(resolved, pipeline.device, wanted).raise_if_failed()
     if dry_run:
-        from genfw.budget import check_init_sources, check_training_memory
+        from genfw.budget import check_model_sources, check_training_memory
 
         check_training_memory(pipeline)
-        check_init_sources(pipeline)
+        check_model_sources(pipeline)
         _print_plan(pipeline.plan())
         return
     announce(pipeline.device, resolved.recipe.train.prior.precision)

@@ -203,10 +203,10 @@ class Run(RunContext):
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
         if "tokenizer" in wanted or "prior" in wanted:
-            from genfw.budget import check_init_sources, check_training_memory
+            from genfw.budget import check_model_sources, check_training_memory
 
             check_training_memory(self)  # before anything is written or allocated
-            check_init_sources(self)  # init_from files of the right kind and shapes, from their headers
+            check_model_sources(self)  # init_from files of the right kind and shapes, from their headers
         self.prepare_dir()
         try:
             if dist.is_main():
