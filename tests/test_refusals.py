@@ -258,7 +258,7 @@ def test_docs_list_every_case():
     rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines() if line.startswith("| `")}
     for case_id, _, fragment, code in CASES:
         assert case_id in rows, f"docs/errors.md lacks {case_id}"
-        assert rows[case_id].rstrip().endswith(f"| {code} |"), rows[case_id]
+        assert fragment in rows[case_id] and rows[case_id].rstrip().endswith(f"| {code} |"), rows[case_id]
 
 
 def test_lock_strings_are_printed_safely(tmp_path, files):
