@@ -20,11 +20,11 @@ from genfw.errors import ConfigError, GenfwError
 from genfw.registry import Registry, get_registry
 
 
-def _takes_int(annotation: Any) -> bool:
-    """Whether a field's type admits int (int, int | None, list[int]...) but not bool."""
-    if annotation is int:
+def _takes_number(annotation: Any) -> bool:
+    """Whether a field's type admits a number (int, float | None, list[int]...) but not bool."""
+    if annotation in (int, float):
         return True
-    return any(_takes_int(a) for a in getattr(annotation, "__args__", ()) if a is not type(None))
+    return any(_takes_number(a) for a in getattr(annotation, "__args__", ()) if a is not type(None))
 
 
 class _Strict(BaseModel):
@@ -34,9 +34,9 @@ class _Strict(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_int(cls, v, info):
-        """``steps: true`` is not 1 step: pydantic's lax mode would take a bool as an int."""
+        """``steps: true`` is not 1 step: pydantic's lax mode would take a bool as a number."""
         field = cls.model_fields.get(info.field_name) if info.field_name else None
-        if field is not None and _takes_int(field.annotation) and bool not in getattr(field.annotation, "__args__", ()):
+        if field is not None and _takes_number(field.annotation) and bool not in getattr(field.annotation, "__args__", ()):
             if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
                 raise ValueError("a number is needed, not true/false")
         return v
