@@ -407,3 +407,20 @@ def test_plain_progress_every_n_seconds():
         assert plain_every() == 60
     finally:
         del os.environ["GENFW_PROGRESS_EVERY"]
+
+
+def test_http_model_file_without_its_backend_is_one_line(tmp_path, files):
+    """init_from / checkpoint / inspect of an http:// model file when aiohttp is not installed."""
+    try:
+        import aiohttp  # noqa: F401
+        pytest.skip("aiohttp is installed: the http:// backend exists here")
+    except ImportError:
+        pass
+    url = "http://example.invalid/m.safetensors"
+    for argv in (["run", str(files / "tiny.yaml"), "-o", str(tmp_path / "run"), "--set", f"prior.init_from={url}"],
+                 ["run", str(files / "tiny.yaml"), "-o", str(tmp_path / "run"), "--set", f"tokenizer.checkpoint={url}"],
+                 ["inspect", url]):
+        result = FastCliRunner().invoke(app, argv)
+        assert result.exit_code == 1, result.output
+        assert "the fsspec backend for 'http://' is not installed" in one_error_line(result.stderr)
+        assert not (tmp_path / "run").exists()
