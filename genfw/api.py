@@ -85,30 +85,35 @@ class Model(checkpoint.Bundle):
 
     # -- generating ---------------------------------------------------------------------------
 
-    def generate(self, n: int = 16, *, labels: int | list[int] | None = None, seed: int = DEFAULT_SEED,
+    def generate(self, n: int = 16, *, labels: int | list[int] | None = None, seed: int | None = DEFAULT_SEED,
                  batch_size: int = DEFAULT_BATCH_SIZE, precision: str = DEFAULT_PRECISION,
                  size: tuple[int, int] | None = None, overrides: list[str] | None = None,
                  flags: dict[str, Any] | None = None, progress: str | None = "sampling",
                  on_chunk: Any = None, **sampler: Any) -> SampleResult:
-        """Sample ``n`` images; the full result (images, codes, labels, seconds)."""
-        from genfw.sampling import generate
+        """Sample ``n`` images; the full result (images, codes, labels, seconds).
 
+        ``seed=None`` draws a random seed; ``result.stats["seed"]`` records the one used.
+        """
+        from genfw.sampling import check_count, choose_seed, generate
+
+        n, seed = check_count(n), choose_seed(seed)
         return generate(self.tokenizer, self.priors, n, labels=self.labels(n, labels), seed=seed,
                         batch_size=batch_size, sampler=self.sampler(overrides, flags, **sampler), device=self.device,
                         precision=precision, grid=size, progress=progress, on_chunk=on_chunk)
 
-    def sample(self, n: int = 16, *, labels: int | list[int] | None = None, seed: int = DEFAULT_SEED,
+    def sample(self, n: int = 16, *, labels: int | list[int] | None = None, seed: int | None = DEFAULT_SEED,
                output: str = "pil", **kwargs: Any) -> list[Image.Image] | torch.Tensor:
         """``n`` images as PIL images (``output="pil"``) or one tensor [n, C, H, W] in [-1, 1].
 
         Keyword arguments: ``batch_size``, ``precision``, ``size`` and any sampler parameter of
-        the prior (``steps=50``, ``temperature=0.7``...). Defaults are ``genfw sample``'s.
+        the prior (``steps=50``, ``temperature=0.7``...). Defaults are ``genfw sample``'s; ``seed``
+        is an integer 0..2**63-1, or None for a random one.
         """
         result = self.generate(n, labels=labels, seed=seed, **kwargs)
         return _output(result.images, output)
 
     def inpaint(self, image: Image.Image | torch.Tensor | str, mask: Image.Image | torch.Tensor | str, n: int = 4, *,
-                label: int | None = None, seed: int = DEFAULT_SEED, output: str = "pil",
+                label: int | None = None, seed: int | None = DEFAULT_SEED, output: str = "pil",
                 overrides: list[str] | None = None, flags: dict[str, Any] | None = None,
                 **sampler: Any) -> list[Image.Image] | torch.Tensor:
         """Regenerate the masked region (mask: white/True = regenerate) of ``image``, ``n`` times.
@@ -116,7 +121,9 @@ class Model(checkpoint.Bundle):
         A class-conditional model needs ``label``: inpainting conditions every completion on it.
         """
         from genfw.inpaint import inpaint, prepare_inputs, require_label
+        from genfw.sampling import check_count, choose_seed
 
+        n, seed = check_count(n, "the number of completions"), choose_seed(seed)
         require_label(self.num_classes, label, self.class_names)
         img, pixel_mask = prepare_inputs(self.tokenizer, image, mask)
         labels = self.labels(n, label) if self.num_classes else None

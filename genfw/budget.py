@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from genfw import limits
+from genfw import io, limits
 from genfw.errors import ConfigError, GenfwError
 
 
@@ -28,6 +28,21 @@ def device_memory_bytes(device: torch.device) -> int | None:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError, RuntimeError):
         return None
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for new allocations on ``device`` now: free GPU memory for CUDA, else the RAM the
+    kernel reports available (MemAvailable), else the machine's total. None if unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (ValueError, OSError, RuntimeError, IndexError):
+        pass
+    return device_memory_bytes(device)
 
 
 def _meta_build(what: str, build) -> torch.nn.Module:
@@ -94,3 +109,61 @@ def check_training_memory(run: Any) -> int:
             f"{limits.env_var('train_gib')}=N (GiB)")
     _checked[key] = need
     return need
+
+
+def check_model_sources(run: Any, missing_ok: bool = False) -> None:
+    """Refuse unreadable ``checkpoint`` files and an ``init_from`` of the wrong kind or shape, from
+    the files' headers, before any stage runs.
+
+    For ``init_from`` the recipe's models are built on the ``meta`` device and compared, tensor
+    name by tensor name, with the header of the file to start from. ``missing_ok`` (``genfw
+    validate``) skips a file that is not on this machine; a run refuses it.
+    """
+    from genfw import checkpoint
+    from genfw.context import model_file
+    from genfw.stages.training import check_warm_start
+
+    recipe, resolved = run.recipe, run.resolved
+    files = [("tokenizer.checkpoint", recipe.tokenizer.checkpoint)]
+    files += [(f"prior level {i} checkpoint", spec.checkpoint) for i, spec in enumerate(resolved.prior_specs)]
+    for key, path in files:
+        if not path:
+            continue
+        if io.is_local(path) and not os.path.exists(io.local_path(path)):
+            if missing_ok:
+                continue
+            raise ConfigError(f"{key}: {path} does not exist")
+        checkpoint.read_meta(path)  # the header: a corrupt, truncated or unreachable file is one line now
+    sources = [("tokenizer", recipe.tokenizer.init_from, "tokenizer.init_from")]
+    sources += [(f"prior{i}", spec.init_from, f"prior level {i} init_from") for i, spec in enumerate(resolved.prior_specs)]
+    sources = [(stage, src, key) for stage, src, key in sources if src]
+    if not sources:
+        return
+    present = []
+    for stage, src, key in sources:
+        path = model_file(src, stage)
+        if io.is_local(path) and not os.path.exists(io.local_path(path)):
+            if missing_ok:
+                continue
+            raise ConfigError(f"{key}: {path} does not exist")
+        present.append((stage, src, key))
+    if not present:
+        return
+    data = run.registry.build("dataset", recipe.data.name, resolved.data_params)
+    channels, resolution = data.channels, tuple(data.resolution)
+    try:
+        num_classes = data.num_classes if recipe.class_conditional else 0
+    except GenfwError:
+        num_classes = 0
+    tok = _meta_build(f"tokenizer '{recipe.tokenizer.name}'", lambda: run.registry.build(
+        "tokenizer", recipe.tokenizer.name, resolved.tokenizer_params, channels=channels, resolution=list(resolution)))
+    for stage, src, key in present:
+        if stage == "tokenizer":
+            check_warm_start(tok, src, stage, key)
+        elif not recipe.tokenizer.checkpoint:  # with a tokenizer file, the prior's grid comes from that file
+            i = int(stage[len("prior"):])
+            spec = resolved.prior_specs[i]
+            construct = run.prior_construct(tok, i, spec, resolution, num_classes)
+            prior = _meta_build(f"prior {i} '{spec.name}'", lambda spec=spec, i=i, construct=construct: (
+                run.registry.build("prior", spec.name, resolved.prior_params[i], **construct)))
+            check_warm_start(prior, src, stage, key)

@@ -14,9 +14,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
-from genfw import checkpoint
+from genfw import checkpoint, limits
+from genfw.config import parse_value
 from genfw.errors import CheckpointError, ConfigError
 from genfw.interfaces import Prior, Tokenizer
 
@@ -65,9 +64,10 @@ def parse_sampler(items: Sequence[str], priors: Sequence[Prior], defaults: dict[
         if key not in known:
             raise ConfigError(f"--sampler {key}: not a sampler parameter of these priors "
                               f"(they have: {', '.join(sorted(known)) or 'none'})")
-        out[key] = yaml.safe_load(value)
-    for p in priors:  # validated per prior, ignoring keys it does not have
-        p.sampler_params({k: v for k, v in out.items() if k in p.SamplerParams.model_fields})
+        out[key] = parse_value(value)
+    for p in priors:  # validated per prior, ignoring keys it does not have; bounded as sampling bounds them
+        validated = p.sampler_params({k: v for k, v in out.items() if k in p.SamplerParams.model_fields})
+        limits.check_sampler_steps(validated.model_dump(), "--sampler ")
     return out
 
 
@@ -80,7 +80,7 @@ def assemble(output: str | os.PathLike, tokenizer_path: str, prior_paths: Sequen
     # Sampler settings a converter recorded (the authors' sampling config), then the command line's.
     recorded: dict[str, Any] = {}
     for path in prior_paths:
-        recorded.update(checkpoint.read(path)[1].get("extra", {}).get("sampler") or {})
+        recorded.update(checkpoint.read_meta(path)[1].get("extra", {}).get("sampler") or {})
     defaults = parse_sampler(sampler, priors, recorded)
     modules = {"tokenizer": tokenizer, **{f"prior.{i}": p for i, p in enumerate(priors)}}
     sources = [os.path.basename(tokenizer_path), *(os.path.basename(p) for p in prior_paths)]

@@ -199,10 +199,12 @@ class Reader:
             else:
                 try:
                     fs, remote = io.fsspec.core.url_to_fs(self.source)
-                except (ImportError, ValueError) as e:
-                    raise io.backend_error(self.source, e) from None
-                size = fs.size(remote)
-                self._file = fs.open(remote, "rb")
+                    size = fs.size(remote)
+                    self._file = fs.open(remote, "rb")
+                except (FileNotFoundError, IsADirectoryError):
+                    raise
+                except io.url_errors() as e:  # no backend, a corrupt zip:// archive...: one line
+                    raise CheckpointError(str(io.open_error(self.source, e))) from None
             head = self._file.read(8)
             if len(head) == 8:
                 (n,) = struct.unpack("<Q", head)

@@ -285,6 +285,14 @@ def validate(
     from genfw.preflight import preflight
 
     resolved = _load_recipe(resolve(recipe), _overrides(set_, overrides))
+    specs = [resolved.recipe.tokenizer, *resolved.prior_specs]
+    if any(spec.init_from or spec.checkpoint for spec in specs):
+        from genfw.budget import check_model_sources
+        from genfw.context import RunContext
+        from genfw.preflight import check_device
+
+        usable = check_device(resolved.recipe.device) is None
+        check_model_sources(RunContext(resolved, device=None if usable else "cpu"), missing_ok=True)
     out.print(f"[green]✓[/green] {recipe}: recipe '{resolved.recipe.name}' is valid "
               f"({len(resolved.prior_specs)} prior level(s))")
     report = preflight(resolved)
@@ -367,6 +375,10 @@ def run(
     pipeline = Run(resolved, output_dir=output or output_dir, device=requested, overwrite=overwrite, force=force)
     preflight(resolved, pipeline.device, wanted).raise_if_failed()
     if dry_run:
+        from genfw.budget import check_model_sources, check_training_memory
+
+        check_training_memory(pipeline)
+        check_model_sources(pipeline)
         _print_plan(pipeline.plan())
         return
     announce(pipeline.device, resolved.recipe.train.prior.precision)
@@ -724,9 +736,8 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists")] = False,
 ) -> None:
     """Convert a foreign checkpoint (another project's model file) into a genfw model file."""
-    import yaml
-
     from genfw import convert as converters
+    from genfw.config import parse_value
     from genfw.registry import get_registry
     from genfw.rundir import check_write_target
 
@@ -737,10 +748,7 @@ def convert(
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got '{item}'")
-        try:
-            values[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item}: not a YAML value ({str(e).splitlines()[0]})") from None
+        values[key.strip()] = parse_value(value)  # invalid YAML stays text, for the converter to judge
     check_write_target(output, overwrite, "model file")
     converters.run(source_format, source, output, config=config, preset=preset, resolution=resolution,
                    set_values=values or None, registry=registry)

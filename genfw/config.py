@@ -20,9 +20,26 @@ from genfw.errors import ConfigError, GenfwError
 from genfw.registry import Registry, get_registry
 
 
+def _takes_number(annotation: Any) -> bool:
+    """Whether a field's type admits a number (int, float | None, list[int]...) but not bool."""
+    if annotation in (int, float):
+        return True
+    return any(_takes_number(a) for a in getattr(annotation, "__args__", ()) if a is not type(None))
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: a learning rate of .inf or .nan validates as a float but trains nothing
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_int(cls, v, info):
+        """``steps: true`` is not 1 step: pydantic's lax mode would take a bool as a number."""
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and _takes_number(field.annotation) and bool not in getattr(field.annotation, "__args__", ()):
+            if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
+                raise ValueError("a number is needed, not true/false")
+        return v
 
 
 class ComponentSpec(_Strict):
@@ -130,7 +147,7 @@ class TrainSpec(_Strict):
     ema_every: int = Field(1, ge=1)
     # Seed of this stage's initial weights and training randomness (None: the recipe's seed);
     # `genfw ablate --seeds` varies the prior's alone, so the tokenizer and latents are shared.
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=limits.MAX_SEED)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA; CPU is fp32
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
@@ -165,7 +182,7 @@ class SampleSpec(_Strict):
     n: int = Field(16, ge=1)
     labels: list[int] | None = None  # class of each sample, cycled; None = round-robin/uncond.
     batch_size: int = Field(16, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=limits.MAX_SEED)
     params: dict[str, Any] = Field(default_factory=dict)  # the prior's SamplerParams
     grid_columns: int | None = None
 
@@ -186,7 +203,7 @@ class Recipe(_Strict):
     """A whole experiment: data, tokenizer, prior(s), training, sampling, evaluation."""
 
     name: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=limits.MAX_SEED)  # torch takes 64-bit seeds; genfw adds small offsets
     output_dir: str | None = None
     device: str = "auto"
     class_conditional: bool = True  # condition priors on labels when the data has them
@@ -200,6 +217,15 @@ class Recipe(_Strict):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     # Training loggers (kind "logger"), each a name or {name, params}; see genfw.loggers.
     log: list[str | ComponentSpec] = Field(default_factory=lambda: ["jsonl"])
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        # the default run directory is runs/<name>: a name must not lead out of runs/
+        if not v.strip() or v in (".", "..") or any(c in v for c in "/\\\0"):
+            raise ValueError("the recipe name is the run's folder under runs/: give a plain name without "
+                             "'/', '\\' or '..' (set output_dir to run elsewhere)")
+        return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,6 +375,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None,
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML (``10``, ``[3, 7]``, ``null``), ``1e-3`` a number too (YAML 1.1
+    would read it as text); text that is not valid YAML (``{a``) stays text, for validation to judge."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except (yaml.YAMLError, RecursionError):
+        value = text
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        value = float(value)
+    return value
+
+
 def parse_override(item: str) -> tuple[str, Any, bool]:
     """``a.b=value`` -> ("a.b", parsed value, False); ``~a.b`` -> ("a.b", None, True).
 
@@ -363,12 +401,7 @@ def parse_override(item: str) -> tuple[str, Any, bool]:
     elif "=" in text:
         path, _, raw_value = text.partition("=")
         delete = False
-        try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else None
-        except yaml.YAMLError:
-            value = raw_value
-        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-3 as text; on a command line it is a number
+        value = parse_value(raw_value)
     else:
         raise ConfigError(f"an override expects key.path=value (set) or ~key.path (delete), got '{item}'")
     keys = path.strip().split(".")
@@ -479,7 +512,20 @@ def validate_recipe(raw: dict[str, Any], registry: Registry | None = None,
             )
         _check_conditioning(recipe, bb_cls, spec.backbone.name, base, i, data_cls, data_params)
         specs.append(spec)
+    _check_sizes(recipe, sampler_params)
     return ResolvedRecipe(recipe, raw, data_params, tok_params, specs, prior_params, backbone_params, sampler_params)
+
+
+def _check_sizes(recipe: Recipe, sampler_params: list[BaseModel]) -> None:
+    """The limits sampling and training would enforce later (genfw.limits), checked before any work."""
+    limits.check("samples", recipe.sample.n, "sample.n: the number of samples")
+    limits.check("samples", recipe.evaluate.n_samples, "evaluate.n_samples: the number of samples")
+    limits.check("batch", recipe.sample.batch_size, "sample.batch_size: the batch size")
+    limits.check("batch", recipe.evaluate.batch_size, "evaluate.batch_size: the batch size")
+    for stage in ("tokenizer", "prior"):
+        limits.check("batch", getattr(recipe.train, stage).batch_size, f"train.{stage}.batch_size: the batch size")
+    for sp in sampler_params:  # the same sample.params, with each level's defaults
+        limits.check_sampler_steps(sp.model_dump(), "sample.params.")
 
 
 def _check_conditioning(recipe: Recipe, bb_cls, name: str, base: str, level: int, data_cls, data_params) -> None:

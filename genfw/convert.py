@@ -31,14 +31,62 @@ from genfw.errors import CheckpointError, ConfigError, GenfwError
 MAX_CONFIG_BYTES = 1 << 20  # a hyper-parameter file larger than this is not one
 
 
+# File signatures of what users give converters by mistake (torch.save writes a zip archive,
+# or, in its legacy format, a pickle starting with 0x80).
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"\x1f\x8b", "a gzip archive"), (b"%PDF", "a PDF document"), (b"BM", "a BMP image"),
+               (b"\x93NUMPY", "a NumPy .npy array"), (b"\x89HDF", "an HDF5 (Keras/h5py) file"))
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a ``torch.save`` file, from its first bytes; None if it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return f"{path} is empty (0 bytes), not a PyTorch checkpoint"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return f"{path} is {what}, not a PyTorch checkpoint (a file written by torch.save)"
+    if len(head) > 8 and head[8:9] == b"{":
+        return (f"{path} looks like a safetensors file, not a PyTorch checkpoint: a genfw model file needs no "
+                "conversion (genfw inspect it)")
+    return (f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive or a pickle, and this file "
+            f"starts with {head[:8]!r}")
+
+
+def _safe_load_error(path: Path, e: BaseException) -> CheckpointError:
+    """torch's weights_only error without its advice to load unsafely; which global was blocked, if one was."""
+    import re
+
+    text = str(e)
+    blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if blocked:
+        return CheckpointError(
+            f"cannot read {path} safely: it holds Python objects besides tensors ({blocked.group(1)} is not allowed "
+            "in a safe load): save just its weights where it was written: "
+            "torch.save(torch.load(ckpt)['state_dict'], 'weights.pt'), and convert that")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
+             and "likely succeed" not in ln and not ln.startswith(("(1)", "(2)", "Please", "Check the"))]
+    first = lines[0] if lines else type(e).__name__
+    return CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({first}): is it complete, and a file "
+                           "torch.save wrote?")
+
+
 def read_torch_file(path: str | os.PathLike) -> Any:
     """Load a user's own ``.pt``/``.th``/``.ckpt`` safely: tensors and plain containers only.
 
-    Memory-mapped when the file is in torch's zip format, so tensors are read only when used.
+    Memory-mapped when the file is in torch's zip format, so tensors are read only when used. A
+    file that is not one (an image, text) is named for what it is; genfw never suggests loading
+    with ``weights_only=False``, which would run code from the file.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    problem = _not_a_torch_file(path)
+    if problem:
+        raise CheckpointError(problem)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -47,12 +95,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # noqa: BLE001 - turned into one clear line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"cannot read {path} safely (weights_only): {first}. If it holds Python objects besides "
-            "tensors, save just its weights where it was written: "
-            "torch.save(torch.load(ckpt)['state_dict'], 'weights.pt'), and convert that"
-        ) from None
+        raise _safe_load_error(path, e) from None
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

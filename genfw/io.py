@@ -37,6 +37,25 @@ def backend_error(path: str | os.PathLike, e: Exception) -> GenfwError:
     return GenfwError(f"cannot open {url}: {e} (is the URL right, and its fsspec backend installed?)")
 
 
+def open_error(path: str | os.PathLike, e: BaseException) -> GenfwError:
+    """Any failure to open a URL (no backend, unknown protocol, a corrupt ``zip://`` archive) as one line."""
+    if isinstance(e, GenfwError):
+        return e
+    if isinstance(e, (ImportError, ValueError)):
+        return backend_error(path, e)
+    return GenfwError(f"cannot open {os.fspath(path)}: {type(e).__name__}: {e} "
+                      "(is the archive complete and of the format its URL says?)")
+
+
+def url_errors() -> tuple[type[BaseException], ...]:
+    """What opening an fsspec URL may raise besides a missing file: no backend, an unknown protocol,
+    or a backend's own errors (a corrupt archive behind ``zip://`` raises BadZipFile, not OSError)."""
+    import tarfile
+    import zipfile
+
+    return (ImportError, ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, tarfile.TarError)
+
+
 # ``.{name}.{8 random characters}.tmp``: what ``tempfile.mkstemp`` makes for ``write_bytes``
 TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 

@@ -13,6 +13,7 @@ costs no memory, so a file asking for a depth-20000 backbone is refused after a 
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ LIMITS: dict[str, tuple[int, str]] = {
     "modules": (10_000, "modules in one model a recipe builds (the shipped recipes: at most 300)"),
     # 0: the memory of the device training runs on (GPU memory, or the machine's RAM)
     "train_gib": (0, "GiB for the weights, gradients and Adam moments of the models a recipe trains"),
+    # 0: the memory free on the sampling device now (free GPU memory, or the machine's available RAM)
+    "activation_gib": (0, "GiB of activations one sampling chunk holds (a lower bound per backbone evaluation)"),
 }
 
 
@@ -67,6 +70,32 @@ def check(name: str, value: int, what: str, unit: str = "") -> None:
     if value > bound:
         raise ConfigError(f"{what} is {value:,}{unit}, beyond genfw's limit of {bound:,}{unit} "
                           f"({LIMITS[name][1]}): lower it, or raise the limit with {env_var(name)}=N")
+
+
+def check_sampler_steps(values: dict, prefix: str = "sampler param ") -> None:
+    """Bound every sampler parameter named ``steps`` or ``*_steps`` (an int) by ``sampler_steps``."""
+    for key, value in values.items():
+        if (key == "steps" or key.endswith("_steps")) and isinstance(value, int) and not isinstance(value, bool):
+            check("sampler_steps", value, f"{prefix}{key}")
+
+
+#: Seeds are 0..2**63-1: torch takes 64-bit seeds, and genfw adds small offsets (chunk k of a
+#: sampling call uses seed + k), which must not overflow.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` as an int, or one line saying what a seed must be (a bool, text or 2**70 is not one)."""
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)  # int, numpy ints; not 2.5 or '3'
+    except TypeError:
+        value = None
+    if value is None:
+        raise ConfigError(f"{what} must be an integer from 0 to {MAX_SEED} (2**63-1), got {seed!r}")
+    seed = value
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{what} {seed} is out of range: a seed must be an integer from 0 to {MAX_SEED} (2**63-1)")
+    return seed
 
 
 class BudgetExceeded(GenfwError):
@@ -117,4 +146,4 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-__all__ = ["LIMITS", "limit", "check", "construction_budget", "BudgetExceeded", "tensor_bytes"]
+__all__ = ["LIMITS", "MAX_SEED", "check_seed", "check_sampler_steps", "limit", "check", "construction_budget", "BudgetExceeded", "tensor_bytes"]

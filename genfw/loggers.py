@@ -55,6 +55,10 @@ class Logger(abc.ABC):
     def log_image(self, step: int, tag: str, image: torch.Tensor) -> None:  # noqa: B027 - optional
         """Record an image (uint8 ``[C, H, W]`` on the CPU, C = 1 or 3); ignored by default."""
 
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:  # noqa: B027 - optional
+        """Record a run's hyper-parameters (flat ``a.b.c`` keys; numbers, text, booleans) with its
+        evaluation metrics; ignored by default (the evaluate stage calls it once)."""
+
     def close(self) -> None:  # noqa: B027 - optional
         """Flush and release files; called once at the end of the stage (also on errors)."""
 
@@ -174,6 +178,12 @@ class LoggerSet:
             return
         self._each(f"log image '{tag}'", lambda lg: lg.log_image(int(step), tag, pixels))
 
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """Send a run's hyper-parameters (flattened, see :func:`flat_hparams`) and numeric metrics."""
+        values = {str(k): float(v) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._each("log hyper-parameters", lambda lg: lg.log_hparams(dict(hparams), values))
+
     def close(self) -> None:
         """Close every logger; later calls reopen them (appending)."""
         loggers, self._loggers = self._loggers or [], None
@@ -182,6 +192,18 @@ class LoggerSet:
                 logger.close()
             except Exception as e:  # noqa: BLE001
                 _warn(name, "failed to close", e)
+
+
+def flat_hparams(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A recipe as flat ``a.b.c`` keys with numbers, text or booleans (lists and None as text)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flat_hparams(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1]
+    out[key] = tree if isinstance(tree, (bool, int, float, str)) else str(tree)
+    return out
 
 
 def _warn(name: str, what: str, error: BaseException) -> None:

@@ -167,8 +167,7 @@ class Run(RunContext):
                               "write")
             if os.path.exists(recipe_file):
                 try:
-                    with open(recipe_file, "rb") as f:
-                        old = yaml.safe_load(f) or {}
+                    old = rundir.read_recipe_yaml(recipe_file) or {}
                 except (yaml.YAMLError, ValueError, RecursionError):
                     old = {}
                 if not isinstance(old, dict):
@@ -201,9 +200,10 @@ class Run(RunContext):
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
         if "tokenizer" in wanted or "prior" in wanted:
-            from genfw.budget import check_training_memory
+            from genfw.budget import check_model_sources, check_training_memory
 
             check_training_memory(self)  # before anything is written or allocated
+            check_model_sources(self)  # init_from files of the right kind and shapes, from their headers
         self.prepare_dir()
         try:
             if dist.is_main():
@@ -408,8 +408,7 @@ def load_run_models(run_dir: str, device: torch.device | str = "cpu") -> tuple[T
     recipe_file = os.path.join(run_dir, "recipe.yaml")
     if os.path.exists(recipe_file):
         try:
-            with open(recipe_file, "rb") as f:
-                raw = yaml.safe_load(f) or {}
+            raw = rundir.read_recipe_yaml(recipe_file) or {}
         except (yaml.YAMLError, ValueError, RecursionError) as e:
             raise CheckpointError(f"{recipe_file} is corrupt ({type(e).__name__}): restore it, or rerun the recipe "
                                   "into a new run directory") from None

@@ -21,6 +21,7 @@ import shutil
 import socket
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
 from genfw import io
 from genfw.errors import ConfigError, GenfwError
@@ -29,6 +30,7 @@ LOCK_FILE = "run.lock"
 RECIPE_FILE = "recipe.yaml"
 # The first line of every recipe.yaml genfw writes: how it knows the file is its own.
 RECIPE_HEADER = "# the recipe as run by genfw (written by `genfw run`; edit the original, not this copy)"
+QUICK_LOOK_BYTES = 1 << 20  # fail_fast_if_locked reads a recipe only this small (recipes are kilobytes)
 STAGE_FOLDERS = ("tokenizer", "latents", "samples", "evaluate")  # plus prior0, prior1, ...
 
 
@@ -94,11 +96,16 @@ def holder_info(raw: object) -> dict:
     if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
         info["pid"] = None
     return info
+def _printable(value: object, limit: int = 300) -> str:
+    """A string from a lock file made safe to print: control and escape bytes shown as escapes."""
+    text = str(value)[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def describe_holder(info: dict) -> str:
-    return (f"PID {info.get('pid', '?')} on host {info.get('host', '?')} (started {info.get('started', '?')}"
-            + (f": {info['command']}" if info.get("command") else "") + ")")
+    return (f"PID {_printable(info.get('pid', '?'))} on host {_printable(info.get('host', '?'))} "
+            f"(started {_printable(info.get('started', '?'))}"
+            + (f": {_printable(info['command'])}" if info.get("command") else "") + ")")
 
 
 class RunLock:
@@ -138,19 +145,25 @@ class RunLock:
             if not locked:
                 os.close(fd)
                 raise GenfwError(in_use_message(self.folder, holder))
-            if holder.get("pid") and holder.get("pid") != os.getpid():
+            pid = holder.get("pid")
+            if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and pid != os.getpid():
                 if holder.get("host") != socket.gethostname():
                     os.close(fd)
                     raise GenfwError(
                         f"run directory {self.folder} is locked by {describe_holder(holder)}, another host: if that "
                         f"run has ended, delete {self.path}"
                     )
-                if pid_alive(int(holder["pid"]), holder.get("proc_start")):
-                    os.close(fd)  # alive although its flock is gone (a filesystem without flock)
-                    raise GenfwError(in_use_message(self.folder, holder))
+                if pid_alive(pid, holder.get("proc_start")):
+                    os.close(fd)  # alive, but its flock is gone: a reused PID, or a filesystem without flock
+                    raise GenfwError(
+                        f"run directory {self.folder} is locked by {describe_holder(holder)}, which still runs but "
+                        "does not hold the lock: if no genfw run uses this directory, the PID was reused by another "
+                        f"process; delete {self.path} and run again")
+                from rich.markup import escape
+
                 from genfw.progress import console
 
-                console.print(f"[yellow]•[/yellow] taking over the lock of {describe_holder(holder)}, "
+                console.print(f"[yellow]•[/yellow] taking over the lock of {escape(describe_holder(holder))}, "
                               "which is no longer running")
             info = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": _proc_start(os.getpid()),
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -239,6 +252,8 @@ def fail_fast_if_locked(recipe: str, overrides: list[str] | None, output_dir: st
         if target is None:
             import yaml
 
+            if io.is_local(recipe) and os.path.getsize(io.local_path(recipe)) > QUICK_LOOK_BYTES:
+                return  # too large for a quick look: validation bounds it (GENFW_MAX_RECIPE_BYTES)
             raw = yaml.safe_load(io.read_bytes(recipe).decode("utf-8")) or {}
             for item in overrides or []:
                 key, _, value = item.partition("=")
@@ -255,6 +270,21 @@ def fail_fast_if_locked(recipe: str, overrides: list[str] | None, output_dir: st
 
 # --------------------------------------------------------------------------------------------
 # what genfw may touch
+
+
+def read_recipe_yaml(path: str) -> Any:
+    """A run directory's ``recipe.yaml``, parsed; bounded like a command-line recipe (its size is
+    checked before parsing, and its values once aliases are expanded)."""
+    import yaml
+
+    from genfw import limits
+    from genfw.config import check_expansion
+
+    limits.check("recipe_bytes", os.path.getsize(path), f"{path}: its size", " bytes")
+    with open(path, "rb") as f:
+        raw = yaml.safe_load(f)
+    check_expansion(raw, path)
+    return raw
 
 
 def recipe_is_ours(folder: str) -> bool:

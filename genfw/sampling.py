@@ -7,8 +7,8 @@ under ``torch.inference_mode`` with bf16/fp16 autocast on CUDA, in chunks of ``b
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from genfw import limits
-from genfw.errors import CheckpointError, ConfigError
+from genfw.errors import CheckpointError, ConfigError, GenfwError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.train import autocast_context
 
@@ -42,8 +42,31 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def check_count(n: object, what: str = "the number of samples") -> int:
+    """``n`` as an int (a Python or NumPy integer; not 2.5, '3' or True), or one line saying what it must be."""
+    import operator
+
+    try:
+        value = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        value = None
+    if value is None:
+        raise ConfigError(f"{what} must be an integer, got {n!r}")
+    return value
+
+
+def choose_seed(seed: object) -> int:
+    """A checked seed (0..2**63-1); None draws a fresh random one (``SampleResult.stats['seed']`` records it)."""
+    if seed is None:
+        import secrets
+
+        return secrets.randbits(63)
+    return limits.check_seed(seed)
+
+
 def sample_labels(n: int, num_classes: int, labels: list[int] | None) -> torch.Tensor | None:
     """Labels for ``n`` samples: the given list cycled, or round-robin over the classes."""
+    n = check_count(n)
     if n < 1:
         raise ConfigError(f"the number of samples must be at least 1, got {n}")
     limits.check("samples", n, "the number of samples")
@@ -140,7 +163,7 @@ def generate(
     n: int,
     *,
     labels: torch.Tensor | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     batch_size: int = 16,
     sampler: list[Any] | Any | None = None,
     device: torch.device | str = "cpu",
@@ -157,27 +180,30 @@ def generate(
     ``init_codes``/``masks`` (per level, [n, h, w]) inpaint: only masked positions change.
     ``grid`` asks for a code grid larger than the training one (single-level models only).
     Chunk ``k`` uses a generator seeded with ``seed + k``, so results depend on seed and
-    batch size only. ``on_chunk(start, images, codes)`` receives each chunk as it is made (for
+    batch size only (``seed=None``: a random seed, recorded in ``stats["seed"]``).
+    ``on_chunk(start, images, codes)`` receives each chunk as it is made (for
     writing images as they come, so an interruption keeps them). ``progress`` names the
     progress bar (None: no bar).
     """
     from genfw.progress import progress_bar
 
     device = torch.device(device)
+    n, batch_size = check_count(n), check_count(batch_size, "the batch size")
+    seed = choose_seed(seed)
     if len(priors) != len(tokenizer.levels):
         raise ConfigError(f"{len(priors)} priors for a tokenizer with {len(tokenizer.levels)} levels")
     if grid is not None and len(priors) > 1:
         raise ConfigError("--size (larger-than-training grids) works with single-level tokenizers only")
     samplers = sampler if isinstance(sampler, list) else [sampler] * len(priors)
     samplers = [p.sampler_params(s) for p, s in zip(priors, samplers)]
-    check_sampling_sizes(tokenizer, priors, n, batch_size, samplers, precision, grid)
+    check_sampling_sizes(tokenizer, priors, n, batch_size, samplers, precision, grid, device)
     prepare_for_sampling(tokenizer, priors, device)
     all_codes: list[list[torch.Tensor]] = [[] for _ in priors]
     images = []
     evaluations = 0
     _sync(device)
     t0 = time.perf_counter()
-    with progress_bar(progress, total=n) if progress else nullcontext(None) as bar:
+    with progress_bar(progress, total=n) if progress else nullcontext(None) as bar, _memory_as_error(device, batch_size):
         for k, start in enumerate(range(0, n, batch_size)):
             m = min(batch_size, n - start)
             g = torch.Generator(device=device).manual_seed(seed + k)
@@ -202,13 +228,68 @@ def generate(
                 bar.advance(m)
     _sync(device)
     seconds = time.perf_counter() - t0
-    stats = {"backbone_evaluations": evaluations} if evaluations else {}
+    stats: dict[str, Any] = {"seed": seed}
+    if evaluations:
+        stats["backbone_evaluations"] = evaluations
     return SampleResult(torch.cat(images), [torch.cat(c) for c in all_codes], labels, seconds, stats)
 
 
+def activation_bytes(prior: Prior, batch: int, tokens: int) -> int:
+    """A lower bound of what one backbone evaluation of ``batch`` grids of ``tokens`` codes holds.
+
+    Per token, in float32: four copies of the logits over the vocabulary (logits, softmax, noise,
+    the update), sixteen activations of the backbone's width (input, queries/keys/values, the 4x
+    MLP hidden layer and its activation, output), and 1 KiB for the codes, masks and position
+    tables. Measured on CPU (SUNDAE, width 16, vocabulary 5): 2.0 KiB per token with the
+    transformer, 3.3 KiB with the hourglass; this gives 2.1 KiB. Attention scores are not
+    counted (SDPA need not materialise them).
+    """
+    vocab = int(getattr(prior, "codebook_size", 0) or 0) + 1  # + a mask or special token
+    params = getattr(getattr(prior, "backbone", None), "params", None)
+    width = getattr(params, "dim", 0)
+    width = int(width) if isinstance(width, int) and not isinstance(width, bool) else 0
+    return batch * tokens * (4 * (4 * vocab + 16 * width) + 1024)
+
+
+def check_activation_memory(priors: list[Prior], batch: int, grid: tuple[int, int] | None,
+                            device: torch.device | str | None) -> None:
+    """Refuse a sampling chunk whose activations cannot fit the device's free memory, in one line."""
+    from genfw.budget import free_memory_bytes
+
+    device = torch.device(device or "cpu")
+    bound_gib = limits.limit("activation_gib")
+    bound = bound_gib * 2**30 if bound_gib else free_memory_bytes(device)
+    if bound is None:
+        return
+    for level, p in enumerate(priors):
+        h, w = grid or tuple(p.grid)
+        need = activation_bytes(p, batch, int(h) * int(w))
+        if need > bound:
+            source = (f"{limits.env_var('activation_gib')}={bound_gib}" if bound_gib
+                      else f"the {bound / 2**30:.1f} GiB free on {device}")
+            raise ConfigError(
+                f"sampling {batch} image(s) at a time on a {h}x{w} code grid needs at least {need / 2**30:,.1f} GiB of "
+                f"activations (prior {level} '{type(p).__name__}'), more than {source}: lower --batch-size "
+                f"(batch_size), or raise the limit with {limits.env_var('activation_gib')}=N (GiB)")
+
+
+@contextmanager
+def _memory_as_error(device: torch.device, batch_size: int) -> Iterator[None]:
+    """An allocation the estimate did not foresee fails in one line, not an allocator traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text:
+            raise
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+        raise GenfwError(f"sampling ran out of memory on {device} ({first}): lower --batch-size (now {batch_size}) "
+                         "or the grid size") from None
+
+
 def check_sampling_sizes(tokenizer: Tokenizer, priors: list[Prior], n: int, batch_size: int, samplers: list[Any],
-                         precision: str, grid: tuple[int, int] | None) -> None:
-    """Bound what a sampling call asks for (count, batch, steps, grid, image memory) before any work."""
+                         precision: str, grid: tuple[int, int] | None, device: torch.device | str | None = None) -> None:
+    """Bound what a sampling call asks for (count, batch, steps, grid, image and activation memory) before any work."""
     if n < 1:
         raise ConfigError(f"the number of samples must be at least 1, got {n}")
     if batch_size < 1:
@@ -218,9 +299,7 @@ def check_sampling_sizes(tokenizer: Tokenizer, priors: list[Prior], n: int, batc
     limits.check("samples", n, "the number of samples")
     limits.check("batch", batch_size, "the batch size")
     for sp in samplers:
-        for key, value in sp.model_dump().items():
-            if (key == "steps" or key.endswith("_steps")) and isinstance(value, int):
-                limits.check("sampler_steps", value, f"sampler param {key}")
+        limits.check_sampler_steps(sp.model_dump())
     if grid is not None:
         h, w = grid
         if h < 1 or w < 1:
@@ -228,6 +307,7 @@ def check_sampling_sizes(tokenizer: Tokenizer, priors: list[Prior], n: int, batc
         limits.check("grid_tokens", h * w, f"the code grid {h}x{w}", " tokens")
     tokens = max(int(np.prod(grid or p.grid)) for p in priors)
     limits.check("batch_tokens", min(n, batch_size) * tokens, f"batch {min(n, batch_size)} x {tokens} codes")
+    check_activation_memory(priors, min(n, batch_size), grid, device)
     resolution = tokenizer.construct.get("resolution") if hasattr(tokenizer, "construct") else None
     if isinstance(resolution, (list, tuple)) and len(resolution) == 2:
         pixels = int(resolution[0]) * int(resolution[1])

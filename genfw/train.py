@@ -70,7 +70,7 @@ class ResumableBatches(torch.utils.data.Sampler):
         step = self.start_step
         while True:
             epoch, offset = divmod(step, self.per_epoch)
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) % 2**64)  # any 63-bit seed
             perm = torch.randperm(self.n, generator=g)
             if self.n < self.batch_size:  # tiny datasets: sample with repetition
                 perm = perm.repeat(math.ceil(self.batch_size / self.n))
@@ -359,7 +359,7 @@ class Trainer:
         # came after the saved state and are logged again; those before it are kept
         self.loggers.open(start_step=self.step + 1)
         try:
-            with progress_bar(self.description, total=self.spec.steps, completed=self.step) as bar:
+            with progress_bar(self.description, total=self.spec.steps, completed=self.step, unit="step") as bar:
                 if resumed:
                     bar.note(f"resumed at step {self.step}")
                 while self.step < self.spec.steps:
@@ -378,8 +378,8 @@ class Trainer:
                         self.loggers.log_scalars(self.step, logs)
                         if self.on_step:
                             self.on_step(self.step, logs)
-                    main_loss = next((v for k, v in logs.items() if k.startswith("loss/")), float("nan"))
-                    bar.update(self.step, loss=main_loss)
+                    losses = {k: v for k, v in logs.items() if k.startswith("loss/")}
+                    bar.update(self.step, **(losses or {"loss": float("nan")}))
                     if self.step % self.spec.checkpoint_every == 0 or self.step == self.spec.steps:
                         self.save_state()
                     if self.spec.snapshot_every and self.step % self.spec.snapshot_every == 0:

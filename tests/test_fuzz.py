@@ -15,6 +15,7 @@ import shutil
 import signal
 import struct
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -394,3 +395,37 @@ def test_fuzz_csv_metric_names(tmp_path, baseline_rss):
             assert got == sorted(expected[int(row[0])].values()), f"{what}: step {row[0]}: {row!r}"
         counts["ok"] = counts.get("ok", 0) + 1
     report("csv metric names", counts, t0, rss0)
+# converter hyper-parameter files
+
+CONVERTERS = Path(__file__).parents[1] / ".." / "shared" / "converters"
+# (converter, checkpoint, its hyper-parameter file, extra flags): the checkpoints of test_convert.py
+CONVERTER_TARGETS = [
+    ("sundae", "sv/checkpoint-0000002.pt", "sv/config.json", []),
+    ("unleashing", "ut/absorbing_ema_2000.th", "ut/absorbing_hparams.json", []),
+    ("vqvae2", "rv/vqvae_001.pt", "rv/vqvae_config.json", ["--resolution", "32"]),
+]
+
+
+@pytest.mark.skipif(not CONVERTERS.is_dir(), reason=f"converter fixtures not found at {CONVERTERS}")
+def test_fuzz_converter_config(tmp_path, baseline_rss):
+    """Mutated hyper-parameter files (values replaced, deleted, hostile; bytes flipped, cut) given to
+    `genfw convert` with a real checkpoint: converted, or refused in one line."""
+    counts: dict[str, int] = {}
+    t0, rss0 = time.perf_counter(), rss()
+    for i in range(max(3, CASES // 8)):  # 25 by default: about 4 s
+        rng = random.Random(f"converter-{SEED}-{i}")
+        name, ckpt, config, flags = CONVERTER_TARGETS[i % len(CONVERTER_TARGETS)]
+        text = (CONVERTERS / config).read_bytes()
+        if rng.random() < 0.7:
+            kind, mutated = "edit", json.dumps(mutate_json(rng, json.loads(text))).encode()
+        else:
+            kind, mutated = mutate_text(rng, text)
+        path = tmp_path / f"c{i}.json"
+        path.write_bytes(mutated)
+        out = tmp_path / f"o{i}.safetensors"
+        outcome = run_case(["convert", name, str(CONVERTERS / ckpt), "--config", str(path), *flags, "-o", str(out)],
+                           f"converter config seed {SEED} case {i} ({name}, {kind})")
+        counts[outcome] = counts.get(outcome, 0) + 1
+        out.unlink(missing_ok=True)
+    report("converter config", counts, t0, rss0)
+    assert counts.get("error", 0) >= 1

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from genfw import dist, io, rundir
 from genfw.config import TrainSpec
 from genfw.context import RunContext
-from genfw.errors import ConfigError
+from genfw.errors import ConfigError, GenfwError
 from genfw.progress import console
 
 
@@ -56,9 +56,14 @@ def fingerprint(*parts: Any) -> str:
 
 def file_fingerprint(path: str) -> str:
     """Size plus a hash of the first MiB: cheap, and changes when the file is replaced."""
-    with io.fsspec.open(path, "rb") as f:
-        head = f.read(1 << 20)
-        size = f.size if hasattr(f, "size") else len(head)
+    try:
+        with io.fsspec.open(path, "rb") as f:
+            head = f.read(1 << 20)
+            size = f.size if hasattr(f, "size") else len(head)
+    except FileNotFoundError:
+        raise GenfwError(f"file not found: {path}") from None
+    except io.url_errors() as e:  # no backend, a corrupt zip:// archive...: one line
+        raise io.open_error(path, e) from None
     return fingerprint(path, size, hashlib.sha256(head).hexdigest())
 
 

@@ -41,8 +41,23 @@ class EvaluateStage(Stage):
             ) from None
         io.write_json(metrics_file, metrics)
         self.append_history(metrics)
+        self.log_metrics(metrics)
         self.finish(time.perf_counter() - t0, collective=False)
         return metrics
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        """The metrics (tags ``eval/<name>``, at the prior's last step) and the run's recipe as
+        hyper-parameters, to the recipe's loggers in ``evaluate/`` (TensorBoard: its HPARAMS tab)."""
+        from genfw.loggers import LoggerSet, flat_hparams
+
+        numbers = {f"eval/{k}": v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        loggers = LoggerSet(self.run.recipe.log, self.folder, stage=self.name)
+        try:
+            loggers.log_scalars(self.run.recipe.train.prior.steps, numbers)
+            loggers.log_hparams(flat_hparams(self.run.resolved.raw), numbers)
+        finally:
+            loggers.close()
 
     def append_history(self, metrics: dict[str, Any]) -> None:
         """One JSON line per evaluation: the history survives recomputation."""

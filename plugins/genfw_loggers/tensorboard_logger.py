@@ -8,6 +8,8 @@ keys (``loss/main``, ``lr``, ``bits_per_token``, ``level0/usage``...); images ke
 from __future__ import annotations
 
 import os
+import threading
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -16,6 +18,32 @@ from genfw.interfaces import Params
 from genfw.loggers import Logger
 
 INSTALL_HINT = "pip install 'genfw[tensorboard]'"
+
+
+_quiet = False
+
+
+def _quiet_writer_thread_errors() -> None:
+    """Keep TensorBoard's writer thread from printing a traceback of its own.
+
+    A failed write (an unwritable or full disk) ends that thread with the error, which Python
+    prints as a 45-line traceback; the next write from the training thread raises the same error,
+    and genfw reports it as one warning and switches the logger off. Only that thread's uncaught
+    exceptions are silenced; every other thread keeps the hook it had.
+    """
+    global _quiet
+    if _quiet:
+        return
+    _quiet = True
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        thread = args.thread
+        if type(thread).__name__ == "_AsyncWriterThread" and type(thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    threading.excepthook = hook
 
 
 def _summary_writer() -> type:
@@ -48,6 +76,7 @@ class TensorBoard(Logger):
     def __init__(self, params=None, **construct) -> None:
         super().__init__(params, **construct)
         writer = _summary_writer()
+        _quiet_writer_thread_errors()
         log_dir = os.path.join(self.directory, self.params.subdir)
         if os.path.islink(log_dir):  # events would land wherever the link points
             raise PluginError(f"{log_dir} is a symbolic link: genfw never writes through one; remove the link")
@@ -64,6 +93,10 @@ class TensorBoard(Logger):
 
     def log_image(self, step: int, tag: str, image) -> None:
         self.writer.add_image(tag, image, global_step=step, dataformats="CHW")
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        # one record in TensorBoard's HPARAMS tab, in <subdir>/hparams (torch writes it beside the run)
+        self.writer.add_hparams(hparams, metrics, run_name="hparams")
 
     def close(self) -> None:
         self.writer.close()

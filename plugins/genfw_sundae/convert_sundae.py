@@ -39,8 +39,17 @@ TOP_MAX_FREQ = 16  # int(sqrt(256)): pre/post/resampling layers keep the default
 HEAD_DIM = 64  # dim_head is not configurable in their train.py
 
 
+def _section(cfg: dict[str, Any], section: str) -> dict[str, Any]:
+    value = cfg.get(section)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"the SUNDAE config's [{section}] is a {type(value).__name__}, not a table of settings")
+    return value
+
+
 def _get(cfg: dict[str, Any], section: str, key: str, default: Any = None) -> Any:
-    value = (cfg.get(section) or {}).get(key, default)
+    value = _section(cfg, section).get(key, default)
     if value is None:
         raise ConfigError(f"the SUNDAE config lacks [{section}] {key}")
     return value
@@ -51,14 +60,14 @@ def hyper_parameters(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     h = {
         "unroll_steps": cfg.get("unroll_steps", 2),
         "data.vocab_size": _get(cfg, "data", "vocab_size"), "data.sequence_length": _get(cfg, "data", "sequence_length"),
-        "vqgan.latent_shape": (cfg.get("vqgan") or {}).get("latent_shape"),
+        "vqgan.latent_shape": _section(cfg, "vqgan").get("latent_shape"),
         "net.type": _get(cfg, "net", "type", "hourglass"), "net.dim": _get(cfg, "net", "dim"),
         "net.nb_heads": _get(cfg, "net", "nb_heads"), "net.shorten_factor": _get(cfg, "net", "shorten_factor"),
         "net.depth": _get(cfg, "net", "depth"), "net.use_rotary": _get(cfg, "net", "use_rotary", False),
         "net.conditional": _get(cfg, "net", "conditional", False),
-        "net.num_classes": (cfg.get("net") or {}).get("num_classes", 0),
+        "net.num_classes": _section(cfg, "net").get("num_classes", 0),
     }
-    sampling = cfg.get("sampling") or {}
+    sampling = _section(cfg, "sampling")
     for theirs, default in (("steps", 100), ("temperature", 1.0), ("end_temperature", None),
                             ("sample_proportion", 0.5), ("end_sample_proportion", None)):
         h[f"sampling.{theirs}"] = sampling.get(theirs, default)
@@ -77,6 +86,12 @@ def _params(h: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str
     depth = [int(d) for d in h["net.depth"]]
     if len(depth) != 3:
         raise ConfigError(f"[net] depth {depth}: expected [pre, valley, post]")
+    for key in ("net.shorten_factor", "data.sequence_length", "data.vocab_size", "net.dim", "net.nb_heads"):
+        if isinstance(h[key], bool) or int(h[key]) < 1:
+            section, name = key.split(".")
+            raise ConfigError(f"[{section}] {name} = {h[key]!r}: must be a positive integer")
+    if any(d < 0 for d in depth):
+        raise ConfigError(f"[net] depth {depth}: layer counts cannot be negative")
     k, n = int(h["net.shorten_factor"]), int(h["data.sequence_length"])
     latent = h["vqgan.latent_shape"] or [math.isqrt(n)] * 2
     if len(latent) != 2 or latent[0] != latent[1] or latent[0] * latent[1] != n:
@@ -127,8 +142,8 @@ def convert_sundae(src: str | os.PathLike, out: str | os.PathLike, *, config: st
     h = hyper_parameters(core.read_config(config), overrides or {})
     try:
         params, construct, sampler = _params(h)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid SUNDAE config: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"invalid SUNDAE config: {type(e).__name__}: {e}") from None
     bp = construct["backbone"]["params"]
     k, dim = bp["shorten_factors"][0], bp["dim"]
     side = math.isqrt(k)

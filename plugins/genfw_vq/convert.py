@@ -85,10 +85,22 @@ def attention_levels(state: dict[str, torch.Tensor], source: str = "checkpoint")
     return enc
 
 
+def _section(mapping: dict[str, Any], key: str, source: str, where: str = "hyper-parameters") -> dict[str, Any]:
+    """``mapping[key]`` as a mapping ({} when absent); anything else is a one-line error."""
+    value = mapping.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{source}: {where} {key} is a {type(value).__name__}, not a mapping: the file is "
+                              "corrupt or not a taming-transformers checkpoint (pass --resolution and --set to "
+                              "give what it lacks)")
+    return value
+
+
 def infer_resolution(state: dict[str, torch.Tensor], hparams: dict[str, Any], resolution: int | None,
                      source: str = "checkpoint") -> int:
     """The training image size: given, else the checkpoint's ``ddconfig.resolution``, else an error."""
-    dd = hparams.get("ddconfig") or {}
+    dd = _section(hparams, "ddconfig", source)
     value = resolution if resolution is not None else dd.get("resolution")
     if value is None:
         raise CheckpointError(f"cannot tell the training resolution of {source} (it holds no ddconfig): "
@@ -129,10 +141,10 @@ def infer_params(state: dict[str, torch.Tensor], hparams: dict[str, Any], resolu
     if disc_convs:
         params["disc_layers"] = len(disc_convs) - 2
         params["disc_ndf"] = int(state["loss.discriminator.main.0.weight"].shape[0])
-    dd = hparams.get("ddconfig") or {}
+    dd = _section(hparams, "ddconfig", source)
     if "dropout" in dd:
         params["dropout"] = dd["dropout"]
-    loss = (hparams.get("lossconfig") or {}).get("params") or {}
+    loss = _section(_section(hparams, "lossconfig", source), "params", source, "lossconfig")
     for theirs, ours in LOSS_KEYS:
         if theirs in loss and not (disc_convs and ours in ("disc_layers", "disc_ndf")):
             params[ours] = loss[theirs]
