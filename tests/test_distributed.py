@@ -31,18 +31,22 @@ class Net(Component):
     for it and the other has none: the averaging must still agree with one process.
     """
 
-    def __init__(self, params=None, **construct):
+    def __init__(self, params=None, always_used=False, **construct):
         super().__init__(params, **construct)
+        self.always_used = always_used
         torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
-        self.rare = nn.Parameter(torch.zeros(()))
+        # a ModuleList: FSDP shards each of its elements as a unit of its own
+        self.blocks = nn.ModuleList([nn.Linear(4, 16), nn.Linear(16, 1)])
+        self.rare = nn.Parameter(torch.zeros(1))  # (1,): FSDP cannot shard a 0-dim tensor
 
     def training_step(self, batch, step):
         x, y = batch
-        pred = self.body(x).squeeze(-1)
+        pred = self.blocks[1](torch.tanh(self.blocks[0](x))).squeeze(-1)
         hit = y > 0.8
-        if hit.any():
-            pred = pred + torch.where(hit, self.rare, torch.zeros(()))
+        if self.always_used:  # FSDP2 needs every parameter in every rank's step (docs/distributed.md)
+            pred = pred + hit * self.rare
+        elif hit.any():
+            pred = pred + torch.where(hit, self.rare, torch.zeros(1))
         return StepOutput({"main": (pred - y).pow(2).mean()})
 
 
@@ -58,14 +62,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[int]]]) -> None:
+def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[int]]], engine: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GENFW_PROGRESS="0")
     torch.set_num_threads(1)
     td.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for out, steps_list in jobs:
             for steps in steps_list:  # several fits into one folder = interrupted and resumed
-                Trainer(Net(), data(), SPEC.model_copy(update={"steps": steps}), out).fit()
+                Trainer(Net(always_used=engine == "fsdp"), data(),
+                        SPEC.model_copy(update={"steps": steps, "distributed": engine}), out).fit()
         try:
             Trainer(Net(), data(), SPEC.model_copy(update={"batch_size": 7}), jobs[0][0] + "-odd")
             raise AssertionError("an odd global batch was accepted")
@@ -81,11 +86,12 @@ def _weights(out: str) -> dict:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_and_resume(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_and_resume(tmp_path, engine):
     single = str(tmp_path / "single")
-    Trainer(Net(), data(), SPEC, single).fit()
-    straight, resumed = str(tmp_path / "ddp"), str(tmp_path / "ddp-resumed")
-    mp.spawn(_worker, args=(2, _free_port(), [(straight, [SPEC.steps]), (resumed, [5, SPEC.steps])]),
+    Trainer(Net(always_used=engine == "fsdp"), data(), SPEC, single).fit()
+    straight, resumed = str(tmp_path / engine), str(tmp_path / f"{engine}-resumed")
+    mp.spawn(_worker, args=(2, _free_port(), [(straight, [SPEC.steps]), (resumed, [5, SPEC.steps])], engine),
              nprocs=2, join=True)
 
     one, two, again = _weights(single), _weights(straight), _weights(resumed)
