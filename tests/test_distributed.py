@@ -101,6 +101,52 @@ def test_two_gloo_processes_match_one_process_and_resume(tmp_path, engine):
         assert torch.equal(two[k], again[k]), k  # a resumed distributed run continues exactly
 
 
+class TwoGroups(Component):
+    """A generator and a critic from one forward pass, as VQ-GAN's two optimiser groups: the
+    generator's loss goes through the critic; the critic's loss sees a detached output, and the
+    critic switches on at step 3 (unused before: DDP must not wait for its gradients)."""
+
+    def __init__(self, params=None, **construct):
+        super().__init__(params, **construct)
+        torch.manual_seed(1)
+        self.gen = nn.Linear(4, 1)
+        self.critic = nn.Linear(1, 1)
+
+    def param_groups(self):
+        return {"generator": list(self.gen.parameters()), "critic": list(self.critic.parameters())}
+
+    def training_step(self, batch, step):
+        x, y = batch
+        out = self.gen(x).squeeze(-1)
+        losses = {"generator": (out - y).pow(2).mean()}
+        if step >= 3:
+            losses["generator"] = losses["generator"] + 0.1 * self.critic(out[:, None]).mean()
+            real, fake = self.critic(y[:, None]), self.critic(out.detach()[:, None])
+            losses["critic"] = (fake - real).mean() + 0.1 * fake.pow(2).mean()
+        return StepOutput(losses)
+
+
+def _two_groups_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GENFW_PROGRESS="0")
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        Trainer(TwoGroups(), data(), SPEC, out).fit()
+    finally:
+        td.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_optimizer_groups_under_ddp_match_one_process(tmp_path):
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    Trainer(TwoGroups(), data(), SPEC, single).fit()
+    mp.spawn(_two_groups_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
+    one, two = _weights(single), _weights(ddp)
+    assert not torch.equal(one["critic.weight"], TwoGroups().critic.weight.detach()), "the critic never trained"
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), k
+
+
 RECIPE = {
     "name": "ddp",
     "seed": 3,
