@@ -117,11 +117,6 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def ordered_by_index(pairs: list[tuple[int, Any]]) -> list[Any]:
-    """Values of gathered ``(index, value)`` pairs in index order (each index once)."""
-    return [v for _, v in sorted(pairs, key=lambda kv: kv[0])]
-
-
 # -- training engines -----------------------------------------------------------------------------
 
 ENGINES = ("ddp", "fsdp")

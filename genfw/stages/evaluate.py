@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from genfw import __version__, io
+from genfw import __version__, dist, io
 from genfw.interfaces import Prior, Tokenizer
 from genfw.stages.base import Stage
 
@@ -28,13 +28,16 @@ class EvaluateStage(Stage):
 
         run = self.run
         metrics_file = run.path("metrics.json")
-        if not self.begin(collective=False) and os.path.exists(metrics_file):
+        # under torchrun every rank takes part (sampling and fidelity features are split over
+        # the ranks); rank 0 writes the results
+        if not self.begin() and os.path.exists(metrics_file):
             return io.read_json(metrics_file)
         t0 = time.perf_counter()
         metrics = evaluate_run(run, tokenizer, priors)
-        io.write_json(metrics_file, metrics)
-        self.append_history(metrics)
-        self.finish(time.perf_counter() - t0, collective=False)
+        if dist.is_main():
+            io.write_json(metrics_file, metrics)
+            self.append_history(metrics)
+        self.finish(time.perf_counter() - t0)
         return metrics
 
     def append_history(self, metrics: dict[str, Any]) -> None:

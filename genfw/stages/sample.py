@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from genfw import io
+from genfw import dist, io
 from genfw.interfaces import Prior, Tokenizer
 from genfw.progress import console
-from genfw.samples import write_samples
+from genfw.samples import write_images, write_samples
 from genfw.sampling import generate, sample_labels
 from genfw.stages.base import Stage
 
@@ -23,19 +23,28 @@ class SampleStage(Stage):
                 "precision": run.recipe.train.prior.precision}
 
     def execute(self, tokenizer: Tokenizer, priors: list[Prior]) -> None:
-        if not self.begin(collective=False):
+        # under torchrun every rank samples its share of the chunks (genfw.sampling.generate)
+        if not self.begin():
             return
         t0 = time.perf_counter()
         run, spec = self.run, self.run.recipe.sample
         labels = sample_labels(spec.n, run.num_classes, spec.labels)
+        class_names = run.dataset.class_names
+
+        def write(start: int, images, _codes) -> None:  # each image by the rank that made it
+            chunk = labels[start : start + images.shape[0]] if labels is not None else None
+            write_images(self.folder, images, chunk, class_names, start=start)
+
         result = generate(tokenizer, priors, spec.n, labels=labels, seed=run.sample_seed(), batch_size=spec.batch_size,
                           sampler=run.resolved.sampler_params, device=run.device,
-                          precision=run.recipe.train.prior.precision)
-        write_samples(self.folder, result.images, labels, run.dataset.class_names, spec.grid_columns,
-                      codes=result.codes)
-        io.write_json(self.file("timing.json"), {"seconds": result.seconds, "n": spec.n,
-                                                 "images_per_second": result.images_per_second,
-                                                 "device": str(run.device), **result.stats})
-        console.print(f"[green]✓[/green] sampled {spec.n} images in {result.seconds:.1f}s "
-                      f"({result.images_per_second:.2f} img/s) -> {self.folder}")
-        self.finish(time.perf_counter() - t0, collective=False)
+                          precision=run.recipe.train.prior.precision, on_chunk=write)
+        if dist.is_main():
+            write_samples(self.folder, result.images, labels, class_names, spec.grid_columns, codes=result.codes,
+                          pngs=False)
+            io.write_json(self.file("timing.json"), {"seconds": result.seconds, "n": spec.n,
+                                                     "images_per_second": result.images_per_second,
+                                                     "device": str(run.device), "processes": dist.world_size(),
+                                                     **result.stats})
+            console.print(f"[green]✓[/green] sampled {spec.n} images in {result.seconds:.1f}s "
+                          f"({result.images_per_second:.2f} img/s) -> {self.folder}")
+        self.finish(time.perf_counter() - t0)
