@@ -47,8 +47,10 @@ def init_from_env() -> bool:
 
 
 def destroy() -> None:
-    """Leave the process group (at the end of a ``torchrun`` command)."""
+    """Leave the process group (at the end of a ``torchrun`` command), once every rank is there:
+    a rank that left while another still used the group aborted it (gloo)."""
     if is_initialized():
+        td.barrier()
         td.destroy_process_group()
 
 
@@ -145,8 +147,10 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     step did not use (a discriminator before it switches on, a branch taken for some inputs
     only) is marked ready rather than waited for.
     """
-    return DistributedDataParallel(TrainingStep(module), device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+    ids = None
+    if device.type == "cuda":  # "cuda" alone: the device torchrun's LOCAL_RANK selected
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(TrainingStep(module), device_ids=ids, find_unused_parameters=True)
 
 
 def fully_sharded(module: nn.Module, device: torch.device) -> nn.Module:

@@ -154,9 +154,8 @@ RECIPE = {
     "tokenizer": {"name": "pixels", "params": {"levels": 4}},
     # autoregressive: a loss without random draws, so two ranks can match one process
     "prior": {"name": "autoregressive",
-              "backbone": {"name": "transformer", "params": {"dim": 48, "depth": 2, "heads": 2, "dropout": 0.0}}},
-    # long enough (seconds) for a signal to land while the prior trains
-    "train": {"prior": {"steps": 300, "batch_size": 8, "lr": 0.003, "log_every": 5, "checkpoint_every": 1000}},
+              "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2, "dropout": 0.0}}},
+    "train": {"prior": {"steps": 40, "batch_size": 4, "lr": 0.003, "log_every": 5, "checkpoint_every": 1000}},
     "latents": {"holdout": 0.25},
     # 3 chunks of 2 over 2 ranks; evaluation tops up to 8 samples (split too) for fidelity
     "sample": {"n": 6, "batch_size": 2},
@@ -208,8 +207,8 @@ def test_the_docs_torchrun_commands_equal_one_process_and_a_requeued_run_resumes
     assert (ddp / "metrics.json").exists() and (ddp / "samples" / "grid.png").exists()
     assert result.stdout.count("run finished") == 1  # rank 0 alone reports
     log = (ddp / "prior0" / "log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == list(range(5, 301, 5))
-    assert len((ddp / "prior0" / "log.csv").read_text().splitlines()) == 61  # header + one row per record
+    assert [json.loads(line)["step"] for line in log] == list(range(5, 41, 5))
+    assert len((ddp / "prior0" / "log.csv").read_text().splitlines()) == 9  # header + one row per record
     assert sorted(p.name[:5] for p in (ddp / "samples").glob("0*.png")) == [f"{i:05d}" for i in range(6)]
     assert json.loads((ddp / "samples" / "timing.json").read_text())["processes"] == 2
 
@@ -220,10 +219,10 @@ def test_the_docs_torchrun_commands_equal_one_process_and_a_requeued_run_resumes
     a, b = _prior_weights(tmp_path / "one"), _prior_weights(ddp)
     assert a.keys() == b.keys()
     for k in a:
-        # 1e-3: the attention's key bias has a true gradient of zero (softmax ignores a shift), and
-        # over 300 steps Adam scales the rounding noise of the two reductions up to ~2e-4 there;
-        # every other weight agrees within 2e-6
-        assert torch.allclose(a[k], b[k], atol=1e-3), k
+        # the attention's key bias has a true gradient of zero (softmax ignores a shift): Adam
+        # scales the rounding noise of the two reductions up there (to ~2e-4 in 200 steps);
+        # every other weight agrees within ~2e-6
+        assert torch.allclose(a[k], b[k], atol=1e-3 if k.endswith("qkv.bias") else 2e-5), k
 
     # genfw sample under torchrun: the same images, pixel for pixel, as one process
     _run(sample)
@@ -250,7 +249,12 @@ def test_the_docs_torchrun_commands_equal_one_process_and_a_requeued_run_resumes
     import signal
     import time
 
-    requeued = [str(tmp_path / "requeued") if w == str(ddp) else w for w in train]
+    # (a larger prior trained for longer, so that the signal lands while it trains: seconds)
+    longer = ["--set", "train.prior.steps=300", "--set", "train.prior.batch_size=8",
+              "--set", "prior.backbone.params.dim=48", "--set", "prior.backbone.params.depth=2"]
+    straight = [str(tmp_path / "straight") if w == str(ddp) else w for w in train] + longer
+    _run(straight)
+    requeued = [str(tmp_path / "requeued") if w == str(ddp) else w for w in train] + longer
     proc = subprocess.Popen(requeued, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     log_file = tmp_path / "requeued" / "prior0" / "log.jsonl"
     deadline = time.monotonic() + 300
@@ -264,6 +268,6 @@ def test_the_docs_torchrun_commands_equal_one_process_and_a_requeued_run_resumes
     assert (tmp_path / "requeued" / "prior0" / "train_state.safetensors").exists()
     result = _run(requeued)
     assert "resumed at step" in result.stdout + result.stderr or "prior0: resum" in result.stdout + result.stderr
-    resumed, straight = _prior_weights(tmp_path / "requeued"), _prior_weights(ddp)
-    for k in straight:
-        assert torch.equal(resumed[k], straight[k]), k  # exact: the same reductions in the same order
+    resumed, uninterrupted = _prior_weights(tmp_path / "requeued"), _prior_weights(tmp_path / "straight")
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k]), k  # exact: the same reductions in the same order
