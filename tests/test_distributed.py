@@ -261,13 +261,39 @@ def test_the_docs_torchrun_commands_equal_one_process_and_a_requeued_run_resumes
     while not (log_file.exists() and log_file.read_text().strip()) and proc.poll() is None:
         assert time.monotonic() < deadline, "the prior never started training"
         time.sleep(0.02)
+    at_signal = len(log_file.read_text().splitlines())
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, output[-3000:]
-    assert "interrupted at step" in output and "state saved" in output, output[-3000:]
+    logged = len(log_file.read_text().splitlines())
+    assert "interrupted at step" in output and "state saved" in output, (at_signal, logged, output[:3000])
     assert (tmp_path / "requeued" / "prior0" / "train_state.safetensors").exists()
     result = _run(requeued)
     assert "resumed at step" in result.stdout + result.stderr or "prior0: resum" in result.stdout + result.stderr
     resumed, uninterrupted = _prior_weights(tmp_path / "requeued"), _prior_weights(tmp_path / "straight")
     for k in uninterrupted:
         assert torch.equal(resumed[k], uninterrupted[k]), k  # exact: the same reductions in the same order
+
+
+def test_fsdp_state_has_the_single_process_layout_and_resumes_without_torchrun(tmp_path):
+    """FSDP in a world of one (in-process gloo): its gathered state is the layout one process
+    writes, so a plain trainer continues it; two optimizer groups are refused with the fix."""
+    from torch.distributed import HashStore
+
+    plain, sharded = str(tmp_path / "plain"), str(tmp_path / "fsdp")
+    Trainer(Net(always_used=True), data(), SPEC, plain).fit()
+    td.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
+    try:
+        Trainer(Net(always_used=True), data(), SPEC.model_copy(update={"steps": 6, "distributed": "fsdp"}),
+                sharded).fit()
+        with pytest.raises(ConfigError, match="one optimizer group; this one has 2 .*use distributed: ddp"):
+            Trainer(TwoGroups(), data(), SPEC.model_copy(update={"distributed": "fsdp"}), str(tmp_path / "gan"))
+    finally:
+        td.destroy_process_group()
+    tensors, meta = checkpoint.read(os.path.join(sharded, "train_state.safetensors"))
+    state = checkpoint.unpack(meta["tree"], tensors)
+    assert state["step"] == 6 and sorted(state["optimizers"]["main"]["state"]) == [0, 1, 2, 3, 4]
+    Trainer(Net(always_used=True), data(), SPEC, sharded).fit()  # no process group: plain training resumes
+    one, two = _weights(plain), _weights(sharded)
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6), k
