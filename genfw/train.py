@@ -237,7 +237,7 @@ class Trainer:
         }
 
     def save_state(self) -> None:
-        """Write the training state atomically (rank 0 only)."""
+        """Write the training state atomically (rank 0 writes; with FSDP every rank must call)."""
         if self.engine == "fsdp":
             state = self.state()  # every rank takes part in gathering it
         elif not dist.is_main():
