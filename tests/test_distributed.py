@@ -304,3 +304,35 @@ def test_fsdp_state_has_the_single_process_layout_and_resumes_without_torchrun(t
     one, two = _weights(plain), _weights(sharded)
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_fsdp_run_under_torchrun_resumes_exactly_after_sigterm(tmp_path):
+    """`genfw run` with train.prior.distributed=fsdp: SIGTERM to torchrun while the prior trains
+    saves the gathered state; the same command resumes, bit for bit the uninterrupted run."""
+    import signal
+    import time
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(RECIPE))
+    train = doc_commands(tmp_path)[0] + [
+        "--stages", "tokenizer,latents,prior", "--set", "train.prior.distributed=fsdp",
+        "--set", "train.prior.steps=300", "--set", "train.prior.batch_size=8",
+        "--set", "prior.backbone.params.dim=48", "--set", "prior.backbone.params.depth=2"]
+    ddp = str(tmp_path / "ddp")
+    straight = [str(tmp_path / "straight") if w == ddp else w for w in train]
+    _run(straight)
+    interrupted = [str(tmp_path / "interrupted") if w == ddp else w for w in train]
+    proc = subprocess.Popen(interrupted, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    log_file = tmp_path / "interrupted" / "prior0" / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log_file.exists() and log_file.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the prior never started training"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "interrupted at step" in output, output[-3000:]
+    _run(interrupted)
+    a, b = _prior_weights(tmp_path / "straight"), _prior_weights(tmp_path / "interrupted")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
