@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="Cap on the sampler's steps (SUNDAE, absorbing)")
     parser.add_argument("--budget-s", type=float, default=450.0,
                         help="Skip the remaining measurements past this many seconds (each one says so)")
+    parser.add_argument("--per-measurement-s", type=float, default=150.0,
+                        help="Stop any one measurement after this many seconds (it records so)")
     parser.add_argument("--nccl-worker", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.nccl_worker:
@@ -228,20 +231,37 @@ def main(argv: list[str] | None = None) -> int:
     result["cuda"] = torch.version.cuda
     t0 = time.perf_counter()
 
+    class OverTime(Exception):
+        pass
+
+    def alarm(signum, frame):  # noqa: ARG001
+        raise OverTime
+
+    signal.signal(signal.SIGALRM, alarm)
+
     def timed(label: str, fn, *a) -> dict[str, Any]:
-        if time.perf_counter() - t0 > args.budget_s:
+        left = args.budget_s - (time.perf_counter() - t0)
+        if left <= 5:
             _say(f"{label}: skipped (past the {args.budget_s:.0f}s budget)")
             return {"skipped": f"past the {args.budget_s:.0f}s budget"}
         _say(label)
         start = time.perf_counter()
+        # no one measurement may eat the rest of the budget (e.g. compiling autoregressive decoding)
+        limit = int(min(left, args.per_measurement_s))
+        signal.alarm(limit)
         try:
             out = fn(*a)
+        except OverTime:
+            out = {"error": f"stopped after {limit}s (per-measurement limit)"}
         except Exception as e:  # noqa: BLE001 - recorded in the JSON: the check goes on
             out = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        finally:
+            signal.alarm(0)
         out["seconds"] = time.perf_counter() - start
         torch.cuda.empty_cache()
         return out
 
+    result["nccl"] = timed("NCCL: torchrun --nproc-per-node 1", nccl_smoke)  # first: short, and never skipped
     result["priors"] = {}
     for name, overrides in PRIORS.items():
         result["priors"][name] = {
@@ -251,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, overrides in PRIORS.items():  # compile last: the slowest, first to go if time runs out
         result["priors"][name]["sampling_compiled"] = timed(f"{name}: sampling, torch.compile", sampling,
                                                             overrides, True, args.steps)
-    result["nccl"] = timed("NCCL: torchrun --nproc-per-node 1", nccl_smoke)
     result["seconds"] = time.perf_counter() - t0
     _write(args.out, result)
     _say(f"wrote {args.out} ({result['seconds']:.0f}s)")
