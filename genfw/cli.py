@@ -384,10 +384,10 @@ def run(
     announce(pipeline.device, resolved.recipe.train.prior.precision)
     metrics = pipeline.run(wanted)
     main = dist.is_main()
-    dist.destroy()  # under torchrun; the other ranks left the pipeline after training
+    dist.destroy()  # under torchrun
     if main:
         out.print(f"[green]✓[/green] run finished: {pipeline.dir}")
-    if metrics:
+    if metrics and main:
         _print_metrics(metrics)
 
 
@@ -415,11 +415,13 @@ def eval(  # noqa: A001 - the command is called eval
     --set overrides apply to this evaluation only: the run's recipe.yaml is never rewritten;
     every evaluation is appended to metrics_history.jsonl with what it changed.
     """
+    from genfw import dist
     from genfw.config import apply_overrides, load_yaml, validate_recipe
     from genfw.pipeline import Run
     from genfw.preflight import check_device, preflight
     from genfw.progress import announce
 
+    dist.init_from_env()  # under torchrun: sampling and fidelity features split over the ranks
     recipe_file = os.path.join(run_dir, "recipe.yaml")
     if not os.path.exists(recipe_file):
         raise GenfwError(f"{run_dir} is not a genfw run directory (no recipe.yaml)")
@@ -444,8 +446,10 @@ def eval(  # noqa: A001 - the command is called eval
         pipeline = SnapshotEvaluation(resolved, run_dir, tokenizer, priors, extra["snapshots"], device=str(dev),
                                       changed_from_recipe=set_)
         metrics = pipeline.run(["sample", "evaluate"])
-        _print_metrics(metrics)
-        out.print(f"[green]✓[/green] metrics -> {pipeline.path('metrics.json')}")
+        if dist.is_main():
+            _print_metrics(metrics)
+            out.print(f"[green]✓[/green] metrics -> {pipeline.path('metrics.json')}")
+        dist.destroy()
         return
     pipeline = Run(resolved, output_dir=run_dir, device=None if device == "auto" else device, force=force,
                    write_recipe=False, changed_from_recipe=set_)
@@ -454,8 +458,10 @@ def eval(  # noqa: A001 - the command is called eval
     preflight(resolved, pipeline.device, ["sample", "evaluate", "report"]).raise_if_failed()
     announce(pipeline.device, resolved.recipe.train.prior.precision)
     metrics = pipeline.run(["sample", "evaluate", "report"])
-    _print_metrics(metrics)
-    out.print(f"[green]✓[/green] metrics -> {pipeline.path('metrics.json')}")
+    if dist.is_main():
+        _print_metrics(metrics)
+        out.print(f"[green]✓[/green] metrics -> {pipeline.path('metrics.json')}")
+    dist.destroy()
 
 
 @command
@@ -603,13 +609,14 @@ def sample(
     Images are written as they are made; Ctrl-C (or SIGTERM) keeps those already written. The
     Python API's Model.generate does the sampling.
     """
-    from genfw import io
+    from genfw import dist, io
     from genfw.api import load_model
     from genfw.progress import announce
     from genfw.rundir import check_write_target
     from genfw.samples import image_name, write_grid, write_images
     from genfw.sampling import flag_overrides, resolve_device
 
+    dist.init_from_env()  # under torchrun the chunks are split over the ranks, each image written once
     folder = out_dir or output
     dev = resolve_device(device)
     announce(dev, precision)
@@ -625,8 +632,9 @@ def sample(
                for i in range(n)] + ([grid] if grid else [])
     for target in targets:
         check_write_target(target, overwrite, "images")
-    if os.path.isdir(folder):
-        io.remove_temp_files(folder)  # left by an earlier interrupted write
+    if os.path.isdir(folder) and dist.is_main():
+        io.remove_temp_files(folder)  # left by an earlier interrupted write (before any rank writes)
+    dist.barrier()
     written: list[str] = []
 
     def keep(start: int, images, _codes) -> None:
@@ -638,11 +646,17 @@ def sample(
                                  size=_parse_size(size), overrides=_overrides(set_, overrides), flags=flags,
                                  on_chunk=keep)
     except KeyboardInterrupt:
-        raise GenfwError(f"interrupted: {len(written)} of {n} images were written to {folder} and are kept") from None
+        raise GenfwError(f"interrupted: {len(written)} of {n} images were written to {folder} and are kept"
+                         + (f" (by rank {dist.rank()})" if dist.is_initialized() else "")) from None
+    main = dist.is_main()
+    dist.destroy()
+    if not main:
+        return
     if grid:
         write_grid(grid, result.images)
+    processes = f", {dist_world} processes" if (dist_world := int(os.environ.get("WORLD_SIZE", "1"))) > 1 else ""
     out.print(f"[green]✓[/green] {n} images -> {folder} in {result.seconds:.2f}s "
-              f"({result.images_per_second:.2f} images/s on {dev})")
+              f"({result.images_per_second:.2f} images/s on {dev}{processes})")
 
 
 @command

@@ -155,6 +155,9 @@ class TrainSpec(_Strict):
     sample_every: int | None = Field(None, ge=1)  # priors: write a sample grid into previews/
     num_workers: int = Field(0, ge=0)
     compile: bool = False
+    # Under torchrun: DistributedDataParallel (replicated weights), or FSDP2 `fully_shard`
+    # (weights, gradients and optimizer state split over the ranks); see docs/distributed.md.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
     def _ema_updated(self):

@@ -19,7 +19,7 @@ import torch
 from genfw import io, metrics
 from genfw.data import AsTorchDataset, LatentDataset
 from genfw.progress import console, progress_bar, tracked
-from genfw.sampling import generate, sample_labels
+from genfw.sampling import decode_codes, generate, sample_labels
 
 if TYPE_CHECKING:
     from genfw.context import RunContext as Run
@@ -92,9 +92,7 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
     tensors, _ = _read_sample_codes(run)
     codes = [tensors[f"codes.{i}"].long() for i in range(len(priors))]
     sample_labels_ = tensors.get("labels")
-    with torch.inference_mode():
-        images = torch.cat([tokenizer.decode([c[i : i + spec.batch_size].to(device) for c in codes]).float().cpu()
-                            for i in range(0, codes[0].shape[0], spec.batch_size)])
+    images = decode_codes(tokenizer, codes, spec.batch_size, device)  # split over the ranks under torchrun
     if images.shape[0] < n:
         extra_n = n - images.shape[0]
         labels = sample_labels(extra_n, run.num_classes, run.recipe.sample.labels)
@@ -130,7 +128,8 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
         result = metrics.fidelity(images, reference, extractor, batch_size=spec.batch_size, device=device,
                                   inception_weights_path=spec.inception_weights, features_out=features)
     out |= {f"fidelity/{k}": v for k, v in result.items()}
-    _save_per_sample(run, features, extractor, images, sample_labels_, result)
+    if features:  # (under torchrun only rank 0 holds the features, and writes them)
+        _save_per_sample(run, features, extractor, images, sample_labels_, result)
     return out
 
 

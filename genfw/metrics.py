@@ -46,7 +46,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from genfw import checkpoint
+from genfw import checkpoint, dist
 from genfw.errors import CheckpointError, ConfigError, DataError
 from genfw.interfaces import Params, Prior, Tokenizer
 
@@ -504,11 +504,39 @@ def fidelity(
             return get_featuresdict_from_dataset(_UInt8Images(images.detach().cpu(), channels), fe,
                                                  batch_size, cuda, save_cpu_ram=True, verbose=False)
 
-        fake, real = features(samples), features(reference)
+        fake, real = split_features(samples, features), split_features(reference, features)
+    if features_out is not None and fake is not None:  # (under torchrun: rank 0's, which holds them all)
+        features_out |= {"samples": fake[feature_layer].float(), "reference": real[feature_layer].float()}
+    if dist.is_initialized():  # rank 0 holds the gathered features: it computes, every rank gets the result
+        result = _fidelity_from_features(fake, real, feature_layer, isc_layer, info, kid_subset_size, kid_subsets,
+                                         prdc_k, seed) if dist.is_main() else None
+        return dist.broadcast(result)
+    return _fidelity_from_features(fake, real, feature_layer, isc_layer, info, kid_subset_size, kid_subsets,
+                                   prdc_k, seed)
+
+
+def split_features(images: torch.Tensor, extract: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+                   ) -> dict[str, torch.Tensor] | None:
+    """``extract(images)``; under ``torchrun`` each rank extracts a contiguous share and rank 0
+    receives them all, in order (the other ranks get None). Every rank must call it."""
+    if not dist.is_initialized():
+        return extract(images)
+    n, world = images.shape[0], dist.world_size()
+    a, b = n * dist.rank() // world, n * (dist.rank() + 1) // world
+    mine = {k: v.cpu() for k, v in extract(images[a:b]).items()} if b > a else None
+    parts = dist.gather([mine])
+    if parts is None:
+        return None
+    parts = [p for p in parts if p is not None]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _fidelity_from_features(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor], feature_layer: str,
+                            isc_layer: str | None, info: dict[str, Any], kid_subset_size: int | None,
+                            kid_subsets: int, prdc_k: int, seed: int) -> dict[str, Any]:
+    n, m = info["num_samples"], info["num_reference"]
     f_fake, f_real = fake[feature_layer].float(), real[feature_layer].float()
     info["feature_dim"] = int(f_fake.shape[1])
-    if features_out is not None:
-        features_out |= {"samples": f_fake, "reference": f_real}
 
     out: dict[str, Any] = {}
     stats_fake, stats_real = fid_features_to_statistics(f_fake), fid_features_to_statistics(f_real)

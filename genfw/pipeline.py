@@ -261,13 +261,12 @@ class Run(RunContext):
         priors = self.stage_priors(tokenizer, run="prior" in wanted) if any(
             s in wanted for s in ("prior", "sample", "evaluate")) else None
         result: dict[str, Any] = {}
-        if not dist.is_main():  # sampling, evaluation and the report run on rank 0
-            return result
+        # sampling and evaluation are split over the ranks; the report is rank 0's
         if "sample" in wanted or "evaluate" in wanted:
             self.stage_sample(tokenizer, priors)
         if "evaluate" in wanted:
             result = self.stage_evaluate(tokenizer, priors)
-        if "report" in wanted:
+        if "report" in wanted and dist.is_main():
             self.stage_report(tokenizer, priors)
         return result
 

@@ -46,8 +46,11 @@ def write_grid(path: str, images: torch.Tensor, columns: int | None = None) -> N
 
 def write_samples(folder: str, images: torch.Tensor, labels: torch.Tensor | None, class_names: list[str],
                   columns: int | None = None, codes: list[torch.Tensor] | None = None, pngs: bool = True) -> None:
-    """One PNG per image (label in the name when conditional; ``pngs=False``: already written
-    chunk by chunk), ``grid.png`` and the codes."""
+    """One PNG per image (label in the name when conditional), ``grid.png`` and the codes.
+
+    ``pngs=False``: the per-image PNGs were written already (as they were made, by the rank
+    that made them under ``torchrun``).
+    """
     if pngs:
         write_images(folder, images, labels, class_names)
     if columns is None and labels is not None:

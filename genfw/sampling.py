@@ -2,6 +2,11 @@
 
 Shared by the pipeline's sample stage, ``genfw sample`` and ``genfw inpaint``. Sampling runs
 under ``torch.inference_mode`` with bf16/fp16 autocast on CUDA, in chunks of ``batch_size``.
+
+Under ``torchrun`` the chunks are dealt out to the ranks (chunk ``k`` to rank ``k mod world``)
+and each chunk draws from its own generator seeded ``seed + k``: the images are the same
+whatever the number of processes, each is made (and handed to ``on_chunk``, i.e. written) by
+one rank only, and the whole result is then gathered on every rank.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genfw import limits
+from genfw import dist, limits
 from genfw.errors import CheckpointError, ConfigError, GenfwError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.train import autocast_context
@@ -173,6 +178,7 @@ def generate(
     masks: list[torch.Tensor] | None = None,
     on_chunk: Callable[[int, torch.Tensor, list[torch.Tensor]], None] | None = None,
     progress: str | None = "sampling",
+    split: bool | None = None,
 ) -> SampleResult:
     """Sample ``n`` images top-down through the levels, in chunks of ``batch_size``.
 
@@ -183,7 +189,8 @@ def generate(
     batch size only (``seed=None``: a random seed, recorded in ``stats["seed"]``).
     ``on_chunk(start, images, codes)`` receives each chunk as it is made (for
     writing images as they come, so an interruption keeps them). ``progress`` names the
-    progress bar (None: no bar).
+    progress bar (None: no bar). ``split`` (default: under ``torchrun``) deals the chunks out to
+    the ranks, every rank must then call; False samples everything in this process.
     """
     from genfw.progress import progress_bar
 
@@ -198,13 +205,17 @@ def generate(
     samplers = [p.sampler_params(s) for p, s in zip(priors, samplers)]
     check_sampling_sizes(tokenizer, priors, n, batch_size, samplers, precision, grid, device)
     prepare_for_sampling(tokenizer, priors, device)
-    all_codes: list[list[torch.Tensor]] = [[] for _ in priors]
-    images = []
+    split = dist.is_initialized() if split is None else split and dist.is_initialized()
+    chunks = list(enumerate(range(0, n, batch_size)))
+    mine = [chunks[i] for i in dist.shard(len(chunks))] if split else chunks
+    made: list[tuple[int, torch.Tensor, list[torch.Tensor]]] = []  # (start, images, codes per level)
     evaluations = 0
     _sync(device)
     t0 = time.perf_counter()
-    with progress_bar(progress, total=n) if progress else nullcontext(None) as bar, _memory_as_error(device, batch_size):
-        for k, start in enumerate(range(0, n, batch_size)):
+    total = sum(min(batch_size, n - start) for _, start in mine)
+    with progress_bar(progress, total=total) if progress else nullcontext(None) as bar, \
+            _memory_as_error(device, batch_size):
+        for k, start in mine:
             m = min(batch_size, n - start)
             g = torch.Generator(device=device).manual_seed(seed + k)
             chunk_labels = labels[start : start + m].to(device) if labels is not None else None
@@ -219,19 +230,37 @@ def generate(
                     codes.append(c)
                 out = tokenizer.decode(codes)
             check_outputs(priors, codes, out, start)
-            images.append(out.float().clamp(-1, 1).cpu())
-            for level, c in enumerate(codes):
-                all_codes[level].append(c.cpu())
+            made.append((start, out.float().clamp(-1, 1).cpu(), [c.cpu() for c in codes]))
             if on_chunk is not None:
-                on_chunk(start, images[-1], [c[-1] for c in all_codes])
+                on_chunk(start, made[-1][1], made[-1][2])
             if bar is not None:
                 bar.advance(m)
     _sync(device)
-    seconds = time.perf_counter() - t0
+    if split:
+        made = dist.gather(made, dst=None)
+        evaluations = sum(dist.gather([evaluations], dst=None))
+        made.sort(key=lambda chunk: chunk[0])
+    seconds = time.perf_counter() - t0  # under torchrun: until the last rank's chunks arrived
     stats: dict[str, Any] = {"seed": seed}
     if evaluations:
         stats["backbone_evaluations"] = evaluations
-    return SampleResult(torch.cat(images), [torch.cat(c) for c in all_codes], labels, seconds, stats)
+    images = torch.cat([chunk[1] for chunk in made])
+    codes_out = [torch.cat([chunk[2][level] for chunk in made]) for level in range(len(priors))]
+    return SampleResult(images, codes_out, labels, seconds, stats)
+
+
+@torch.inference_mode()
+def decode_codes(tokenizer: Tokenizer, codes: list[torch.Tensor], batch_size: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """Code grids (per level, [n, h, w]) -> images [n, C, H, W] (CPU float32), in chunks of
+    ``batch_size``; under ``torchrun`` the chunks are dealt out to the ranks and every rank gets
+    all the images (every rank must call it)."""
+    n = codes[0].shape[0]
+    starts = list(range(0, n, batch_size))
+    made = [(start, tokenizer.decode([c[start : start + batch_size].to(device) for c in codes]).float().cpu())
+            for start in (starts[i] for i in dist.shard(len(starts)))]
+    made = sorted(dist.gather(made, dst=None), key=lambda chunk: chunk[0])
+    return torch.cat([images for _, images in made])
 
 
 def activation_bytes(prior: Prior, batch: int, tokens: int) -> int:

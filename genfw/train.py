@@ -6,9 +6,16 @@ Each group has its own AdamW optimizer and warm-up/cosine schedule; per step and
 ``param_groups()``, the trainer back-propagates each group's loss into that group's parameters
 only and steps its optimizer.
 
-Under ``torchrun`` every rank trains on its slice of each global batch and gradients are
-averaged across ranks before each optimizer step (data parallelism, with the same result as
-one process on the global batch); rank 0 alone writes checkpoints and logs.
+Under ``torchrun`` every rank trains on its slice of each global batch, through PyTorch's own
+engines (``train.*.distributed``): ``ddp`` wraps the step in ``DistributedDataParallel``, whose
+buckets all-reduce gradients while the backward pass runs; ``fsdp`` shards the module with
+FSDP2's ``fully_shard`` (modules with one optimizer group). Either way the result is that of one
+process on the global batch, within float tolerance. The step's losses all come from one forward
+pass; every group's loss is back-propagated into its own parameters, and only then do the
+optimizers step (so DDP's one set of buckets serves VQ-GAN's generator and discriminator alike;
+a group idle in a step must not have taken part in that step's forward pass). Rank 0 alone
+writes checkpoints and logs; with FSDP the full training state is gathered to rank 0 and saved
+in the same single file (see docs/distributed.md for why).
 
 Every ``log_every`` steps the scalars (losses, the module's own logs, learning rate, steps per
 second) go to the stage's loggers (``genfw.loggers``: ``log.jsonl`` unless the recipe's ``log:``
@@ -164,6 +171,21 @@ class Trainer:
                 f"torchrun: every process must get an equal share of the global batch (use a multiple of {world})"
             )
         self.module.to(self.device)
+        self.engine = spec.distributed if dist.is_initialized() else None
+        self._plain_class = type(module)
+        self.ema = (AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(spec.ema_decay), use_buffers=True)
+                    if spec.ema_decay else None)
+        if self.engine == "fsdp":
+            groups = [k for k, v in module.param_groups().items() if v]
+            if len(groups) > 1:
+                raise ConfigError(f"{description}: distributed: fsdp trains modules with one optimizer group; this one "
+                                  f"has {len(groups)} ({', '.join(groups)}): use distributed: ddp for this stage")
+            dist.broadcast_module(self.module)  # every rank starts from rank 0's weights
+            if self.ema is not None:
+                dist.broadcast_module(self.ema.module)
+                dist.fully_sharded(self.ema.module, self.device)
+            dist.fully_sharded(self.module, self.device)
+        self._step_fn: Callable[[Any, int], Any] = module.training_step  # (after sharding: FSDP wraps it)
         self.groups = {k: v for k, v in module.param_groups().items() if v}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
@@ -173,13 +195,11 @@ class Trainer:
             self.optimizers[name] = torch.optim.AdamW(params, lr=opts["lr"], betas=tuple(opts["betas"]),
                                                       weight_decay=opts["weight_decay"])
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_lambda(spec))
-        self.ema = (AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(spec.ema_decay), use_buffers=True)
-                    if spec.ema_decay else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and spec.precision == "fp16")
         if spec.compile:
             compile_for_training(module)
-        if dist.is_initialized():
-            dist.broadcast_module(self.module)  # every rank starts from rank 0's weights
+        if self.engine == "ddp":  # DDP broadcasts rank 0's weights as it wraps the module
+            self._step_fn = dist.data_parallel(self.module, self.device)
         self.step = 0
         self._stop_requested = False
         # the recipe's `log:` entries (None: jsonl); rank 0 only, opened by fit()
@@ -195,21 +215,38 @@ class Trainer:
         rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.engine == "fsdp":  # gathered to rank 0 (a collective), in the layout of one process
+            model = dist.full_model_state(self.module)
+            optimizers = {k: dist.full_optimizer_state(self.module, o) for k, o in self.optimizers.items()}
+            ema = None
+            if self.ema is not None:
+                ema = {"n_averaged": self.ema.n_averaged.detach().cpu(),
+                       **{f"module.{k}": v for k, v in dist.full_model_state(self.ema.module).items()}}
+        else:
+            model = self.module.state_dict()
+            optimizers = {k: o.state_dict() for k, o in self.optimizers.items()}
+            ema = self.ema.state_dict() if self.ema is not None else None
         return {
             "step": self.step,
-            "model": self.module.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "model": model,
+            "optimizers": optimizers,
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": ema,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": rng,
         }
 
     def save_state(self) -> None:
-        """Write the training state atomically (rank 0 only)."""
+        """Write the training state atomically (rank 0 writes; with FSDP every rank must call)."""
+        if self.engine == "fsdp":
+            state = self.state()  # every rank takes part in gathering it
+        elif not dist.is_main():
+            return
+        else:
+            state = self.state()
         if not dist.is_main():
             return
-        tree, tensors = checkpoint.pack(self.state(), prefix="s")
+        tree, tensors = checkpoint.pack(state, prefix="s")
         checkpoint.save_tensors(self.state_path, tensors, {"type": "train_state", "tree": tree,
                                                            "description": self.description})
 
@@ -242,13 +279,22 @@ class Trainer:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise TrainingError(f"{self.state_path}: weight '{key}' holds NaN/inf: the state is corrupt; move it "
                                     "aside to restart this stage from scratch")
-        self.module.load_state_dict(state["model"], strict=True)
-        for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
+        if self.engine == "fsdp":  # every rank read the full state; each keeps its shard
+            dist.load_full_model_state(self.module, state["model"])
+            for k, o in self.optimizers.items():
+                dist.load_full_optimizer_state(self.module, o, state["optimizers"][k])
+            if self.ema is not None and state.get("ema") is not None:
+                ema = dict(state["ema"])
+                self.ema.n_averaged.copy_(ema.pop("n_averaged"))
+                dist.load_full_model_state(self.ema.module, {k[len("module."):]: v for k, v in ema.items()})
+        else:
+            self.module.load_state_dict(state["model"], strict=True)
+            for k, o in self.optimizers.items():
+                o.load_state_dict(state["optimizers"][k])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
         if state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -262,18 +308,35 @@ class Trainer:
 
     def save_snapshot(self) -> None:
         """A loadable model file of the current weights (EMA when on), with its step (rank 0)."""
+        module = self.final_module()  # with FSDP, a collective
         if dist.is_main():
-            checkpoint.save(self.snapshot_path, self.final_module(), extra={"step": self.step, "snapshot": True})
+            checkpoint.save(self.snapshot_path, module, extra={"step": self.step, "snapshot": True})
 
     def final_module(self) -> nn.Module:
         """The trained weights: the EMA copy when EMA is on, else the module itself.
 
         Before the EMA's first update (``ema_every`` not reached yet) its copy holds the initial
-        weights: the module itself is returned then, as the first update would copy it.
+        weights: the module itself is returned then, as the first update would copy it. With FSDP
+        (every rank must call it): an unsharded copy with the full weights, rebuilt from the
+        component's params and construction arguments.
         """
-        if self.ema is not None and int(self.ema.n_averaged) > 0:
-            return self.ema.module
-        return self.module
+        averaged = self.ema is not None and int(self.ema.n_averaged) > 0
+        module = self.ema.module if averaged else self.module
+        if self.engine != "fsdp":
+            return module
+        cached = getattr(self, "_unsharded", None)
+        if cached is not None and cached[0] == self.step:
+            return cached[1]
+        state = dist.full_model_state(module, everywhere=True)
+        with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
+            plain = self._plain_class(self.module.params, **self.module.construct)
+        for k, v in vars(self.module).items():  # the registry's stamps (name, distribution, version)
+            if k.startswith("_genfw"):
+                setattr(plain, k, v)
+        plain.load_state_dict(state, strict=True)
+        plain.to(self.device).train(self.module.training)
+        self._unsharded = (self.step, plain)
+        return plain
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -288,8 +351,10 @@ class Trainer:
         return iter(loader)
 
     def _train_step(self, batch: Any) -> dict[str, float]:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.spec.precision):
-            out = self.module.training_step(batch, self.step)
+            out = self._step_fn(batch, self.step)
         logs = dict(out.logs)
         for name in self.groups:
             if name not in out.losses:
@@ -302,19 +367,24 @@ class Trainer:
                     "rate or enable grad_clip"
                 )
             logs[f"loss/{name}"] = float(loss.detach())
+        # Every group's backward first (DDP reduces each bucket as its gradients are ready, and
+        # finishes once the last group's backward has run), then every optimizer steps.
+        stepping = []
         for name, params in self.groups.items():
             loss = out.losses.get(name)
-            opt = self.optimizers[name]
-            opt.zero_grad(set_to_none=True)
             if loss is not None and loss.requires_grad:
-                self.scaler.scale(loss).backward(inputs=params, retain_graph=True)
-                if dist.is_initialized():
-                    # Data parallel: each rank holds a slice of the global batch; the mean of
-                    # the slices' gradients is the global batch's gradient.
-                    dist.average_gradients(params)
+                # FSDP computes with unsharded copies of the parameters, not with `params`
+                # themselves; its one group is every trainable parameter anyway
+                inputs = None if self.engine == "fsdp" else params
+                self.scaler.scale(loss).backward(inputs=inputs, retain_graph=True)
+                stepping.append(name)
+        for name, params in self.groups.items():
+            opt = self.optimizers[name]
+            if name in stepping:
                 if self.spec.grad_clip:
                     self.scaler.unscale_(opt)
-                    logs[f"grad_norm/{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.spec.grad_clip))
+                    norm = torch.nn.utils.clip_grad_norm_(params, self.spec.grad_clip)
+                    logs[f"grad_norm/{name}"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 self.scaler.step(opt)
             with warnings.catch_warnings():
                 # a group idle this step (e.g. a discriminator before disc_start) still follows
@@ -385,8 +455,11 @@ class Trainer:
                     if self.spec.snapshot_every and self.step % self.spec.snapshot_every == 0:
                         self.save_snapshot()
                     for period, fn in self.every:
-                        if self.step % period == 0 and dist.is_main():
-                            fn(self)
+                        if self.step % period == 0:
+                            if self.engine == "fsdp":
+                                self.final_module()  # gathered by every rank, cached for fn
+                            if dist.is_main():
+                                fn(self)
                     if dist.is_initialized():  # every rank stops at the same step
                         self._stop_requested = dist.any_true(self._stop_requested)
                     if self._stop_requested:

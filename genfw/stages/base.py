@@ -5,7 +5,7 @@ A stage is a folder of the run directory with a ``stage.json`` record:
 * **fingerprint** — a hash of what changes the stage's result (model, data, optimisation
   hyper-parameters, seed, and the outputs of the stages it reads), never of cadence or
   resources (``log_every``, ``checkpoint_every``, ``snapshot_every``, ``sample_every``,
-  ``num_workers``, ``compile``, progress). Training ``steps`` are kept apart: see below.
+  ``num_workers``, ``compile``, ``distributed``, progress). Training ``steps`` are kept apart: see below.
 * **reuse** — a finished stage with the same fingerprint (and steps) is loaded, not recomputed.
 * **resume** — an unfinished one continues from its ``train_state.safetensors``.
 * **continue** — raising a training stage's ``steps`` trains on from the saved state. The
@@ -46,7 +46,7 @@ class Run(Protocol):
 
 # Training settings that change how a run is watched or how fast it goes, never its result.
 NOT_SEMANTIC = frozenset({"steps", "checkpoint_every", "log_every", "snapshot_every", "sample_every",
-                          "num_workers", "compile"})
+                          "num_workers", "compile", "distributed"})
 
 
 def fingerprint(*parts: Any) -> str:

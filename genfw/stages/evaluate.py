@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from genfw import __version__, io
+from genfw import __version__, dist, io
 from genfw.errors import GenfwError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.stages.base import Stage
@@ -29,7 +29,9 @@ class EvaluateStage(Stage):
 
         run = self.run
         metrics_file = run.path("metrics.json")
-        if not self.begin(collective=False) and os.path.exists(metrics_file):
+        # under torchrun every rank takes part (sampling and fidelity features are split over
+        # the ranks); rank 0 writes the results
+        if not self.begin() and os.path.exists(metrics_file):
             return io.read_json(metrics_file)
         t0 = time.perf_counter()
         try:
@@ -39,10 +41,11 @@ class EvaluateStage(Stage):
                 f"evaluate: interrupted; the models and samples are kept, no metrics were written; run the same command "
                 f"again (or `genfw eval {getattr(run, 'run_dir', run.dir)}`) to evaluate"
             ) from None
-        io.write_json(metrics_file, metrics)
-        self.append_history(metrics)
-        self.log_metrics(metrics)
-        self.finish(time.perf_counter() - t0, collective=False)
+        if dist.is_main():
+            io.write_json(metrics_file, metrics)
+            self.append_history(metrics)
+            self.log_metrics(metrics)
+        self.finish(time.perf_counter() - t0)
         return metrics
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:

@@ -99,7 +99,8 @@ class PriorStage(TrainingStage):
             labels = sample_labels(n, self.run.num_classes, spec.labels)
             result = generate(tokenizer, [*coarser, module], n, labels=labels, seed=self.run.sample_seed(),
                               batch_size=spec.batch_size, sampler=self.run.resolved.sampler_params[: self.level + 1],
-                              device=self.run.device, precision=trainer.spec.precision)
+                              device=self.run.device, precision=trainer.spec.precision,
+                              split=False)  # rank 0 alone, while the others train
         trainer.module.train()
         grid = make_grid(result.images, spec.grid_columns)
         buf = _io.BytesIO()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from genfw import io
+from genfw import dist, io
 from genfw.errors import GenfwError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.progress import console
@@ -24,18 +24,21 @@ class SampleStage(Stage):
                 "precision": run.recipe.train.prior.precision}
 
     def execute(self, tokenizer: Tokenizer, priors: list[Prior]) -> None:
-        if not self.begin(collective=False):
+        # under torchrun every rank samples its share of the chunks (genfw.sampling.generate)
+        if not self.begin():
             return
         t0 = time.perf_counter()
         run, spec = self.run, self.run.recipe.sample
         labels = sample_labels(spec.n, run.num_classes, spec.labels)
+        class_names = run.dataset.class_names
         written: list[str] = []
 
-        def keep(start: int, images, _codes) -> None:  # as they come: an interruption keeps them
-            for i in range(images.shape[0]):  # one by one, so the count of kept images is exact
+        def keep(start: int, images, _codes) -> None:
+            # as they come, by the rank that made them (torchrun), one by one: an interruption keeps
+            # them and the count of kept images is exact
+            for i in range(images.shape[0]):
                 label = labels[start + i : start + i + 1] if labels is not None else None
-                written.extend(write_images(self.folder, images[i : i + 1], label, run.dataset.class_names,
-                                            start=start + i))
+                written.extend(write_images(self.folder, images[i : i + 1], label, class_names, start=start + i))
 
         try:
             result = generate(tokenizer, priors, spec.n, labels=labels, seed=run.sample_seed(),
@@ -46,11 +49,13 @@ class SampleStage(Stage):
                 f"samples: interrupted after {len(written)} of {spec.n} images; those are kept in {self.folder}; run "
                 "the same command again to finish the stage (it samples them all again, to the same images)"
             ) from None
-        write_samples(self.folder, result.images, labels, run.dataset.class_names, spec.grid_columns,
-                      codes=result.codes, pngs=False)
-        io.write_json(self.file("timing.json"), {"seconds": result.seconds, "n": spec.n,
-                                                 "images_per_second": result.images_per_second,
-                                                 "device": str(run.device), **result.stats})
-        console.print(f"[green]✓[/green] sampled {spec.n} images in {result.seconds:.1f}s "
-                      f"({result.images_per_second:.2f} img/s) -> {self.folder}")
-        self.finish(time.perf_counter() - t0, collective=False)
+        if dist.is_main():
+            write_samples(self.folder, result.images, labels, class_names, spec.grid_columns, codes=result.codes,
+                          pngs=False)
+            io.write_json(self.file("timing.json"), {"seconds": result.seconds, "n": spec.n,
+                                                     "images_per_second": result.images_per_second,
+                                                     "device": str(run.device), "processes": dist.world_size(),
+                                                     **result.stats})
+            console.print(f"[green]✓[/green] sampled {spec.n} images in {result.seconds:.1f}s "
+                          f"({result.images_per_second:.2f} img/s) -> {self.folder}")
+        self.finish(time.perf_counter() - t0)
