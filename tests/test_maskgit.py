@@ -124,7 +124,7 @@ class _LabelBackbone(torch.nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("name", ["maskgit", "absorbing"])
+@pytest.mark.parametrize("name", ["maskgit", "absorbing", "autoregressive"])
 def test_classifier_free_guidance_raises_label_agreement(name):
     params = {"label_drop": 0.1, **({"timesteps": 8} if name == "absorbing" else {})}
     prior = genfw.build("prior", name, params, codebook_size=6, grid=[4, 4], num_classes=3, backbone=BACKBONE)
@@ -134,11 +134,12 @@ def test_classifier_free_guidance_raises_label_agreement(name):
     labels = torch.arange(3).repeat(40)
     # MaskGIT keeps confident draws, which favours the label; a large choice temperature makes the kept
     # positions random, so each token's marginal is the guided softmax, as in absorbing's random order.
-    extra = {"choice_temperature": 1e4} if name == "maskgit" else {}
+    extra = {"maskgit": {"choice_temperature": 1e4, "steps": 4}, "absorbing": {"steps": 4},
+             "autoregressive": {"use_cache": False}}[name]  # the fixed network has no key/value cache
 
     def agreement(**kw):
         g = torch.Generator().manual_seed(0)
-        x = prior.sample(len(labels), labels=labels, generator=g, steps=4, **extra, **kw)
+        x = prior.sample(len(labels), labels=labels, generator=g, **extra, **kw)
         return float((x == labels[:, None, None]).float().mean())
 
     plain, guided = agreement(), agreement(guidance_scale=3.0)
@@ -147,10 +148,20 @@ def test_classifier_free_guidance_raises_label_agreement(name):
     assert guided == pytest.approx(math.e ** 3 / (math.e ** 3 + 5), abs=0.06)
     ramped = agreement(guidance_scale=3.0, guidance_schedule="linear")
     assert plain < ramped < guided
-    assert prior.last_sample_stats["backbone_evaluations"] == 2 * 4 * len(labels)  # doubled batch per step
+    forwards = prior.last_sample_stats["steps"]
+    assert prior.last_sample_stats["backbone_evaluations"] == 2 * forwards * len(labels)  # doubled batch per step
     with pytest.raises(ValueError, match="label_drop"):
         genfw.build("prior", name, params | {"label_drop": 0.0}, codebook_size=6, grid=[4, 4], num_classes=3,
-                    backbone=BACKBONE).sample(2, labels=labels[:2], steps=2, guidance_scale=2.0)
+                    backbone=BACKBONE).sample(2, labels=labels[:2], **extra, guidance_scale=2.0)
+
+
+def test_guided_autoregressive_cached_and_uncached_agree():
+    prior = genfw.build("prior", "autoregressive", {"label_drop": 0.2}, codebook_size=6, grid=[3, 3], num_classes=3,
+                        backbone=BACKBONE).eval()
+    labels = torch.tensor([0, 2])
+    a, b = (prior.sample(2, labels=labels, generator=torch.Generator().manual_seed(5), guidance_scale=2.5,
+                         guidance_schedule="cosine", use_cache=c) for c in (True, False))
+    assert torch.equal(a, b)
 
 
 def test_guidance_trains_with_the_null_class():
