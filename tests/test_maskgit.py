@@ -124,7 +124,7 @@ class _LabelBackbone(torch.nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("name", ["maskgit", "absorbing", "autoregressive"])
+@pytest.mark.parametrize("name", ["maskgit", "absorbing", "autoregressive", "sundae"])
 def test_classifier_free_guidance_raises_label_agreement(name):
     params = {"label_drop": 0.1, **({"timesteps": 8} if name == "absorbing" else {})}
     prior = genfw.build("prior", name, params, codebook_size=6, grid=[4, 4], num_classes=3, backbone=BACKBONE)
@@ -135,7 +135,9 @@ def test_classifier_free_guidance_raises_label_agreement(name):
     # MaskGIT keeps confident draws, which favours the label; a large choice temperature makes the kept
     # positions random, so each token's marginal is the guided softmax, as in absorbing's random order.
     extra = {"maskgit": {"choice_temperature": 1e4, "steps": 4}, "absorbing": {"steps": 4},
-             "autoregressive": {"use_cache": False}}[name]  # the fixed network has no key/value cache
+             "autoregressive": {"use_cache": False},  # the fixed network has no key/value cache
+             # every position redrawn at every step: the last step's draws are the sample
+             "sundae": {"steps": 4, "sample_proportion": 1.0, "self_stopping": False}}[name]
 
     def agreement(**kw):
         g = torch.Generator().manual_seed(0)
@@ -147,7 +149,10 @@ def test_classifier_free_guidance_raises_label_agreement(name):
     assert plain == pytest.approx(math.e / (math.e + 5), abs=0.06)
     assert guided == pytest.approx(math.e ** 3 / (math.e ** 3 + 5), abs=0.06)
     ramped = agreement(guidance_scale=3.0, guidance_schedule="linear")
-    assert plain < ramped < guided
+    if name == "sundae":  # the sample is the last step's draw, made at the full scale
+        assert ramped == guided
+    else:
+        assert plain < ramped < guided
     forwards = prior.last_sample_stats["steps"]
     assert prior.last_sample_stats["backbone_evaluations"] == 2 * forwards * len(labels)  # doubled batch per step
     with pytest.raises(ValueError, match="label_drop"):

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
+from genfw.nn.guidance import GuidanceSchedule, guidance_at
 from genfw.nn.sampling import Windows, categorical, rand, randint, target_grid, tempered
 
 
@@ -70,6 +71,9 @@ class Sundae(Prior):
         guidance_scale: float = Field(1.0, description=(
             "classifier-free guidance s: logits = uncond + s * (cond - uncond); 1 = plain "
             "conditional sampling (needs a model trained with label_drop > 0 otherwise)"))
+        guidance_schedule: GuidanceSchedule = Field("constant", description=(
+            "how the scale moves over the steps: constant, or from 1 at the first to s at the last "
+            "step linearly or along half a cosine"))
         window_stride: int = Field(1, ge=1, description=(
             "stride of the training-size windows when sampling a larger grid (eq. 8 of "
             "Unleashing Transformers; 1 = every window)"))
@@ -197,7 +201,8 @@ class Sundae(Prior):
             xa = x[active]
             probs = self._probs(xa, labels[active] if labels is not None else None,
                                 [c[active] for c in context] if context else None,
-                                temperatures[step], sp.guidance_scale, windows)
+                                temperatures[step],
+                                guidance_at(sp.guidance_scale, sp.guidance_schedule, (step + 1) / sp.steps), windows)
             proposal = categorical(probs, generator, uniform=u_token[active])
             update = u_update[active] < proportions[step]
             if mask is not None:
