@@ -3,7 +3,7 @@ priors: train with the label replaced by a learned null class with probability `
 at sampling mix the conditional and unconditional logits,
 ``uncond + s * (cond - uncond)`` (s = 1: plain conditional sampling), both in one doubled batch.
 
-The scale may follow a schedule over the sampling steps (Muse, Chang et al. 2023, sec. 2.7,
+The scale may follow a schedule over the sampling steps (Muse, Chang et al. 2023,
 raises it linearly): ``constant`` (s at every step), ``linear`` (1 at the start -> s at the last
 step) or ``cosine`` (the same ends, half a cosine between them).
 """
