@@ -155,6 +155,8 @@ def test_classifier_free_guidance_raises_label_agreement(name):
         assert plain < ramped < guided
     forwards = prior.last_sample_stats["steps"]
     assert prior.last_sample_stats["backbone_evaluations"] == 2 * forwards * len(labels)  # doubled batch per step
+    with pytest.raises(ValueError, match="needs labels"):  # guidance without labels: nothing to guide towards
+        prior.sample(2, **extra, guidance_scale=2.0)
     with pytest.raises(ValueError, match="label_drop"):
         genfw.build("prior", name, params | {"label_drop": 0.0}, codebook_size=6, grid=[4, 4], num_classes=3,
                     backbone=BACKBONE).sample(2, labels=labels[:2], **extra, guidance_scale=2.0)

@@ -122,11 +122,11 @@ class Autoregressive(Prior):
         device = next(self.parameters()).device
         h, w = self.grid
         total = h * w
+        if sp.guidance_scale != 1.0 and (self.null_class is None or labels is None):
+            raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
         labels = self._labels(labels, n, device)
         context = [c.to(device) for c in context] if context else None
         guided = sp.guidance_scale != 1.0
-        if guided and (self.null_class is None or labels is None):
-            raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
         rows = 2 * n if guided else n  # guidance: conditional rows, then the same with the null class
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
