@@ -178,10 +178,10 @@ class Sundae(Prior):
         device, k = self._device(), self.codebook_size
         target = target_grid(self.grid, grid, init)
         windows = None if target == self.grid else Windows(target, self.grid, (sp.window_stride,) * 2)
-        labels = self._labels(labels, n, device)
-        context = [c.to(device) for c in context] if context else None
         if sp.guidance_scale != 1.0 and (self.null_class is None or labels is None):
             raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
+        labels = self._labels(labels, n, device)
+        context = [c.to(device) for c in context] if context else None
 
         x = randint(k, (n, *target), generator, device)
         if init is not None:
