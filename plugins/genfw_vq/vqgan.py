@@ -216,7 +216,7 @@ class GANParams(BaseParams):
     # Architecture variants, for converted models (genfw convert unleashing); defaults are taming's.
     quant_convs: bool = Field(True, description=(
         "1x1 convs between encoder, codebook and decoder (taming); False: the encoder outputs codewords "
-        "directly (Unleashing Transformers; needs z_channels == embed_dim)"))
+        "directly (Unleashing Transformers; needs z_channels == the code dimension: embed_dim for vqgan)"))
     decoder_res_blocks: int | None = Field(None, ge=1, description=(
         "residual blocks per decoder level (None: num_res_blocks + 1, as taming; Unleashing: num_res_blocks)"))
     out_activation: bool = Field(True, description=(
