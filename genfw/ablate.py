@@ -113,6 +113,14 @@ COST_COLUMNS = [
     Column("sample/flops_per_image", "sampling FLOPs / image", "lower"),
     Column("sample/seconds_per_image", "s / image", "lower"),
 ]
+#: The tokenizer's reconstruction and codebook use (evaluate.metrics ``reconstruction``), shown
+#: when the combinations do not all share one tokenizer (a quantizer study).
+TOKENIZER_COLUMNS = [
+    Column("tokenizer/mse", "recon. MSE", "lower"),
+    Column("tokenizer/psnr", "recon. PSNR", "higher"),
+    Column("tokenizer/level0/perplexity", "code perplexity", "higher"),
+    Column("tokenizer/level0/usage", "codebook usage", "higher"),
+]
 #: Metrics a primary metric may be, in the order the default is picked from.
 PRIMARY_DEFAULTS = ["fidelity/fid", "class_accuracy"]
 
@@ -585,9 +593,12 @@ def expand_kinds(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def table_columns(results: dict[str, Any]) -> list[Column]:
-    """Columns present in any result: fidelity, then likelihoods by kind, then cost."""
+    """Columns present in any result: fidelity, the tokenizer's where it differs, then likelihoods
+    by kind, then cost."""
     keys = {k for r in results.values() for m in r["seeds"].values() for k in expand_kinds(m)}
     cols = [c for c in BASE_COLUMNS if c.key in keys]
+    seen = [expand_kinds(m) for r in results.values() for m in r["seeds"].values()]
+    cols += [c for c in TOKENIZER_COLUMNS if len({repr(m.get(c.key)) for m in seen}) > 1]
     levels = sorted({k.split("/", 1)[0] for k in keys if k.startswith("prior") and "/" in k})
     for level in levels:
         short = "" if level == "prior0" else f" ({level})"

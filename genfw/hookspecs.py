@@ -7,8 +7,8 @@ A plugin is any module exposed through the ``genfw`` entry-point group that impl
 
     @hookimpl
     def genfw_register(registry):
-        registry.register("prior", "maskgit", "genfw_maskgit.prior:MaskGIT",
-                          description="MaskGIT iterative decoding")
+        registry.register("prior", "muse", "genfw_muse.prior:Muse",
+                          description="Muse parallel decoding")
 
 Components are named by ``"module:attr"`` strings (imported only when built, so discovery and
 ``genfw --help`` stay fast) or by the class itself (a function, for converters). The kinds are

@@ -273,7 +273,12 @@ class Registry:
 
     def clash_message(self, kind: str, name: str) -> str:
         """What to say about a kind and name that several distributions register."""
-        who = " and ".join(f"{e.dist} {e.version} (plugin '{e.plugin}')" for e in self.conflicts[(kind, name)])
+        entries = self.conflicts[(kind, name)]
+        who = " and ".join(f"{e.dist} {e.version} (plugin '{e.plugin}')" for e in entries)
+        own = [e.plugin for e in entries if e.dist == "genfw"]
+        if own:  # a built-in added in a later release took a name a plugin already used
+            return (f"{kind} '{name}' is registered by both {who}: rename yours, or leave genfw's own plugin "
+                    f"'{own[0]}' out with {ALLOWLIST_ENV}=<the plugins to load, without {own[0]}>")
         return f"{kind} '{name}' is registered by both {who}: uninstall one of them"
 
     def broken_hint(self, dist: str | None = None) -> str:

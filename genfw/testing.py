@@ -4,7 +4,7 @@ Use them from your plugin's tests::
 
     from genfw.testing import check_prior
     def test_my_prior():
-        check_prior("maskgit", {"steps": 4}, backbone={"name": "transformer", "params": {...}})
+        check_prior("muse", {"steps": 4}, backbone={"name": "transformer", "params": {...}})
 
 One check per kind: :func:`check_tokenizer`, :func:`check_backbone`, :func:`check_prior`,
 :func:`check_dataset`, :func:`check_logger`, :func:`check_converter` (signatures and what each

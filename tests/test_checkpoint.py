@@ -108,10 +108,10 @@ def test_newer_format_and_missing_plugin(tmp_path, prior):
     genfw.save(path, prior)
 
     def foreign(m):
-        m["components"][0].update(name="maskgit", dist="genfw-maskgit", version="0.3")
+        m["components"][0].update(name="muse", dist="genfw-muse", version="0.3")
 
     edit_meta(path, foreign)
-    with pytest.raises(PluginError, match="pip install genfw-maskgit"):
+    with pytest.raises(PluginError, match="pip install genfw-muse"):
         genfw.load(path)
 
 

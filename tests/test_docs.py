@@ -1,5 +1,5 @@
 """docs/writing-plugins.md is real: its example package installs (a ``.dist-info`` on sys.path),
-every component passes the check the page shows, the converter converts, the page's MaskGIT
+every component passes the check the page shows, the converter converts, the page's mini-maskgit
 command runs verbatim; and the installed plugin shows nested provenance, clash and
 failed-import messages and ``genfw plugins --check``."""
 
@@ -61,7 +61,7 @@ def installed(tmp_path, monkeypatch):
 
 
 def test_the_page_has_an_example_and_a_check_for_every_kind():
-    assert set(FILES) >= {f"genfw_example/{m}.py" for m in ("plugin", "tokenizer", "backbone", "maskgit",
+    assert set(FILES) >= {f"genfw_example/{m}.py" for m in ("plugin", "tokenizer", "backbone", "mini_maskgit",
                                                              "dataset", "convert")}
     assert {re.search(r"import (check_\w+)", c).group(1) for c in CHECKS} >= {
         "check_tokenizer", "check_backbone", "check_prior", "check_dataset", "check_converter"}
@@ -97,14 +97,14 @@ def test_the_converter_example_converts(installed):
         assert torch.equal(loaded(tokens), mixer(tokens))
 
 
-def test_the_maskgit_command_runs_verbatim(installed, monkeypatch):
+def test_the_mini_maskgit_command_runs_verbatim(installed, monkeypatch):
     _, tmp = installed
-    line = next(x for x in TEXT.splitlines() if x.startswith("genfw run") and "prior.name=maskgit" in x)
+    line = next(x for x in TEXT.splitlines() if x.startswith("genfw run") and "prior.name=mini-maskgit" in x)
     argv = shlex.split(line)[1:]
     monkeypatch.chdir(ROOT)
     result = CliRunner().invoke(app, [*argv, "--dry-run", "--output-dir", str(tmp / "run")])
     assert result.exit_code == 0, result.output
-    assert "maskgit / hourglass" in result.stdout
+    assert "mini-maskgit /" in result.stdout and "hourglass" in result.stdout  # the cell wraps at 80 columns
     assert "drops the params of 'sundae' (unroll_steps)" in result.stderr
 
 
@@ -154,18 +154,18 @@ def test_installed_plugin_provenance_clash_broken_and_check(installed):
     _distribution(broken, "genfw-broken", "2.0", {"broken": "genfw_broken"})
     (broken / "genfw_broken_typo.py").write_text(
         "from genfw import hookimpl\n\n@hookimpl\ndef genfw_register(registry):\n"
-        "    registry.register('prior', 'typo', 'genfw_example.maskgt:MaskGIT')\n")
+        "    registry.register('prior', 'typo', 'genfw_example.mini_maskgt:MiniMaskGIT')\n")
     _distribution(broken, "genfw-broken-typo", "3.0", {"typo": "genfw_broken_typo"})
     sys.path.insert(0, str(broken))
     try:
         use("genfw-broken", "genfw-broken-typo")
         check = runner.invoke(app, ["plugins", "--check"])
         assert check.exit_code == 1
-        assert "boom at import" in check.stderr and "failed to import genfw_example.maskgt:MaskGIT" in check.stderr
+        assert "boom at import" in check.stderr and "failed to import genfw_example.mini_maskgt:MiniMaskGIT" in check.stderr
         recipe = tmp / "r.yaml"
         body = ("name: r\ndata: {name: stripes, params: {size: 4, resolution: 8}}\n"
                 "tokenizer: {name: patches, params: {factor: 2, levels: 4}}\n"
-                "prior: {name: maskgit, backbone: {name: mixer, params: {dim: 8, depth: 1}}}\n")
+                "prior: {name: mini-maskgit, backbone: {name: mixer, params: {dim: 8, depth: 1}}}\n")
         recipe.write_text(body + "plugins: {genfw-broken: '>=1'}\n")
         pinned = runner.invoke(app, ["validate", str(recipe)])
         assert pinned.exit_code == 2

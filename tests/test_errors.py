@@ -113,7 +113,7 @@ def newer(path):
 
 
 def foreign_plugin(path):
-    edit_meta(path, lambda m: m["components"][0].update(name="maskgit", dist="genfw-maskgit", version="0.3"))
+    edit_meta(path, lambda m: m["components"][0].update(name="muse", dist="genfw-muse", version="0.3"))
 
 
 def _mixed_recipe(tmp):
@@ -291,7 +291,7 @@ CASES = [
     ("checkpoint-corrupt-header", _ckpt_case(header), "corrupt", 1),
     ("checkpoint-shapes-mismatch", _ckpt_case(wrong_shapes), "has shape", 1),
     ("checkpoint-newer-format", _ckpt_case(newer), "newer than this genfw", 1),
-    ("checkpoint-needs-plugin", _ckpt_case(foreign_plugin), "pip install genfw-maskgit", 1),
+    ("checkpoint-needs-plugin", _ckpt_case(foreign_plugin), "pip install genfw-muse", 1),
     ("checkpoint-hostile-sizes", _hostile_grid, "beyond genfw's limit", 1),
     ("codebook-mismatch", _codebook_mismatch, "has codebook_size 4 but tokenizer level 0 needs 8", 2),
     ("model-is-not-a-bundle", lambda tmp, fin, mp: (["sample", str(fin / "prior.safetensors")], []),

@@ -20,7 +20,7 @@ from genfw.cli import app
 from genfw.errors import PluginError
 from genfw.hookspecs import hookimpl
 from genfw.interfaces import Backbone, Params
-from genfw.registry import Registry, get_registry, reset_registry
+from genfw.registry import ComponentClash, Registry, get_registry, reset_registry
 from genfw.testing import RULES, ConformanceWarning, check_backbone, check_converter
 
 ROOT = Path(__file__).parents[1]
@@ -36,6 +36,10 @@ def _distribution(root: Path, name: str, version: str, entry_points: dict[str, s
     (info / "entry_points.txt").write_text("[genfw]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
 
 
+#: genfw's own plugins (entry points), from pyproject.toml
+BUILTIN_PLUGINS = list(tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+                       ["project"]["entry-points"]["genfw"])
+
 @pytest.fixture
 def site(tmp_path, monkeypatch):
     """A folder on sys.path for throwaway distributions; ``use(*dists)`` rediscovers with them allowed."""
@@ -44,8 +48,8 @@ def site(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(root))
     before = set(sys.modules)
 
-    def use(*dists: str) -> Registry:
-        monkeypatch.setenv("GENFW_PLUGINS", ",".join(["genfw", *dists]))
+    def use(*dists: str, include_genfw: bool = True) -> Registry:
+        monkeypatch.setenv("GENFW_PLUGINS", ",".join(["genfw", *dists] if include_genfw else dists))
         reset_registry()
         return get_registry()
 
@@ -76,7 +80,13 @@ def _install_previous_example(root: Path) -> str:
 
 def test_previous_release_example_plugins_still_pass(site):
     root, use = site
-    use(_install_previous_example(root))
+    example = _install_previous_example(root)
+    # genfw's own `maskgit` (plugin API 1.1) takes the name the 0.1.0 example used: a clash that
+    # says what to do, and with genfw's maskgit left out the example works unchanged
+    clash = use(example)
+    with pytest.raises(ComponentClash, match=r"rename yours, or leave genfw's own plugin 'maskgit' out with GENFW_PLUGINS"):
+        clash.get("prior", "maskgit")
+    use(example, *(p for p in BUILTIN_PLUGINS if p != "maskgit"), include_genfw=False)
     checks = [b for b in re.findall(r"```python\n(.*?)```", PREVIOUS, flags=re.S) if b.startswith("from genfw.testing")]
     assert len(checks) >= 4
     for block in checks:  # warnings (a rule on its way to becoming an error) are allowed
@@ -254,7 +264,13 @@ def test_plugins_params_works_for_every_registered_component(site):
 
 def test_convert_lists_converters_and_checks_the_name_first(site, tmp_path):
     root, use = site
-    use(_install_previous_example(root))
+    example = _install_previous_example(root)
+    # genfw's own `maskgit` (plugin API 1.1) takes the name the 0.1.0 example used: a clash that
+    # says what to do, and with genfw's maskgit left out the example works unchanged
+    clash = use(example)
+    with pytest.raises(ComponentClash, match=r"rename yours, or leave genfw's own plugin 'maskgit' out with GENFW_PLUGINS"):
+        clash.get("prior", "maskgit")
+    use(example, *(p for p in BUILTIN_PLUGINS if p != "maskgit"), include_genfw=False)
     shown = runner.invoke(app, ["convert", "--help"], terminal_width=200)
     assert shown.exit_code == 0
     flat = " ".join(shown.stdout.split())

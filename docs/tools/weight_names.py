@@ -26,6 +26,13 @@ MODELS = [
     ("tokenizer", "vqgan", {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
                             "z_channels": 8, "embed_dim": 8, "codebook_size": 16, "perceptual_weight": 0.0,
                             "disc_layers": 2, "disc_ndf": 8}, {"channels": 3, "resolution": [16, 16]}),
+    ("tokenizer", "fsq", {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
+                          "z_channels": 8, "levels": [4, 4], "perceptual_weight": 0.0, "disc_layers": 2,
+                          "disc_ndf": 8},
+     {"channels": 3, "resolution": [16, 16]}),
+    ("tokenizer", "lfq", {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
+                          "z_channels": 8, "codebook_bits": 4, "perceptual_weight": 0.0, "disc_layers": 2, "disc_ndf": 8},
+     {"channels": 3, "resolution": [16, 16]}),
     ("backbone", "transformer", TRANSFORMER["params"],
      {"vocab_size": 9, "out_size": 8, "grid": [4, 4], "num_classes": 2, "context": []}),
     ("backbone", "hourglass", {"dim": 16, "depth": [1, 1, 1], "heads": 2, "head_dim": 8},
@@ -36,6 +43,8 @@ MODELS = [
                                 "backbone": TRANSFORMER}),
     ("prior", "autoregressive", {}, {"codebook_size": 8, "grid": [4, 4], "num_classes": 0, "context": [],
                                      "backbone": TRANSFORMER}),
+    ("prior", "maskgit", {}, {"codebook_size": 8, "grid": [4, 4], "num_classes": 0, "context": [],
+                              "backbone": TRANSFORMER}),
 ]
 
 

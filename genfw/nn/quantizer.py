@@ -249,3 +249,41 @@ class VectorQuantizer(nn.Module):
         """Codebook state from training: dead codes (unused for ``dead_after`` steps) and their fraction."""
         dead = int((self.unused_steps >= self.dead_after).sum())
         return {"dead_codes": float(dead), "dead_fraction": dead / self.codebook_size}
+
+
+class CodeUsage(nn.Module):
+    """Usage bookkeeping for quantizers with an implicit codebook (FSQ, LFQ): the same
+    ``perplexity``/``usage``/``dead_codes`` step statistics and :meth:`health` as
+    :class:`VectorQuantizer`, so every tokenizer reports its codebook the same way.
+    (Nothing restarts a dead implicit code: the statistics only show how the encoder uses them.)
+    """
+
+    def __init__(self, codebook_size: int) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
+
+    @property
+    def dead_after(self) -> int:
+        return DEFAULT_DEAD_AFTER
+
+    def usage_stats(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Step statistics of ``codes``; in training mode also ages the unused codes."""
+        counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
+        if self.training:
+            global_counts = counts.clone()
+            if _distributed():
+                td.all_reduce(global_counts)
+            with torch.no_grad():
+                self.unused_steps.add_(1).masked_fill_(global_counts > 0, 0)
+        return {
+            "perplexity": _perplexity(counts).detach(),
+            "usage": (counts > 0).float().mean().detach(),
+            "dead_codes": (self.unused_steps >= self.dead_after).sum().detach().float(),
+        }
+
+    @torch.no_grad()
+    def health(self) -> dict[str, float]:
+        """Codes unused for ``dead_after`` training steps and their fraction."""
+        dead = int((self.unused_steps >= self.dead_after).sum())
+        return {"dead_codes": float(dead), "dead_fraction": dead / self.codebook_size}

@@ -25,6 +25,8 @@ divides T (otherwise the strata differ by at most one timestep). Differences fro
 code, on purpose: inpainting works for any mask (starting at the timestep that the number of
 masked positions gives, as the paper's sec. 4.5 describes); the larger-than-training sampler is
 parallel (all windows in one batch, the same steps), not one token per step.
+An addition: classifier-free guidance (``label_drop`` in training; ``guidance_scale`` and
+``guidance_schedule`` at sampling; :mod:`genfw.nn.guidance`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
+from genfw.nn.guidance import GuidanceSchedule, drop_labels, guidance_at, guided_logits
 from genfw.nn.sampling import Windows, categorical, rand, randint, target_grid, tempered
 
 
@@ -72,6 +75,9 @@ class Absorbing(Prior):
             "estimate of the ELBO, kind 'bound'); k < T = the midpoints of k equal strata, each "
             "weighted T/k: a deterministic quadrature, cheaper but biased (kind 'estimate', "
             "reported with the difference from a k/2-point quadrature as its error)"))
+        label_drop: float = Field(0.0, ge=0, lt=1, description=(
+            "probability of training on the null class instead of the label, which enables "
+            "classifier-free guidance (0 = off; the backbone then has no null class)"))
 
     class SamplerParams(BaseParams):
         steps: int = Field(256, ge=1, description=(
@@ -92,11 +98,20 @@ class Absorbing(Prior):
             "the paper's sampler) or 'raster' (the authors' order for larger-than-training "
             "grids: each new code is next to decided ones, so windows that cannot see each "
             "other do not decide distant regions independently)"))
+        guidance_scale: float = Field(1.0, description=(
+            "classifier-free guidance s: logits = uncond + s * (cond - uncond); 1 = plain "
+            "conditional sampling (needs a model trained with label_drop > 0 otherwise)"))
+        guidance_schedule: GuidanceSchedule = Field("constant", description=(
+            "how the scale moves over the steps: constant, or from 1 at the start to s at the last "
+            "step linearly or along half a cosine"))
 
     def __init__(self, params: Params | dict | None = None, **construct: Any) -> None:
         super().__init__(params, **construct)  # codebook_size, grid, num_classes, context, backbone
         self.mask_id = self.codebook_size  # the absorbing state: one extra input token, never an output
-        self.backbone = self.make_backbone(vocab_size=self.codebook_size + 1)
+        # Classifier-free guidance needs a learned "no label" embedding: class index num_classes.
+        self.null_class = self.num_classes if self.num_classes and self.params.label_drop > 0 else None
+        self.backbone = self.make_backbone(vocab_size=self.codebook_size + 1,
+                                           num_classes=self.num_classes + (self.null_class is not None))
         self.last_sample_stats: dict[str, Any] = {}
         self._rows = 0  # backbone rows evaluated by the current sample() call
 
@@ -126,19 +141,28 @@ class Absorbing(Prior):
         ce = F.cross_entropy(rearrange(logits, "b h w k -> b k h w"), codes, reduction="none")
         return (ce * masked).flatten(1).sum(1)
 
+    def _labels(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+        if labels is None:
+            # A guidance-trained model has a proper unconditional mode: the null class.
+            return None if self.null_class is None else torch.full((n,), self.null_class, device=device)
+        return labels.to(device).long()
+
+    def _guided_logits(self, x: torch.Tensor, labels: torch.Tensor | None,
+                       context: list[torch.Tensor] | None, guidance: float) -> torch.Tensor:
+        """x0 logits [B, h, w, K]; classifier-free guidance mixes cond and null in one doubled batch."""
+        self._rows += x.shape[0] * (1 if guidance == 1.0 else 2)
+        return guided_logits(self.backbone, x, labels, context, guidance, self.null_class)
+
     def _probs(self, x: torch.Tensor, labels: torch.Tensor | None, context: list[torch.Tensor] | None,
-               temperature: float, windows: Windows | None) -> torch.Tensor:
+               temperature: float, windows: Windows | None, guidance: float = 1.0) -> torch.Tensor:
         """x0 distribution [B, H, W, K] at ``temperature`` (window-averaged on big grids)."""
         if windows is None:
-            self._rows += x.shape[0]
-            logits = self.backbone(x, labels=labels, context=context).float()
+            logits = self._guided_logits(x, labels, context, guidance)
             return torch.softmax(logits / temperature, dim=-1)
         n = windows.count
         labels = labels.repeat_interleave(n) if labels is not None else None
         context = [windows.split_coarse(c) for c in context] if context else None
-        xw = windows.split(x)
-        self._rows += xw.shape[0]
-        probs = torch.softmax(self.backbone(xw, labels=labels, context=context).float(), dim=-1)
+        probs = torch.softmax(self._guided_logits(windows.split(x), labels, context, guidance), dim=-1)
         # eq. 8: average the windows' probabilities at each position, then apply temperature.
         return tempered(windows.merge(probs), temperature)
 
@@ -150,6 +174,7 @@ class Absorbing(Prior):
         b, n, T = codes.shape[0], codes[0].numel(), self.params.timesteps
         t = randint(T, (b,), None, codes.device) + 1
         masked = self._mask(t, tuple(codes.shape), self.params.masking, None)
+        labels = drop_labels(self._labels(labels, b, codes.device), self.null_class, self.params.label_drop)
         ce = self._masked_ce(codes, masked, labels, context)  # b, nats summed over masked tokens
         # Normalisations of the authors' code: bits per token over all N tokens; p(t) = 1/T.
         elbo = ce * T / t / (math.log(2) * n)
@@ -220,7 +245,9 @@ class Absorbing(Prior):
         device = self._device()
         target = target_grid(self.grid, grid, init)
         windows = None if target == self.grid else Windows(target, self.grid, (sp.window_stride,) * 2)
-        labels = labels.to(device).long() if labels is not None else None
+        if sp.guidance_scale != 1.0 and (self.null_class is None or labels is None):
+            raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
+        labels = self._labels(labels, n, device)
         context = [c.to(device) for c in context] if context else None
 
         x = torch.full((n, *target), self.mask_id, dtype=torch.long, device=device)
@@ -236,7 +263,8 @@ class Absorbing(Prior):
             if len(active) == 0:
                 continue
             probs = self._probs(x[active], labels[active] if labels is not None else None,
-                                [c[active] for c in context] if context else None, sp.temperature, windows)
+                                [c[active] for c in context] if context else None, sp.temperature, windows,
+                                guidance_at(sp.guidance_scale, sp.guidance_schedule, s / sp.steps))
             chosen = reveal[active]
             drawn = categorical(rearrange(probs, "b h w k -> b (h w) k")[chosen], generator)
             flat = rearrange(x[active], "b h w -> b (h w)")
@@ -262,6 +290,7 @@ class Absorbing(Prior):
         """
         T = self.params.timesteps
         k = min(self.params.nll_timesteps or T, T)
+        labels = self._labels(labels, codes.shape[0], codes.device)
         bits = self._quadrature(codes, labels, context, generator, k)
         if k >= T:
             return NLLOutput(bits_per_token=bits, kind="bound")

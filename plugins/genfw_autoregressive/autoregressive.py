@@ -9,6 +9,9 @@ from codes 0..i-1, the class label and any coarser levels; the NLL is exact.
 Sampling feeds one token per step through the backbone's key/value cache; ``use_cache=False``
 recomputes the whole prefix each step instead (the reference for equivalence tests and speed
 benchmarks). Both paths draw exactly the same random numbers, so a seed gives the same codes.
+Classifier-free guidance (``label_drop``, ``guidance_scale``, ``guidance_schedule``;
+:mod:`genfw.nn.guidance`) runs the conditional and null-class sequences as one doubled batch,
+with one cache.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pydantic import Field
 from genfw.errors import ConfigError
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
+from genfw.nn.guidance import GuidanceSchedule, drop_labels, guidance_at
 from genfw.nn.sampling import categorical, filter_logits
 
 
@@ -40,7 +44,11 @@ class Autoregressive(Prior):
     nll_kind = "exact"
 
     class Params(Params):
-        """No options: the architecture lives in the backbone's params."""
+        """The architecture lives in the backbone's params."""
+
+        label_drop: float = Field(0.0, ge=0, lt=1, description=(
+            "probability of training on the null class instead of the label, which enables "
+            "classifier-free guidance (0 = off; the backbone then has no null class)"))
 
     class SamplerParams(BaseParams):
         temperature: float = Field(1.0, gt=0, description="logits are divided by this before sampling")
@@ -50,16 +58,31 @@ class Autoregressive(Prior):
         use_cache: bool = Field(True, description=(
             "decode one token per step with the key/value cache; False recomputes the prefix "
             "each step (same samples, quadratic cost)"))
+        guidance_scale: float = Field(1.0, description=(
+            "classifier-free guidance s: logits = uncond + s * (cond - uncond); 1 = plain "
+            "conditional sampling (needs a model trained with label_drop > 0 otherwise)"))
+        guidance_schedule: GuidanceSchedule = Field("constant", description=(
+            "how the scale moves over the positions: constant, or from 1 at the first to s at the "
+            "last position linearly or along half a cosine"))
 
     def __init__(self, params: Params | dict | None = None, **construct: Any) -> None:
         super().__init__(params, **construct)  # codebook_size, grid, num_classes, context, backbone
         self.start_id = self.codebook_size
-        self.backbone = self.make_backbone(vocab_size=self.codebook_size + 1)
+        # Classifier-free guidance needs a learned "no label" embedding: class index num_classes.
+        self.null_class = self.num_classes if self.num_classes and self.params.label_drop > 0 else None
+        self.backbone = self.make_backbone(vocab_size=self.codebook_size + 1,
+                                           num_classes=self.num_classes + (self.null_class is not None))
         if not self.backbone.supports_causal:
             why = type(self.backbone).causal_unsupported_reason
             raise ConfigError(f"the autoregressive prior needs a causal backbone; '{self.construct['backbone']['name']}' "
                               f"cannot be causal" + (f" ({why})" if why else ""))
         self.last_sample_stats: dict[str, Any] = {}
+
+    def _labels(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+        if labels is None:
+            # A guidance-trained model has a proper unconditional mode: the null class.
+            return None if self.null_class is None else torch.full((n,), self.null_class, device=device)
+        return labels.to(device).long()
 
     def _shifted(self, codes: torch.Tensor) -> torch.Tensor:
         """[B, h, w] -> the input grid [start, z_0, ..., z_{N-2}] in raster order."""
@@ -79,6 +102,8 @@ class Autoregressive(Prior):
     def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
              context: list[torch.Tensor] | None = None) -> StepOutput:
         """Mean next-token cross-entropy."""
+        labels = drop_labels(self._labels(labels, codes.shape[0], codes.device), self.null_class,
+                             self.params.label_drop)
         ce = self._token_ce(codes, labels, context)
         loss = ce.mean()
         return StepOutput(losses={"main": loss}, logs={"bits_per_token": float(loss.detach()) / math.log(2)})
@@ -97,8 +122,15 @@ class Autoregressive(Prior):
         device = next(self.parameters()).device
         h, w = self.grid
         total = h * w
-        labels = labels.to(device).long() if labels is not None else None
+        if sp.guidance_scale != 1.0 and (self.null_class is None or labels is None):
+            raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
+        labels = self._labels(labels, n, device)
         context = [c.to(device) for c in context] if context else None
+        guided = sp.guidance_scale != 1.0
+        rows = 2 * n if guided else n  # guidance: conditional rows, then the same with the null class
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+            context = [torch.cat([c, c]) for c in context] if context else None
         out = torch.zeros(n, total, dtype=torch.long, device=device)
         regenerate = torch.ones(n, total, dtype=torch.bool, device=device)
         if init is not None:
@@ -109,29 +141,32 @@ class Autoregressive(Prior):
         todo = regenerate.any(0).tolist()
 
         def draw(logits: torch.Tensor, i: int) -> None:
+            if guided:
+                cond, uncond = logits.float().chunk(2)
+                logits = uncond + guidance_at(sp.guidance_scale, sp.guidance_schedule, (i + 1) / total) * (cond - uncond)
             logits = filter_logits(logits.float() / sp.temperature, sp.top_k, sp.top_p)
             token = categorical(torch.softmax(logits, dim=-1), generator)
             out[:, i] = torch.where(regenerate[:, i], token, out[:, i])
 
         forwards = 0
         if sp.use_cache:
-            cache = self.backbone.init_cache(n, device, self._cache_dtype())
-            previous = torch.full((n,), self.start_id, dtype=torch.long, device=device)
+            cache = self.backbone.init_cache(rows, device, self._cache_dtype())
+            previous = torch.full((rows,), self.start_id, dtype=torch.long, device=device)
             for i in range(total):
                 logits = self.backbone.decode_step(previous, i, cache, labels=labels, context=context)
                 forwards += 1
                 if todo[i]:
                     draw(logits, i)
-                previous = out[:, i]
+                previous = out[:, i].repeat(rows // n)
         else:
             for i in range(total):
                 if not todo[i]:
                     continue
-                tokens = self._shifted(out.view(n, h, w))
+                tokens = self._shifted(out.view(n, h, w)).repeat(rows // n, 1, 1)
                 logits = self.backbone(tokens, labels=labels, context=context, causal=True)
                 forwards += 1
                 draw(rearrange(logits, "b h w k -> b (h w) k")[:, i], i)
-        self.last_sample_stats = {"steps": forwards, "backbone_evaluations": forwards * n}
+        self.last_sample_stats = {"steps": forwards, "backbone_evaluations": forwards * rows}
         return out.view(n, h, w)
 
     def _cache_dtype(self) -> torch.dtype:
@@ -145,5 +180,5 @@ class Autoregressive(Prior):
     def nll(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
             context: list[torch.Tensor] | None = None, generator: torch.Generator | None = None) -> NLLOutput:
         """Exact -log2 p(codes) / N per sample (no randomness: ``generator`` is unused)."""
-        ce = self._token_ce(codes, labels, context)
+        ce = self._token_ce(codes, self._labels(labels, codes.shape[0], codes.device), context)
         return NLLOutput(bits_per_token=ce.sum(1) / ce.shape[1] / math.log(2), kind="exact")

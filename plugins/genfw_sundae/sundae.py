@@ -25,6 +25,7 @@ from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
+from genfw.nn.guidance import GuidanceSchedule, guidance_at
 from genfw.nn.sampling import Windows, categorical, rand, randint, target_grid, tempered
 
 
@@ -77,6 +78,9 @@ class Sundae(Prior):
         guidance_scale: float = Field(1.0, description=(
             "classifier-free guidance s: logits = uncond + s * (cond - uncond); 1 = plain "
             "conditional sampling (needs a model trained with label_drop > 0 otherwise)"))
+        guidance_schedule: GuidanceSchedule = Field("constant", description=(
+            "how the scale moves over the steps: constant, or from 1 at the first to s at the last "
+            "step linearly or along half a cosine"))
         window_stride: int = Field(1, ge=1, description=(
             "stride of the training-size windows when sampling a larger grid (eq. 8 of "
             "Unleashing Transformers; 1 = every window)"))
@@ -181,10 +185,10 @@ class Sundae(Prior):
         device, k = self._device(), self.codebook_size
         target = target_grid(self.grid, grid, init)
         windows = None if target == self.grid else Windows(target, self.grid, (sp.window_stride,) * 2)
-        labels = self._labels(labels, n, device)
-        context = [c.to(device) for c in context] if context else None
         if sp.guidance_scale != 1.0 and (self.null_class is None or labels is None):
             raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
+        labels = self._labels(labels, n, device)
+        context = [c.to(device) for c in context] if context else None
 
         x = randint(k, (n, *target), generator, device)
         if init is not None:
@@ -204,7 +208,8 @@ class Sundae(Prior):
             xa = x[active]
             probs = self._probs(xa, labels[active] if labels is not None else None,
                                 [c[active] for c in context] if context else None,
-                                temperatures[step], sp.guidance_scale, windows)
+                                temperatures[step],
+                                guidance_at(sp.guidance_scale, sp.guidance_schedule, (step + 1) / sp.steps), windows)
             proposal = categorical(probs, generator, uniform=u_token[active])
             update = u_update[active] < proportions[step]
             if mask is not None:

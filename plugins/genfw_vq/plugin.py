@@ -13,6 +13,10 @@ def genfw_register(registry):
                       description="Hierarchical VQ-VAE-2 with 2 or 3 levels (Razavi et al. 2019)")
     registry.register("tokenizer", "vqgan", "genfw_vq.vqgan:VQGAN",
                       description="VQ-GAN (taming-transformers names) with LPIPS, PatchGAN, DiffAugment")
+    registry.register("tokenizer", "fsq", "genfw_vq.implicit:FSQGAN",
+                      description="vqgan's networks and loss with finite scalar quantization (Mentzer et al. 2023)")
+    registry.register("tokenizer", "lfq", "genfw_vq.implicit:LFQGAN",
+                      description="vqgan's networks and loss with lookup-free quantization (MAGVIT-v2)")
     registry.register("converter", "taming", "genfw_vq.convert:convert_taming",
                       description="Convert a taming-transformers VQ-GAN .ckpt into a genfw vqgan checkpoint")
     registry.register("converter", "vqvae2", "genfw_vq.convert_vqvae2:convert_vqvae2",

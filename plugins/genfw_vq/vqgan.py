@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from genfw.interfaces import Level, StepOutput
+from genfw.interfaces import Params as BaseParams
 from genfw.nn.quantizer import QuantizerOutput, QuantizerParams, VectorQuantizer
 from genfw_vq.base import VQTokenizer
 from genfw_vq.losses import VQGANLoss
@@ -189,52 +190,68 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(h) if self.out_activation else h)
 
 
+class GANParams(BaseParams):
+    """The encoder, decoder and loss fields of ``vqgan``, shared with ``fsq`` and ``lfq`` (which
+    swap only the quantizer); each tokenizer adds its quantizer's fields and ``code_dim``."""
+
+    ch: int = Field(128, ge=1, description="base width of encoder/decoder")
+    ch_mult: list[int] = Field([1, 1, 2, 2, 4], min_length=1, description="width multiplier per level; f = 2**(len-1)")
+    num_res_blocks: int = Field(2, ge=1, description="residual blocks per encoder level (decoder: +1)")
+    attn_resolutions: list[int] = Field([16], description="feature heights that get self-attention")
+    z_channels: int = Field(256, ge=1, description="encoder output / decoder input width")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    disc_start: int = Field(15000, ge=0, description="step at which the discriminator switches on")
+    disc_weight: float = Field(1.0, ge=0, description="multiplier of the adaptive weight (taming: 0.8)")
+    codebook_weight: float = Field(1.0, ge=0, description="weight of the quantizer loss")
+    perceptual_weight: float = Field(1.0, ge=0, description="weight of LPIPS (0 = no perceptual loss)")
+    lambda_max: float | None = Field(
+        1.0, gt=0, description="clamp of the adaptive weight (Unleashing: 1; None: taming's 1e4)"
+    )
+    diffaug: bool = Field(True, description="DiffAugment (colour, translation) on discriminator inputs")
+    disc_layers: int = Field(3, ge=1, description="PatchGAN layers")
+    disc_ndf: int = Field(64, ge=1, description="PatchGAN base width")
+    perceptual_weights: str | None = Field(
+        None, description="local .pth/.safetensors with LPIPS-VGG16 weights (else the torch hub cache)"
+    )
+    # Architecture variants, for converted models (genfw convert unleashing); defaults are taming's.
+    quant_convs: bool = Field(True, description=(
+        "1x1 convs between encoder, codebook and decoder (taming); False: the encoder outputs codewords "
+        "directly (Unleashing Transformers; needs z_channels == the code dimension: embed_dim for vqgan)"))
+    decoder_res_blocks: int | None = Field(None, ge=1, description=(
+        "residual blocks per decoder level (None: num_res_blocks + 1, as taming; Unleashing: num_res_blocks)"))
+    out_activation: bool = Field(True, description=(
+        "swish between the last GroupNorm and conv of encoder and decoder (taming); Unleashing has none"))
+    unit_range: bool = Field(False, description=(
+        "the networks work on images in [0, 1] (Unleashing Transformers); genfw's [-1, 1] images are mapped in and out"))
+
+    @model_validator(mode="after")
+    def _group_norm_widths(self):
+        bad = sorted({self.ch * m for m in self.ch_mult if (self.ch * m) % GROUPS})
+        if self.ch % GROUPS or bad:
+            raise ValueError(f"ch and ch * ch_mult must be multiples of {GROUPS} (GroupNorm groups); got widths "
+                             f"{[self.ch, *bad]}")
+        if not self.quant_convs and self.z_channels != self.code_dim:
+            raise ValueError(f"quant_convs: false needs z_channels == the code dimension, got {self.z_channels} "
+                             f"and {self.code_dim}")
+        return self
+
+    @property
+    def code_dim(self) -> int:
+        """Channels of the quantizer's input (and of a code vector)."""
+        raise NotImplementedError
+
+
 class VQGAN(VQTokenizer):
     """taming-transformers' VQModel with the Unleashing Transformers loss fixes."""
 
-    class Params(QuantizerParams):
+    class Params(QuantizerParams, GANParams):
         codebook_size: int = Field(1024, ge=2, description="K: number of codewords")
         embed_dim: int = Field(256, ge=1, description="D: codeword dimension")
         ema: bool = Field(False, description="EMA codebook instead of the codebook loss (taming: off)")
-        ch: int = Field(128, ge=1, description="base width of encoder/decoder")
-        ch_mult: list[int] = Field([1, 1, 2, 2, 4], min_length=1, description="width multiplier per level; f = 2**(len-1)")
-        num_res_blocks: int = Field(2, ge=1, description="residual blocks per encoder level (decoder: +1)")
-        attn_resolutions: list[int] = Field([16], description="feature heights that get self-attention")
-        z_channels: int = Field(256, ge=1, description="encoder output / decoder input width")
-        dropout: float = Field(0.0, ge=0, lt=1)
-        disc_start: int = Field(15000, ge=0, description="step at which the discriminator switches on")
-        disc_weight: float = Field(1.0, ge=0, description="multiplier of the adaptive weight (taming: 0.8)")
-        codebook_weight: float = Field(1.0, ge=0, description="weight of the quantizer loss")
-        perceptual_weight: float = Field(1.0, ge=0, description="weight of LPIPS (0 = no perceptual loss)")
-        lambda_max: float | None = Field(
-            1.0, gt=0, description="clamp of the adaptive weight (Unleashing: 1; None: taming's 1e4)"
-        )
-        diffaug: bool = Field(True, description="DiffAugment (colour, translation) on discriminator inputs")
-        disc_layers: int = Field(3, ge=1, description="PatchGAN layers")
-        disc_ndf: int = Field(64, ge=1, description="PatchGAN base width")
-        perceptual_weights: str | None = Field(
-            None, description="local .pth/.safetensors with LPIPS-VGG16 weights (else the torch hub cache)"
-        )
-        # Architecture variants, for converted models (genfw convert unleashing); defaults are taming's.
-        quant_convs: bool = Field(True, description=(
-            "1x1 convs between encoder, codebook and decoder (taming); False: the encoder outputs codewords "
-            "directly (Unleashing Transformers; needs z_channels == embed_dim)"))
-        decoder_res_blocks: int | None = Field(None, ge=1, description=(
-            "residual blocks per decoder level (None: num_res_blocks + 1, as taming; Unleashing: num_res_blocks)"))
-        out_activation: bool = Field(True, description=(
-            "swish between the last GroupNorm and conv of encoder and decoder (taming); Unleashing has none"))
-        unit_range: bool = Field(False, description=(
-            "the networks work on images in [0, 1] (Unleashing Transformers); genfw's [-1, 1] images are mapped in and out"))
 
-        @model_validator(mode="after")
-        def _group_norm_widths(self):
-            bad = sorted({self.ch * m for m in self.ch_mult if (self.ch * m) % GROUPS})
-            if self.ch % GROUPS or bad:
-                raise ValueError(f"ch and ch * ch_mult must be multiples of {GROUPS} (GroupNorm groups); got widths "
-                                 f"{[self.ch, *bad]}")
-            if not self.quant_convs and self.z_channels != self.embed_dim:
-                raise ValueError(f"quant_convs: false needs z_channels == embed_dim, got {self.z_channels} and {self.embed_dim}")
-            return self
+        @property
+        def code_dim(self) -> int:
+            return self.embed_dim
 
     def __init__(self, params=None, **construct) -> None:
         super().__init__(params, **construct)  # channels, resolution
@@ -251,9 +268,14 @@ class VQGAN(VQTokenizer):
                               codebook_weight=p.codebook_weight, perceptual_weight=p.perceptual_weight,
                               lambda_max=p.lambda_max, diffaug=p.diffaug, disc_layers=p.disc_layers,
                               disc_ndf=p.disc_ndf, perceptual_weights=p.perceptual_weights)
-        self.quantize = VectorQuantizer.from_params(p)
-        self.quant_conv = nn.Conv2d(p.z_channels, p.embed_dim, 1) if p.quant_convs else nn.Identity()
-        self.post_quant_conv = nn.Conv2d(p.embed_dim, p.z_channels, 1) if p.quant_convs else nn.Identity()
+        self.quantize = self.make_quantizer()
+        self.quant_conv = nn.Conv2d(p.z_channels, p.code_dim, 1) if p.quant_convs else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(p.code_dim, p.z_channels, 1) if p.quant_convs else nn.Identity()
+
+    def make_quantizer(self) -> nn.Module:
+        """The quantizer (what ``fsq`` and ``lfq`` replace): returns a ``QuantizerOutput``,
+        and has ``lookup(codes)`` and ``health()``."""
+        return VectorQuantizer.from_params(self.params)
 
     @property
     def factor(self) -> int:

@@ -1,0 +1,1 @@
+"""Built-in plugin genfw_maskgit: the MaskGIT prior."""
