@@ -180,3 +180,29 @@ def test_installed_plugin_provenance_clash_broken_and_check(installed):
         sys.path.remove(str(broken))
         for m in ("genfw_broken", "genfw_broken_typo"):
             sys.modules.pop(m, None)
+
+
+def test_comparison_page_numbers_are_recomputed_from_its_csv():
+    """docs/comparison.md quotes what benchmarks/comparison_round1.py computes from the committed CSV."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("comparison_round1", root / "benchmarks" / "comparison_round1.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = (root / "docs" / "comparison.md").read_text()
+    rows = module.load()
+    claim = module.proportion_claim(rows)
+    assert [r["steps"] for r in claim] == [8, 16, 32]
+    for r in claim:
+        diffs = ", ".join(str(d).replace("-", "−") for d in r["differences"])
+        line = (f"| {r['steps']} | {diffs} | {r['paired_t_p']:.3f} | {r['sign_flip_p']:.3f} | "
+                f"{r['holm_p']:.3f} |")
+        assert line in page, line
+    # two pairs: the exact sign-flip test can never reject, as the page says
+    assert min(r["sign_flip_p"] for r in claim) == 0.5
+    t4 = module.table4(rows)
+    assert f"the bound is {t4['difference']:.3f} above" in page
+    assert f"Welch p = {t4['welch_p']:.3f}" in page
+    # per-seed values only: no "±" interval in any table (the text quotes round 1's impossible ones)
+    assert not [line for line in page.splitlines() if line.startswith("|") and "±" in line]
