@@ -14,7 +14,7 @@ BASE = {
     "tokenizer": {"name": "pixels", "params": {"levels": 4}},
     "prior": {"name": "sundae", "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2}}},
     "train": {"prior": {"steps": 4, "batch_size": 8}},
-    "latents": {"holdout": 0.2},
+    "latents": {"holdout": 0.3},  # 12 held-out images: 6 per half (reference and floor), more than PRDC k = 5
     "sample": {"n": 8, "batch_size": 8, "params": {"steps": 4, "min_steps": 2}},
     "evaluate": {"n_samples": 8, "classifier_steps": 5, "metrics": ["nll", "fidelity"]},
 }

@@ -19,7 +19,7 @@ RECIPE = {
     "prior": {"name": "sundae", "params": {"unroll_steps": 2},
               "backbone": {"name": "transformer", "params": {"dim": 32, "depth": 1, "heads": 2}}},
     "train": {"prior": {"steps": 12, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 5}},
-    "latents": {"flip": True, "holdout": 0.25},
+    "latents": {"flip": True, "holdout": 0.35},  # 17 held-out images: halves of 8 and 9
     "sample": {"n": 6, "batch_size": 4, "params": {"steps": 12, "min_steps": 4}},
     "evaluate": {"n_samples": 8, "classifier_steps": 20, "batch_size": 16},
 }
@@ -59,6 +59,10 @@ def test_run_writes_every_output(finished_run):
     assert "## Metrics" in report and "samples/grid.png" in report and "![samples](samples.png)" in report
     assert "### How they were computed" in report and "| fidelity/num_samples | 8 |" in report.split("### How")[1]
     assert "kid_std" not in report  # 8 samples against 8 reference images: the subset is the whole set
+    # the floor and the tokenizer beside FID; both classifiers' held-out accuracy beside class accuracy
+    assert "real-vs-real floor" in report and "the tokenizer's reconstructions of the reference" in report
+    assert "by the convnet classifier (its accuracy on 17 held-out real images" in report
+    assert "by the lenet classifier (its accuracy on 17 held-out real images" in report
     assert "Written 20" in report and "by `genfw run " in report and "Versions: genfw " in report
     assert (run / "samples.png").exists()
 
