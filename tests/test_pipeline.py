@@ -44,7 +44,7 @@ def finished_run(tmp_path_factory):
 
 
 def test_run_writes_every_output(finished_run):
-    _, _, run, _ = finished_run
+    _, _, run, result = finished_run
     for name in ("recipe.yaml", "tokenizer/model.safetensors", "latents/train/index.json", "prior0/model.safetensors",
                  "samples/grid.png", "metrics.json", "report.md", "curves.png"):
         assert (run / name).exists(), name
@@ -63,6 +63,8 @@ def test_run_writes_every_output(finished_run):
     assert "real-vs-real floor" in report and "the tokenizer's reconstructions of the reference" in report
     assert "by the convnet classifier (its accuracy on 17 held-out real images" in report
     assert "by the lenet classifier (its accuracy on 17 held-out real images" in report
+    printed = " ".join(result.stdout.split())  # genfw run prints the same lines under its metrics table
+    assert "real-vs-real floor" in printed and "by the lenet classifier" in printed
     assert "Written 20" in report and "by `genfw run " in report and "Versions: genfw " in report
     assert (run / "samples.png").exists()
 
