@@ -7,7 +7,9 @@ them on its 500 held-out digits, which neither tokenizer, prior nor classifier e
 
 Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classifiers_mnist.py [--steps 1500]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classifiers_mnist.py [--steps 1500] [--seed 0]
+
+``--seed S`` draws the split and trains the classifiers as a recipe with ``seed: S`` would.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from genfw.registry import build
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0, help="the recipe seed: split and classifier seeds")
     args = parser.parse_args()
     data = build("dataset", "mnist", {"resolution": 32})
     images, labels = data._data
-    train, held = split_indices(len(labels), 0.1, 0)
-    results = {"train_images": len(train), "heldout_images": len(held), "steps": args.steps}
+    train, held = split_indices(len(labels), 0.1, args.seed)
+    results = {"train_images": len(train), "heldout_images": len(held), "steps": args.steps, "seed": args.seed}
     for prefix, (arch, batch_size) in evaluate.CLASSIFIERS.items():
-        seed = list(evaluate.CLASSIFIERS).index(prefix)
+        seed = args.seed + list(evaluate.CLASSIFIERS).index(prefix)
         wall, cpu = time.perf_counter(), time.process_time()
         model = evaluate._classifier(images[train], labels[train], 10, args.steps, seed, "cpu", arch, batch_size)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
