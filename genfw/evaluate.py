@@ -124,7 +124,8 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
         for prefix, model in classifiers.items():
             metrics.save_classifier(model, run.path("evaluate", f"{prefix}.safetensors"))
         hx, hy = _stack(dataset, hold_idx)
-        out |= _classifier_metrics(classifiers, hx, hy, images, sample_labels_)
+        labelled_ = hy >= 0  # unlabelled images (label -1) say nothing about accuracy
+        out |= _classifier_metrics(classifiers, hx[labelled_], hy[labelled_], images, sample_labels_)
         extractor = classifiers["classifier"]
     fe = metrics.FeatureExtractor(extractor, batch_size=spec.batch_size, device=device,
                                   inception_weights_path=spec.inception_weights)
