@@ -399,6 +399,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         if isinstance(v, (int, float)):
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     out.print(table)
+    from genfw.report import context_lines
+
+    for line in context_lines(metrics):  # FID beside its floor, class accuracy beside the classifiers
+        out.print(line.strip(), markup=False, highlight=False)
 
 
 @command

@@ -194,11 +194,11 @@ class EvaluateSpec(_Strict):
     metrics: list[str] = Field(default_factory=lambda: ["reconstruction", "nll", "fidelity"])
     n_samples: int = Field(256, ge=1)
     feature_extractor: str = "auto"  # auto | classifier | inception-v3-compat
-    classifier_steps: int = Field(300, ge=0)
+    classifier_steps: int = Field(1500, ge=0)
     inception_weights: str | None = None
     batch_size: int = Field(64, ge=1)
-    # the held-out images split into two disjoint halves (fixed by recipe seed); FID/KID/PRDC
-    # references come from this half only
+    # The held-out images are split into two disjoint halves fixed by the seed; FID/KID/PRDC
+    # references come only from this one (the other gives the real-vs-real floor).
     reference: Literal["test", "validation"] = "test"
 
 

@@ -14,7 +14,7 @@ import torch
 
 from genfw import checkpoint
 from genfw.config import PriorSpec, ResolvedRecipe
-from genfw.data import split_indices
+from genfw.data import split_halves, split_indices
 from genfw.errors import ConfigError, DataError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.registry import get_registry
@@ -74,6 +74,12 @@ class RunContext:
         return split_indices(len(self.dataset), self.recipe.latents.holdout, self.recipe.seed)
 
     _split = split  # the older private name
+
+    def heldout_halves(self) -> dict[str, list[int]]:
+        """The held-out indices in two disjoint halves, ``validation`` and ``test``, fixed by the
+        seed: neither trains the tokenizer, the prior or the evaluation classifier."""
+        validation, test = split_halves(self.split()[1], self.recipe.seed)
+        return {"validation": validation, "test": test}
 
     def sample_seed(self) -> int:
         return self.recipe.sample.seed if self.recipe.sample.seed is not None else self.recipe.seed

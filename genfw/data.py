@@ -281,6 +281,19 @@ def split_indices(n: int, holdout: float, seed: int) -> tuple[list[int], list[in
     return sorted(perm[k:]), sorted(perm[:k])
 
 
+def split_halves(indices: list[int], seed: int) -> tuple[list[int], list[int]]:
+    """Held-out indices in two disjoint halves (validation, test), fixed by the seed.
+
+    The validation half is for choosing settings (e.g. a sampler's temperature), the test half
+    for reporting; with an odd count the test half gets the extra index.
+    """
+    # a generator of its own, offset from split_indices', so the halves do not mirror that split
+    g = torch.Generator().manual_seed(seed + 7919)
+    order = torch.randperm(len(indices), generator=g).tolist()
+    half = len(indices) // 2
+    return sorted(indices[i] for i in order[:half]), sorted(indices[i] for i in order[half:])
+
+
 # --------------------------------------------------------------------------------------------
 # latent datasets (codes stored as sharded safetensors)
 

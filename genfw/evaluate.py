@@ -8,6 +8,24 @@
   or Inception from local weights; plus ``class_accuracy``, the fraction of class-conditional
   samples the classifier assigns to the class they were asked for;
 * speed — sampling seconds and backbone evaluations per image, from the sample stage.
+
+The rules of the fidelity metrics:
+
+* **References never trained anything.** The held-out images (``latents.holdout``; the
+  tokenizer, the prior and the classifiers train on the rest) are split into two disjoint
+  halves fixed by the seed, ``validation`` and ``test``. FID/KID/PRDC references come only from
+  the half ``evaluate.reference`` names (``test`` by default): ``n_samples`` of them, or all of
+  the half when it is smaller (``fidelity/num_reference`` says how many).
+* **Every FID and KID has its floor and its tokenizer beside it.** ``floor_fid``/``floor_kid``:
+  real images of the *other* held-out half (as many as there are samples, or all of the half)
+  against the same reference — what a perfect model scores at these counts;
+  ``reconstruction_fid``/``reconstruction_kid``: the tokenizer's reconstructions of the
+  reference images against those images.
+* **Two classifiers.** A batch-norm convnet (its features give FID/KID/PRDC, its predictions
+  ``class_accuracy``) and an independently trained LeNet-style network (another seed), both
+  trained on the training split only; each one's accuracy and calibration error (ECE) on every
+  held-out image stand beside its class accuracy, and an exact McNemar test says whether they
+  disagree about the samples by more than chance (``classifier/disagreement_p``).
 """
 
 from __future__ import annotations
@@ -18,8 +36,11 @@ import torch
 
 from genfw import io, metrics
 from genfw.data import AsTorchDataset, LatentDataset
+from genfw.errors import ConfigError
 from genfw.progress import console, progress_bar, tracked
 from genfw.sampling import decode_codes, generate, sample_labels
+
+PRDC_K = 5  # neighbours of precision/recall/density/coverage (metrics.fidelity's default)
 
 if TYPE_CHECKING:
     from genfw.context import RunContext as Run
@@ -43,10 +64,11 @@ def evaluate_run(run: Run, tokenizer, priors) -> dict[str, Any]:
     device = run.device
     out: dict[str, Any] = {}
     train_idx, hold_idx = run._split()
-    hold_idx = hold_idx or train_idx[: spec.n_samples]
 
     if "reconstruction" in spec.metrics:
-        loader = torch.utils.data.DataLoader(AsTorchDataset(run.dataset, hold_idx), batch_size=spec.batch_size)
+        # without a held-out split (latents.holdout: 0) reconstruction is measured on training images
+        recon_idx = hold_idx or train_idx[: spec.n_samples]
+        loader = torch.utils.data.DataLoader(AsTorchDataset(run.dataset, recon_idx), batch_size=spec.batch_size)
         batches = tracked(loader, "evaluate: reconstruction (batches)")
         for k, v in metrics.reconstruction(tokenizer, batches, device=device).items():
             out[f"tokenizer/{k}"] = v
@@ -88,7 +110,64 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
     extractor = metrics.choose_extractor(spec.feature_extractor, has_labels=labelled,
                                          resolution=tuple(dataset.resolution),
                                          inception_weights_path=spec.inception_weights)
-    # Samples: the sample stage's codes, topped up with fresh samples when n_samples asks for more.
+    # References come only from the chosen held-out half (nothing was trained on it); the floor's
+    # real "samples" from the other half, so no image is ever compared with itself.
+    reference_half, other_half = reference_halves(run)
+    images, sample_labels_ = _sample_images(run, tokenizer, priors, n)
+    reference, _ = _stack(dataset, _subset(reference_half, n, run.recipe.seed))
+    floor_real, _ = _stack(dataset, _subset(other_half, n, run.recipe.seed + 2))
+    out: dict[str, Any] = {}
+    if extractor == "classifier":
+        pool = _subset(train_idx, 20_000, run.recipe.seed + 1)
+        x, y = _stack(dataset, pool)
+        classifiers = evaluation_classifiers(x, y, dataset.num_classes, spec.classifier_steps, run.recipe.seed, device)
+        for prefix, model in classifiers.items():
+            metrics.save_classifier(model, run.path("evaluate", f"{prefix}.safetensors"))
+        hx, hy = _stack(dataset, hold_idx)
+        labelled_ = hy >= 0  # unlabelled images (label -1) say nothing about accuracy
+        out |= _classifier_metrics(classifiers, hx[labelled_], hy[labelled_], images, sample_labels_)
+        extractor = classifiers["classifier"]
+    fe = metrics.FeatureExtractor(extractor, batch_size=spec.batch_size, device=device,
+                                  inception_weights_path=spec.inception_weights)
+    with progress_bar(f"evaluate: fidelity features ({images.shape[0]} samples, {reference.shape[0]} reference, "
+                      f"{floor_real.shape[0]} real for the floor, {reference.shape[0]} reconstructions)", total=None):
+        features = {"samples": fe(images), "reference": fe(reference), "floor": fe(floor_real),
+                    "reconstruction": fe(_reconstruct(tokenizer, reference, spec.batch_size, device))}
+    result = metrics.fidelity_from_features(features["samples"], features["reference"]) | fe.described
+    floor = metrics.fidelity_from_features(features["floor"], features["reference"])
+    recon = metrics.fidelity_from_features(features["reconstruction"], features["reference"])
+    for k, v in result.items():
+        out[f"fidelity/{k}"] = v
+        if k in ("fid", "kid"):  # beside each: what real images score, and the tokenizer's reconstructions
+            out[f"fidelity/floor_{k}"] = floor[k]
+            out[f"fidelity/reconstruction_{k}"] = recon[k]
+    out["fidelity/floor_num_samples"] = floor["num_samples"]
+    out["fidelity/reference"] = spec.reference
+    if features["samples"] is not None:  # (under torchrun only rank 0 holds the features, and writes them)
+        _save_per_sample(run, {"samples": features["samples"]["features"],
+                               "reference": features["reference"]["features"]}, extractor, images,
+                         sample_labels_, result)
+    return out
+
+
+def reference_halves(run: Run) -> tuple[list[int], list[int]]:
+    """(reference half, other half) of the held-out images, as ``evaluate.reference`` chooses."""
+    halves = run.heldout_halves()
+    chosen = run.recipe.evaluate.reference
+    other = "validation" if chosen == "test" else "test"
+    smallest = min(len(halves[chosen]), len(halves[other]))
+    if smallest <= PRDC_K:
+        raise ConfigError(f"the fidelity metrics need more than {PRDC_K} held-out images in each half (reference "
+                          f"and floor); latents.holdout gives {len(halves[chosen]) + len(halves[other])} in all: "
+                          "raise latents.holdout")
+    return halves[chosen], halves[other]
+
+
+def _sample_images(run: Run, tokenizer, priors, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n decoded samples and the labels they were asked for: the sample stage's codes, topped up
+    with fresh samples when ``evaluate.n_samples`` asks for more."""
+    spec = run.recipe.evaluate
+    device = run.device
     tensors, _ = _read_sample_codes(run)
     codes = [tensors[f"codes.{i}"].long() for i in range(len(priors))]
     sample_labels_ = tensors.get("labels")
@@ -102,43 +181,57 @@ def _fidelity(run: Run, tokenizer, priors, train_idx: list[int], hold_idx: list[
         images = torch.cat([images, more.images])
         if sample_labels_ is not None and labels is not None:
             sample_labels_ = torch.cat([sample_labels_, labels])
-    images = images[:n]
-    sample_labels_ = sample_labels_[:n] if sample_labels_ is not None else None
+    return images[:n], sample_labels_[:n] if sample_labels_ is not None else None
 
-    # validation and test references are disjoint (a sampler tuned on one is reported on the other)
-    pool = _reference_half(hold_idx, spec.reference, run.recipe.seed)
-    pool += _reference_half(train_idx, spec.reference, run.recipe.seed)
-    reference_idx = _subset(pool, n, run.recipe.seed)
-    reference, _ = _stack(dataset, reference_idx)
+
+def _reconstruct(tokenizer, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """The tokenizer's reconstructions decode(encode(x)) of images [N, C, H, W], on the CPU."""
+    was_training = tokenizer.training
+    tokenizer.eval()
+    try:
+        with torch.inference_mode():
+            return torch.cat([tokenizer.decode(tokenizer.encode(chunk.to(device))).float().clamp(-1, 1).cpu()
+                              for chunk in images.split(batch_size)])
+    finally:
+        tokenizer.train(was_training)
+
+
+#: The two independently trained evaluation classifiers (different architectures, seeds and batch
+#: sizes), by their metrics prefix: the first gives the fidelity features and ``class_accuracy``.
+CLASSIFIERS = {"classifier": ("convnet", 64), "classifier2": ("lenet", 128)}
+
+
+def evaluation_classifiers(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int, seed: int,
+                           device="cpu") -> dict[str, Any]:
+    """The two evaluation classifiers trained on labelled images x [N, C, H, W], y [N] (seeds
+    ``seed`` and ``seed + 1``), by metrics prefix; trained once per process for the same inputs."""
+    return {prefix: _classifier(x, y, num_classes, steps, seed + i, device, arch, batch_size)
+            for i, (prefix, (arch, batch_size)) in enumerate(CLASSIFIERS.items())}
+
+
+def _classifier_metrics(classifiers: dict[str, Any], heldout: torch.Tensor, heldout_labels: torch.Tensor,
+                        samples: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+    """Each classifier's accuracy and calibration on held-out real images and its class accuracy
+    on the samples; whether the two disagree on the samples by more than chance allows."""
     out: dict[str, Any] = {}
-    if extractor == "classifier":
-        pool = _subset(train_idx, 20_000, run.recipe.seed + 1)
-        x, y = _stack(dataset, pool)
-        classifier = _classifier(x, y, dataset.num_classes, spec.classifier_steps, run.recipe.seed, device)
-        metrics.save_classifier(classifier, run.path("evaluate", "classifier.safetensors"))
-        if hold_idx:
-            hx, hy = _stack(dataset, hold_idx)
-            out["classifier/heldout_accuracy"] = metrics.classifier_accuracy(classifier, hx, hy)
-        if sample_labels_ is not None:
-            out["class_accuracy"] = metrics.classifier_accuracy(classifier, images, sample_labels_)
-        extractor = classifier
-    features: dict[str, torch.Tensor] = {}
-    with progress_bar(f"evaluate: fidelity features ({images.shape[0]} samples, {reference.shape[0]} reference)",
-                      total=None):
-        result = metrics.fidelity(images, reference, extractor, batch_size=spec.batch_size, device=device,
-                                  inception_weights_path=spec.inception_weights, features_out=features)
-    out |= {f"fidelity/{k}": v for k, v in result.items()}
-    if features:  # (under torchrun only rank 0 holds the features, and writes them)
-        _save_per_sample(run, features, extractor, images, sample_labels_, result)
+    correct, predicted = {}, {}
+    for prefix, model in classifiers.items():
+        out[f"{prefix}/arch"] = model.params.arch
+        if heldout.shape[0]:
+            real = metrics.classifier_report(model, heldout, heldout_labels)
+            out[f"{prefix}/heldout_accuracy"] = real["accuracy"]
+            out[f"{prefix}/heldout_ece"] = real["ece"]
+            out[f"{prefix}/num_heldout"] = real["num_images"]
+        if labels is not None:
+            predicted[prefix] = metrics.classify(model, samples)
+            correct[prefix] = predicted[prefix] == labels.long()
+            key = "class_accuracy" if prefix == "classifier" else f"{prefix}/class_accuracy"
+            out[key] = float(correct[prefix].double().mean())
+    if len(correct) == 2:
+        (a, pa), (b, pb) = zip(correct.values(), predicted.values(), strict=True)
+        out["classifier/agreement"] = float((pa == pb).double().mean())
+        out["classifier/disagreement_p"] = metrics.mcnemar_p(a, b)
     return out
-
-
-def _reference_half(indices: list[int], which: str, seed: int) -> list[int]:
-    """The ``evaluate.reference`` half of ``indices``: two disjoint halves fixed by the seed."""
-    g = torch.Generator().manual_seed(seed + 7919)
-    order = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
-    half = len(order) // 2
-    return sorted(order[:half] if which == "validation" else order[half:])
 
 
 #: Per-sample outputs of the fidelity metrics, for intervals within one run (bootstrap, Wilson).
@@ -167,21 +260,23 @@ def _save_per_sample(run: Run, features: dict[str, torch.Tensor], extractor, ima
 #: Classifiers trained in this process, by (images, labels, steps, seed, device): the runs of one
 #: ablation or study evaluate with the same classifier, trained once (training is deterministic).
 _CLASSIFIERS: dict[tuple, Any] = {}
-_CLASSIFIER_CACHE_SIZE = 2
+_CLASSIFIER_CACHE_SIZE = 4  # the two classifiers of two datasets
 
 
-def _classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int, seed: int, device):
+def _classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int, seed: int, device,
+                arch: str = "convnet", batch_size: int = 64):
     import hashlib
 
     digest = hashlib.sha256(x.contiguous().numpy().tobytes())
     digest.update(y.contiguous().numpy().tobytes())
-    key = (digest.hexdigest(), tuple(x.shape), num_classes, steps, seed, str(device))
+    key = (digest.hexdigest(), tuple(x.shape), num_classes, steps, seed, str(device), arch, batch_size)
     if key in _CLASSIFIERS:
-        console.print("[dim]classifier feature extractor: the one trained earlier in this process on the same "
-                      "images, steps and seed[/dim]")
+        console.print(f"[dim]evaluation classifier ({arch}): the one trained earlier in this process on the "
+                      "same images, steps and seed[/dim]")
         return _CLASSIFIERS[key]
-    console.print(f"[dim]training the classifier feature extractor on {x.shape[0]} images[/dim]")
-    model = metrics.train_classifier(x, y, num_classes, steps=steps, seed=seed, device=device)
+    console.print(f"[dim]training the evaluation classifier ({arch}) on {x.shape[0]} images[/dim]")
+    model = metrics.train_classifier(x, y, num_classes, steps=steps, seed=seed, device=device, arch=arch,
+                                     batch_size=batch_size)
     while len(_CLASSIFIERS) >= _CLASSIFIER_CACHE_SIZE:
         _CLASSIFIERS.pop(next(iter(_CLASSIFIERS)))
     _CLASSIFIERS[key] = model

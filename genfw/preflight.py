@@ -92,7 +92,7 @@ def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None
     report.add("device", problem is None, problem or f"{where} is available")
 
     # data: exists, and holds images (counted); reading every image is left to the stages
-    num_classes = 0
+    num_classes, count = 0, 0
     data_ok = False
     try:
         dataset = registry.build("dataset", recipe.data.name, resolved.data_params)
@@ -127,6 +127,8 @@ def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None
             report.add("evaluate", True, f"fidelity features: {chosen}")
         except GenfwError as e:
             report.add("evaluate", False, str(e))
+        if count:
+            report.add(*_reference_check(resolved, count))
 
     # torch.compile: Inductor needs a C++ compiler for CPU kernels
     compiled = [s for s, t in (("tokenizer", recipe.train.tokenizer), ("prior", recipe.train.prior)) if t.compile]
@@ -136,6 +138,25 @@ def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None
         report.add("compile", ok, f"train.{compiled[0]}.compile=true on CPU needs a C++ compiler (none on PATH): "
                    f"install g++ or set train.{compiled[0]}.compile=false" if not ok else "torch.compile available")
     return report
+
+
+def _reference_check(resolved: ResolvedRecipe, count: int) -> tuple[str, bool, str]:
+    """The fidelity reference: the chosen held-out half must hold more than PRDC's k images."""
+    from genfw.data import split_halves, split_indices
+    from genfw.evaluate import PRDC_K
+
+    recipe = resolved.recipe
+    spec = recipe.evaluate
+    validation, test = split_halves(split_indices(count, recipe.latents.holdout, recipe.seed)[1], recipe.seed)
+    halves = {"validation": validation, "test": test}
+    chosen = len(halves[spec.reference])
+    if min(len(validation), len(test)) <= PRDC_K:
+        return ("reference", False, f"the fidelity metrics need more than {PRDC_K} held-out images in each half "
+                f"(reference and floor), latents.holdout gives {len(validation) + len(test)} in all: "
+                "raise latents.holdout")
+    used = min(chosen, spec.n_samples)
+    short = f" (fewer than n_samples {spec.n_samples}: all of the half)" if chosen < spec.n_samples else ""
+    return ("reference", True, f"{used} held-out {spec.reference} images{short}")
 
 
 def _device_type(name: str | None) -> str:

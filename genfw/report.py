@@ -174,7 +174,7 @@ def _fmt(v: Any) -> str:
 # Entries of metrics.json that describe how a number was computed, not a measurement.
 SETTING_KEYS = {"num_samples", "num_reference", "batch_size", "prdc_k", "feature_dim", "kid_subsets",
                 "kid_subset_size", "feature_extractor", "feature_extractor_id", "device", "nll_kind",
-                "num_tokens", "num_samples_nll", "seed", "kind"}
+                "num_tokens", "num_samples_nll", "seed", "kind", "floor_num_samples", "num_heldout"}
 
 
 def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -187,6 +187,47 @@ def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
         else:
             values[k] = v
     return values, settings
+
+
+#: A McNemar p below this flags the two classifiers' class accuracies as disagreeing (genfw.evaluate).
+DISAGREEMENT_P = 0.05
+
+
+def context_lines(metrics: dict[str, Any]) -> list[str]:
+    """What FID and class accuracy are to be read against: the real-vs-real floor and the
+    tokenizer's reconstruction FID; each classifier's held-out accuracy and calibration, and a
+    warning when the two classifiers disagree about the samples by more than chance."""
+    m = metrics
+    lines: list[str] = []
+    if isinstance(m.get("fidelity/fid"), (int, float)):
+        n, ref = m.get("fidelity/num_samples"), m.get("fidelity/num_reference")
+        half = m.get("fidelity/reference", "held-out")
+        line = f"FID {_fmt(m['fidelity/fid'])} ({n} samples against {ref} held-out {half} images)"
+        if "fidelity/floor_fid" in m:
+            line += (f"; real-vs-real floor {_fmt(m['fidelity/floor_fid'])} ({m.get('fidelity/floor_num_samples')} "
+                     "real images of the other held-out half against the same reference)")
+        if "fidelity/reconstruction_fid" in m:
+            line += f"; the tokenizer's reconstructions of the reference: {_fmt(m['fidelity/reconstruction_fid'])}"
+        lines.append(line + ".")
+        if "fidelity/floor_kid" in m:
+            lines.append(f"KID {_fmt(m.get('fidelity/kid'))}; floor {_fmt(m['fidelity/floor_kid'])}; "
+                         f"reconstructions {_fmt(m.get('fidelity/reconstruction_kid'))}.")
+        if isinstance(n, int) and isinstance(ref, int) and ref < n:
+            lines.append(f"The reference half holds {ref} images, fewer than the {n} samples: FIDs compare only at "
+                         "these counts (raise latents.holdout for a larger reference).")
+    for prefix, key in (("classifier", "class_accuracy"), ("classifier2", "classifier2/class_accuracy")):
+        if isinstance(m.get(key), (int, float)):
+            held = ""
+            if f"{prefix}/heldout_accuracy" in m:
+                held = (f" (its accuracy on {m.get(f'{prefix}/num_heldout')} held-out real images "
+                        f"{_fmt(m[f'{prefix}/heldout_accuracy'])}, calibration error ECE "
+                        f"{_fmt(m.get(f'{prefix}/heldout_ece'))})")
+            lines.append(f"Class accuracy {_fmt(m[key])} by the {m.get(f'{prefix}/arch', '')} classifier{held}.")
+    p = m.get("classifier/disagreement_p")
+    if isinstance(p, (int, float)) and p < DISAGREEMENT_P:
+        lines.append(f"**Warning:** the two classifiers' class accuracies differ by more than chance "
+                     f"(exact McNemar p = {p:.2g}): class accuracy depends on which classifier judges.")
+    return [*(f"{line}\n" for line in lines)] if lines else []
 
 
 def _versions() -> list[str]:
@@ -250,6 +291,7 @@ def write_report(run: Run, tokenizer, priors) -> None:
             lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in values.items()]
             lines.append("")
+        lines += context_lines(metrics)
         if settings:
             lines += ["### How they were computed", "", "| setting | value |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in settings.items()]

@@ -19,7 +19,7 @@ RECIPE = {
     "prior": {"name": "sundae", "params": {"unroll_steps": 2},
               "backbone": {"name": "transformer", "params": {"dim": 32, "depth": 1, "heads": 2}}},
     "train": {"prior": {"steps": 12, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 5}},
-    "latents": {"flip": True, "holdout": 0.25},
+    "latents": {"flip": True, "holdout": 0.35},  # 17 held-out images: halves of 8 and 9
     "sample": {"n": 6, "batch_size": 4, "params": {"steps": 12, "min_steps": 4}},
     "evaluate": {"n_samples": 8, "classifier_steps": 20, "batch_size": 16},
 }
@@ -44,7 +44,7 @@ def finished_run(tmp_path_factory):
 
 
 def test_run_writes_every_output(finished_run):
-    _, _, run, _ = finished_run
+    _, _, run, result = finished_run
     for name in ("recipe.yaml", "tokenizer/model.safetensors", "latents/train/index.json", "prior0/model.safetensors",
                  "samples/grid.png", "metrics.json", "report.md", "curves.png"):
         assert (run / name).exists(), name
@@ -59,6 +59,12 @@ def test_run_writes_every_output(finished_run):
     assert "## Metrics" in report and "samples/grid.png" in report and "![samples](samples.png)" in report
     assert "### How they were computed" in report and "| fidelity/num_samples | 8 |" in report.split("### How")[1]
     assert "kid_std" not in report  # 8 samples against 8 reference images: the subset is the whole set
+    # the floor and the tokenizer beside FID; both classifiers' held-out accuracy beside class accuracy
+    assert "real-vs-real floor" in report and "the tokenizer's reconstructions of the reference" in report
+    assert "by the convnet classifier (its accuracy on 17 held-out real images" in report
+    assert "by the lenet classifier (its accuracy on 17 held-out real images" in report
+    printed = " ".join(result.stdout.split())  # genfw run prints the same lines under its metrics table
+    assert "real-vs-real floor" in printed and "by the lenet classifier" in printed
     assert "Written 20" in report and "by `genfw run " in report and "Versions: genfw " in report
     assert (run / "samples.png").exists()
 
