@@ -902,7 +902,9 @@ def _bar_chart(out_dir: str, results: dict[str, Any], columns: list[Column], cel
             xs, ys, lows, highs = zip(*group)
             if kind == "bar":
                 ax.bar(xs, ys, color="tab:blue")
-            yerr = [[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]]
+            # KID's unbiased estimate can fall below 0, where its interval (clipped to the true
+            # KID's range, >= 0) does not reach: the point is drawn where it is, its bar from 0
+            yerr = [[max(0.0, y - lo) for y, lo in zip(ys, lows)], [max(0.0, hi - y) for y, hi in zip(ys, highs)]]
             ax.errorbar(xs, ys, yerr=yerr, fmt="none" if kind == "bar" else "o", color="black" if kind == "bar"
                         else "tab:blue", capsize=2, markersize=3)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)

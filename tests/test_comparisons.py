@@ -256,8 +256,9 @@ def test_ablate_seeds_costs_and_steps_sweep(tmp_path):
     main = json.loads((out / "sundae" / "seed-1" / "metrics.json").read_text())
     assert not any(k.startswith(("prior0/", "tokenizer/")) for k in point) and "fidelity/fid" in point
     assert any(k.startswith("prior0/") for k in main)  # SUNDAE: denoising cross-entropy, not an NLL
-    # one classifier feature extractor for every run of the ablation, trained once in the process
-    assert result.output.count("training the classifier feature extractor") == 1, result.output
+    # the two evaluation classifiers serve every run of the ablation, each trained once in the process
+    for arch in ("convnet", "lenet"):
+        assert result.output.count(f"training the evaluation classifier ({arch})") == 1, result.output
     assert "Quality vs sampling cost" in md or "Quality vs sampling cost" in (out / "comparison.md").read_text()
     # sweep points of one trained prior are a paired design: 2 vs 4 steps of sundae, both seeds
     assert "| sundae@2 vs sundae@4 | 2 vs 4 | paired, 2 seeds |" in md
