@@ -165,7 +165,9 @@ def test_installed_plugin_provenance_clash_broken_and_check(installed):
         recipe = tmp / "r.yaml"
         body = ("name: r\ndata: {name: stripes, params: {size: 4, resolution: 8}}\n"
                 "tokenizer: {name: patches, params: {factor: 2, levels: 4}}\n"
-                "prior: {name: mini-maskgit, backbone: {name: mixer, params: {dim: 8, depth: 1}}}\n")
+                "prior: {name: mini-maskgit, backbone: {name: mixer, params: {dim: 8, depth: 1}}}\n"
+                # 4 images leave no held-out references for fidelity metrics (refused before work)
+                "evaluate: {metrics: [reconstruction, nll]}\n")
         recipe.write_text(body + "plugins: {genfw-broken: '>=1'}\n")
         pinned = runner.invoke(app, ["validate", str(recipe)])
         assert pinned.exit_code == 2
