@@ -19,6 +19,21 @@ GuidanceSchedule = Literal["constant", "linear", "cosine"]
 GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
 
 
+def null_class_for(num_classes: int, label_drop: float) -> int | None:
+    """The learned "no label" class (index ``num_classes``) of a model trained with label
+    dropout, or None when it has none (unconditional, or ``label_drop`` 0)."""
+    return num_classes if num_classes and label_drop > 0 else None
+
+
+def labels_or_null(labels: torch.Tensor | None, n: int, null_class: int | None,
+                   device: torch.device) -> torch.Tensor | None:
+    """``labels`` as longs on ``device``; without labels, a guidance-trained model's proper
+    unconditional mode (the null class for all ``n``), else None."""
+    if labels is None:
+        return None if null_class is None else torch.full((n,), null_class, device=device)
+    return labels.to(device).long()
+
+
 def guidance_at(scale: float, schedule: str, progress: float) -> float:
     """The guidance scale at ``progress`` in [0, 1] of the sampling (1 = the last step)."""
     if schedule == "constant":

@@ -27,7 +27,7 @@ from pydantic import Field
 from genfw.errors import ConfigError
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
-from genfw.nn.guidance import GuidanceSchedule, drop_labels, guidance_at
+from genfw.nn.guidance import GuidanceSchedule, drop_labels, guidance_at, labels_or_null, null_class_for
 from genfw.nn.sampling import categorical, filter_logits
 
 
@@ -69,7 +69,7 @@ class Autoregressive(Prior):
         super().__init__(params, **construct)  # codebook_size, grid, num_classes, context, backbone
         self.start_id = self.codebook_size
         # Classifier-free guidance needs a learned "no label" embedding: class index num_classes.
-        self.null_class = self.num_classes if self.num_classes and self.params.label_drop > 0 else None
+        self.null_class = null_class_for(self.num_classes, self.params.label_drop)
         self.backbone = self.make_backbone(vocab_size=self.codebook_size + 1,
                                            num_classes=self.num_classes + (self.null_class is not None))
         if not self.backbone.supports_causal:
@@ -79,10 +79,7 @@ class Autoregressive(Prior):
         self.last_sample_stats: dict[str, Any] = {}
 
     def _labels(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
-        if labels is None:
-            # A guidance-trained model has a proper unconditional mode: the null class.
-            return None if self.null_class is None else torch.full((n,), self.null_class, device=device)
-        return labels.to(device).long()
+        return labels_or_null(labels, n, self.null_class, device)
 
     def _shifted(self, codes: torch.Tensor) -> torch.Tensor:
         """[B, h, w] -> the input grid [start, z_0, ..., z_{N-2}] in raster order."""

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
-from genfw.nn.guidance import GuidanceSchedule, guidance_at
+from genfw.nn.guidance import GuidanceSchedule, guidance_at, labels_or_null, null_class_for
 from genfw.nn.sampling import Windows, categorical, rand, randint, target_grid, tempered
 
 
@@ -88,7 +88,7 @@ class Sundae(Prior):
     def __init__(self, params: Params | dict | None = None, **construct: Any) -> None:
         super().__init__(params, **construct)  # codebook_size, grid, num_classes, context, backbone
         # Classifier-free guidance needs a learned "no label" embedding: class index num_classes.
-        self.null_class = self.num_classes if self.num_classes and self.params.label_drop > 0 else None
+        self.null_class = null_class_for(self.num_classes, self.params.label_drop)
         self.backbone = self.make_backbone(vocab_size=self.codebook_size,
                                            num_classes=self.num_classes + (self.null_class is not None))
         self.last_sample_stats: dict[str, Any] = {}
@@ -100,10 +100,7 @@ class Sundae(Prior):
         return next(self.parameters()).device
 
     def _labels(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
-        if labels is None:
-            # A guidance-trained model has a proper unconditional mode: the null class.
-            return None if self.null_class is None else torch.full((n,), self.null_class, device=device)
-        return labels.to(device).long()
+        return labels_or_null(labels, n, self.null_class, device)
 
     def _logits(self, x: torch.Tensor, labels: torch.Tensor | None, context: list[torch.Tensor] | None,
                 guidance: float) -> torch.Tensor:
