@@ -156,7 +156,7 @@ RECIPE = {
     "prior": {"name": "autoregressive",
               "backbone": {"name": "transformer", "params": {"dim": 16, "depth": 1, "heads": 2, "dropout": 0.0}}},
     "train": {"prior": {"steps": 40, "batch_size": 4, "lr": 0.003, "log_every": 5, "checkpoint_every": 1000}},
-    "latents": {"holdout": 0.25},
+    "latents": {"holdout": 0.5},  # 12 held-out images: two halves of 6 (reference, floor)
     # 3 chunks of 2 over 2 ranks; evaluation tops up to 8 samples (split too) for fidelity
     "sample": {"n": 6, "batch_size": 2},
     "evaluate": {"metrics": ["nll", "fidelity"], "n_samples": 8, "classifier_steps": 5},
