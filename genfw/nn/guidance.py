@@ -34,6 +34,12 @@ def labels_or_null(labels: torch.Tensor | None, n: int, null_class: int | None,
     return labels.to(device).long()
 
 
+def check_guidance(scale: float, null_class: int | None, labels: torch.Tensor | None) -> None:
+    """Guidance (scale != 1) needs labels to guide towards and a model trained with label dropout."""
+    if scale != 1.0 and (null_class is None or labels is None):
+        raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
+
+
 def guidance_at(scale: float, schedule: str, progress: float) -> float:
     """The guidance scale at ``progress`` in [0, 1] of the sampling (1 = the last step)."""
     if schedule == "constant":

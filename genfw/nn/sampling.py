@@ -103,6 +103,17 @@ def target_grid(train_grid: tuple[int, int], grid=None, init: torch.Tensor | Non
     return int(target[0]), int(target[1])
 
 
+
+def masked_canvas(n: int, target: tuple[int, int], mask_id: int, init: torch.Tensor | None,
+                  mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The grids [n, h, w] a masked-token sampler starts from: all ``mask_id``, or inpainting
+    ``init`` with ``mask_id`` where ``mask`` is set (everywhere when ``mask`` is None)."""
+    x = torch.full((n, *target), mask_id, dtype=torch.long, device=device)
+    if init is None:
+        return x
+    mask = torch.ones_like(init, dtype=torch.bool) if mask is None else mask.to(device).bool()
+    return torch.where(mask, x, init.to(device))
+
 @dataclass
 class Windows:
     """Training-size windows over a larger grid, all processed as one batch.

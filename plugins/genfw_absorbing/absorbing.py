@@ -43,13 +43,14 @@ from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
 from genfw.nn.guidance import (
     GuidanceSchedule,
+    check_guidance,
     drop_labels,
     guidance_at,
     guided_logits,
     labels_or_null,
     null_class_for,
 )
-from genfw.nn.sampling import Windows, categorical, rand, randint, target_grid, tempered
+from genfw.nn.sampling import Windows, categorical, masked_canvas, rand, randint, target_grid, tempered
 
 
 class Absorbing(Prior):
@@ -249,15 +250,11 @@ class Absorbing(Prior):
         device = self._device()
         target = target_grid(self.grid, grid, init)
         windows = None if target == self.grid else Windows(target, self.grid, (sp.window_stride,) * 2)
-        if sp.guidance_scale != 1.0 and (self.null_class is None or labels is None):
-            raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
+        check_guidance(sp.guidance_scale, self.null_class, labels)
         labels = self._labels(labels, n, device)
         context = [c.to(device) for c in context] if context else None
 
-        x = torch.full((n, *target), self.mask_id, dtype=torch.long, device=device)
-        if init is not None:
-            mask = torch.ones_like(init, dtype=torch.bool) if mask is None else mask.to(device).bool()
-            x = torch.where(mask, x, init.to(device))
+        x = masked_canvas(n, target, self.mask_id, init, mask, device)
         when = self.reveal_steps(rearrange(x == self.mask_id, "b h w -> b (h w)"), sp, generator)
 
         self._rows, forwards = 0, 0

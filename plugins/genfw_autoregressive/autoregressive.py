@@ -27,7 +27,14 @@ from pydantic import Field
 from genfw.errors import ConfigError
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
-from genfw.nn.guidance import GuidanceSchedule, drop_labels, guidance_at, labels_or_null, null_class_for
+from genfw.nn.guidance import (
+    GuidanceSchedule,
+    check_guidance,
+    drop_labels,
+    guidance_at,
+    labels_or_null,
+    null_class_for,
+)
 from genfw.nn.sampling import categorical, filter_logits
 
 
@@ -119,8 +126,7 @@ class Autoregressive(Prior):
         device = next(self.parameters()).device
         h, w = self.grid
         total = h * w
-        if sp.guidance_scale != 1.0 and (self.null_class is None or labels is None):
-            raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
+        check_guidance(sp.guidance_scale, self.null_class, labels)
         labels = self._labels(labels, n, device)
         context = [c.to(device) for c in context] if context else None
         guided = sp.guidance_scale != 1.0

@@ -32,8 +32,15 @@ from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
-from genfw.nn.guidance import drop_labels, guidance_at, guided_logits, labels_or_null, null_class_for
-from genfw.nn.sampling import Windows, categorical, rand, target_grid, tempered
+from genfw.nn.guidance import (
+    check_guidance,
+    drop_labels,
+    guidance_at,
+    guided_logits,
+    labels_or_null,
+    null_class_for,
+)
+from genfw.nn.sampling import Windows, categorical, masked_canvas, rand, target_grid, tempered
 from genfw_maskgit.schedule import gumbel, mask_ratio, remask
 
 Schedule = Literal["cosine", "linear", "sqrt", "square"]
@@ -148,15 +155,11 @@ class MaskGIT(Prior):
         device = self._device()
         target = target_grid(self.grid, grid, init)
         windows = None if target == self.grid else Windows(target, self.grid, (sp.window_stride,) * 2)
-        if sp.guidance_scale != 1.0 and (self.null_class is None or labels is None):
-            raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
+        check_guidance(sp.guidance_scale, self.null_class, labels)
         labels = self._labels(labels, n, device)
         context = [c.to(device) for c in context] if context else None
 
-        x = torch.full((n, *target), self.mask_id, dtype=torch.long, device=device)
-        if init is not None:
-            mask = torch.ones_like(init, dtype=torch.bool) if mask is None else mask.to(device).bool()
-            x = torch.where(mask, x, init.to(device))
+        x = masked_canvas(n, target, self.mask_id, init, mask, device)
         x = rearrange(x, "b h w -> b (h w)")
         unknown_at_start = (x == self.mask_id).sum(1)
         t_end = sp.temperature if sp.temperature_end is None else sp.temperature_end

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from genfw.interfaces import NLLOutput, Params, Prior, StepOutput
 from genfw.interfaces import Params as BaseParams  # the nested Params below shadows it in class bodies
-from genfw.nn.guidance import GuidanceSchedule, guidance_at, labels_or_null, null_class_for
+from genfw.nn.guidance import GuidanceSchedule, check_guidance, guidance_at, labels_or_null, null_class_for
 from genfw.nn.sampling import Windows, categorical, rand, randint, target_grid, tempered
 
 
@@ -182,8 +182,7 @@ class Sundae(Prior):
         device, k = self._device(), self.codebook_size
         target = target_grid(self.grid, grid, init)
         windows = None if target == self.grid else Windows(target, self.grid, (sp.window_stride,) * 2)
-        if sp.guidance_scale != 1.0 and (self.null_class is None or labels is None):
-            raise ValueError("guidance_scale != 1 needs labels and a model trained with label_drop > 0")
+        check_guidance(sp.guidance_scale, self.null_class, labels)
         labels = self._labels(labels, n, device)
         context = [c.to(device) for c in context] if context else None
 
