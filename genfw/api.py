@@ -157,7 +157,7 @@ def _output(images: torch.Tensor, output: str) -> list[Image.Image] | torch.Tens
     if output == "tensor":
         return images
     if output == "pil":
-        from genfw.data import to_pil
+        from genfw.images import to_pil
 
         return [to_pil(im) for im in images]
     raise ConfigError(f"output must be 'pil' or 'tensor', got '{output}'")

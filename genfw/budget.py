@@ -16,33 +16,11 @@ from typing import Any
 
 import torch
 
-from genfw import io, limits
+from genfw import checkpoint, io, limits
+from genfw.context import model_file
+from genfw.devices import device_memory_bytes, free_memory_bytes  # noqa: F401 - re-exported
 from genfw.errors import ConfigError, GenfwError
-
-
-def device_memory_bytes(device: torch.device) -> int | None:
-    """Total memory of ``device``: GPU memory for CUDA, the machine's RAM otherwise (None if unknown)."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        return None
-
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory free for new allocations on ``device`` now: free GPU memory for CUDA, else the RAM the
-    kernel reports available (MemAvailable), else the machine's total. None if unknown."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (ValueError, OSError, RuntimeError, IndexError):
-        pass
-    return device_memory_bytes(device)
+from genfw.stages.training import check_warm_start
 
 
 def _meta_build(what: str, build) -> torch.nn.Module:
@@ -119,10 +97,6 @@ def check_model_sources(run: Any, missing_ok: bool = False) -> None:
     name by tensor name, with the header of the file to start from. ``missing_ok`` (``genfw
     validate``) skips a file that is not on this machine; a run refuses it.
     """
-    from genfw import checkpoint
-    from genfw.context import model_file
-    from genfw.stages.training import check_warm_start
-
     recipe, resolved = run.recipe, run.resolved
     files = [("tokenizer.checkpoint", recipe.tokenizer.checkpoint)]
     files += [(f"prior level {i} checkpoint", spec.checkpoint) for i, spec in enumerate(resolved.prior_specs)]

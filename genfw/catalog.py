@@ -16,7 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from genfw import io
 from genfw.errors import ConfigError
+from genfw.rundir import check_write_target
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -102,8 +104,6 @@ def copy_recipe(name: str, target: str | os.PathLike | None = None, force: bool 
         base_source = (source.parent / base).resolve()
         if base_source.is_file():
             files.append((base_source, (target_path.parent / base).resolve()))
-    from genfw import io
-    from genfw.rundir import check_write_target
 
     for _, dst in files:
         check_write_target(dst, force, "recipe")

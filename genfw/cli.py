@@ -201,7 +201,7 @@ def _print_converter_params(entry, name: str, fn) -> None:
 
 
 def _check_plugins(registry, as_json: bool) -> None:
-    from genfw.registry import check_entries
+    from genfw.plugincheck import check_entries
 
     problems = check_entries(registry)
     if as_json:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from genfw import io, limits
 from genfw.errors import ConfigError, GenfwError
+from genfw.loggers import validate_log
+from genfw.params import format_validation_error, validate_params
 from genfw.registry import Registry, get_registry
 
 
@@ -413,35 +415,6 @@ def parse_override(item: str) -> tuple[str, Any, bool]:
     return ".".join(k.strip() for k in keys), value, delete
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each with its full dotted path (and allowed keys for typos)."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(e["loc"]))
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key")
-        elif e["type"] == "missing":
-            lines.append(f"{loc}: required key missing")
-        else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
-    return "; ".join(lines)
-
-
-def _allowed_keys(model: type[BaseModel]) -> str:
-    return ", ".join(model.model_fields) or "none"
-
-
-def validate_params(model: type[BaseModel], params: dict[str, Any], path: str) -> BaseModel:
-    """Validate ``params`` with a component's Params model; errors name ``path.key``."""
-    try:
-        return model.model_validate(params or {})
-    except ValidationError as e:
-        msg = format_validation_error(e, path)
-        if any(x["type"] == "extra_forbidden" for x in e.errors()):
-            msg += f" (allowed keys: {_allowed_keys(model)})"
-        raise ConfigError(msg) from None
-
-
 # --------------------------------------------------------------------------------------------
 # validation against the registry
 
@@ -485,8 +458,6 @@ def validate_recipe(raw: dict[str, Any], registry: Registry | None = None,
     check_expansion(raw, "recipe (with its --set overrides)")
     recipe = parse_recipe(raw)
     _check_required_plugins(recipe, registry)
-    from genfw.loggers import validate_log
-
     validate_log(recipe.log, registry)
 
     data_cls = _load_class(registry, "dataset", recipe.data.name, "data.name")

@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
-from genfw import checkpoint
+from genfw import checkpoint, limits
 from genfw.errors import CheckpointError, ConfigError, GenfwError
+from genfw.interfaces import Params
+from genfw.registry import get_registry
 
 MAX_CONFIG_BYTES = 1 << 20  # a hyper-parameter file larger than this is not one
 
@@ -259,6 +261,36 @@ def save(out: str | os.PathLike, module: torch.nn.Module, fmt: str, source: str,
                                         "dropped": keys.dropped, **(extra or {})})
 
 
+def build_state(kind: str, name: str, params: dict[str, Any], construct: dict[str, Any],
+                state: dict[str, torch.Tensor], source: str, *, fresh: Iterable[str] = ()) -> torch.nn.Module:
+    """Build a genfw component from ``state`` already in genfw's tensor names, every shape and
+    name checked against the component before anything is allocated (a converter whose source
+    uses genfw's names needs no :class:`KeyMap`)."""
+    return checkpoint.build_checked(kind, name, params, construct, state, source, fresh=fresh)
+
+
+def write(out: str | os.PathLike, module: torch.nn.Module, extra: dict[str, Any] | None = None) -> None:
+    """Write a converted component as a genfw checkpoint at ``out``, with ``extra`` metadata."""
+    checkpoint.save(out, module, extra=extra)
+
+
+def probe(kind: str, name: str, params: dict[str, Any], **construct: Any) -> torch.nn.Module:
+    """The registered component built on the ``meta`` device (no memory): its tensor names and
+    shapes, e.g. to list the weights a source file lacks and that start fresh."""
+    with torch.device("meta"):
+        return get_registry().build(kind, name, params, **construct)
+
+
+def load_converter(name: str) -> Callable[..., Any]:
+    """Another installed converter, by name (a converter that hands some files on to it)."""
+    return get_registry().load("converter", name)
+
+
+def max_image_side() -> int:
+    """The largest image side genfw accepts (``GENFW_MAX_SIDE``), for checking a source's resolution."""
+    return limits.limit("side")
+
+
 # --------------------------------------------------------------------------------------------
 # converters as a kind: their Params and the one way to call them
 
@@ -275,8 +307,6 @@ def overrides_of(model: type, name: str, doc: str = "") -> type:
     from typing import Annotated
 
     from pydantic import Field, create_model
-
-    from genfw.interfaces import Params
 
     fields: dict[str, Any] = {}
     for key, field in model.model_fields.items():
@@ -295,8 +325,6 @@ def hyper_parameters_model(name: str, examples: dict[str, Any], descriptions: di
     (``net.dim``, a TOML section) are kept as the ``--set`` keys.
     """
     from pydantic import Field, create_model
-
-    from genfw.interfaces import Params
 
     def kind(value: Any) -> Any:
         if isinstance(value, bool):
@@ -366,8 +394,6 @@ def run(name: str, source: str | os.PathLike, output: str | os.PathLike, *, conf
     ``set_values`` go to the converter's ``params`` argument, or to ``overrides`` for one that takes
     those (the papers' converters take the authors' hyper-parameter names).
     """
-    from genfw.registry import get_registry
-
     registry = registry or get_registry()
     fn = registry.load("converter", name)
     accepted = accepted_options(fn)

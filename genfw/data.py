@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 
 from genfw import checkpoint, io, limits
 from genfw.errors import DataError
+from genfw.images import make_grid, to_pil  # noqa: F401 - re-exported: their home was this module
 from genfw.interfaces import ImageDataset, Params
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -52,34 +53,6 @@ def to_tensor(img: Image.Image, resolution: tuple[int, int], channels: int) -> t
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1) / 127.5 - 1
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """[C, H, W] in [-1, 1] -> PIL image (mode L for one channel, RGB for three), values rounded."""
-    from torchvision.transforms.functional import to_pil_image
-
-    return to_pil_image(((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu())
-
-
-def make_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -> Image.Image:
-    """[B, C, H, W] in [-1, 1] -> one PIL image with the images in a grid on white padding.
-
-    ``columns`` defaults to ceil(sqrt(B)). torchvision's ``make_grid`` lays it out; a single
-    image keeps its padding and greyscale stays greyscale (torchvision returns one image bare
-    and copies one channel to three).
-    """
-    from torchvision.utils import make_grid as tv_make_grid
-
-    b, c, h, w = images.shape
-    columns = columns or max(1, int(np.ceil(np.sqrt(b))))
-    x = images.detach().float().cpu().clamp(-1, 1)
-    if columns > b:  # torchvision would narrow the grid to b columns: fill the row with white
-        x = torch.cat([x, torch.ones(columns - b, c, h, w)])
-    if x.shape[0] == 1:
-        grid = torch.nn.functional.pad(x[0], (pad, pad, pad, pad), value=1.0)
-    else:
-        grid = tv_make_grid(x, nrow=columns, padding=pad, pad_value=1.0)[:c]
-    return to_pil(grid)
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:

@@ -30,20 +30,18 @@ The rules of the fidelity metrics:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from genfw import io, metrics
+from genfw import checkpoint, io, metrics
+from genfw.context import RunContext as Run
 from genfw.data import AsTorchDataset, LatentDataset
 from genfw.errors import ConfigError
 from genfw.progress import console, progress_bar, tracked
 from genfw.sampling import decode_codes, generate, sample_labels
 
 PRDC_K = 5  # neighbours of precision/recall/density/coverage (metrics.fidelity's default)
-
-if TYPE_CHECKING:
-    from genfw.context import RunContext as Run
 
 
 def _stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,8 +244,6 @@ def _save_per_sample(run: Run, features: dict[str, torch.Tensor], extractor, ima
     for class-conditional samples judged by the classifier, ``correct`` [N] (1 where the
     classifier assigns a sample to the class it was asked for).
     """
-    from genfw import checkpoint
-
     tensors = {"sample_features": features["samples"].float().contiguous(),
                "reference_features": features["reference"].float().contiguous()}
     if isinstance(extractor, metrics.Classifier) and labels is not None:
@@ -284,6 +280,4 @@ def _classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int, 
 
 
 def _read_sample_codes(run: Run):
-    from genfw import checkpoint
-
     return checkpoint.read(run.path("samples", "codes.safetensors"))

@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from genfw import io
-from genfw.data import decode_image, make_grid, to_pil, to_tensor
+from genfw.data import decode_image, to_tensor
 from genfw.errors import ConfigError, DataError
+from genfw.images import make_grid, to_pil
+from genfw.progress import console
 from genfw.sampling import flag_overrides, generate, latent_masks
 
 
@@ -124,7 +126,6 @@ def inpaint_file(model, image_path: str, mask_path: str, *, n: int, label: int |
     flags = flag_overrides(steps, temperature)  # --temperature alone: constant (its end value too)
     if label is not None:
         name = model.class_names[label] if label < len(model.class_names) else str(label)
-        from genfw.progress import console
 
         console.print(f"[dim]conditioning every completion on class {label} ({name})[/dim]")
     images = model.inpaint(image, pixel_mask, n, label=label, seed=seed, output="tensor", overrides=overrides,

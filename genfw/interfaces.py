@@ -23,34 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from torch import nn
 
 from genfw.errors import ConfigError
-
-
-class Params(BaseModel):
-    """Base of every component's params model: unknown keys are errors, values are validated."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class NoParams(Params):
-    """Params model of a component that takes none."""
-
-
-def _validated(model: type[Params], params: Any) -> Params:
-    """``params`` (None, a dict or a pydantic model) as an instance of ``model``; ConfigError if invalid."""
-    if isinstance(params, model):
-        return params
-    if params is None:
-        params = {}
-    elif isinstance(params, BaseModel):
-        params = params.model_dump()
-    from genfw.config import validate_params  # late: config imports the registry
-
-    return validate_params(model, params, "params")
-
+from genfw.params import NoParams, Params, validate_params
+from genfw.params import validated as _validated
+from genfw.registry import KINDS, build_backbone  # noqa: F401 - KINDS re-exported
 
 # --------------------------------------------------------------------------------------------
 # data types
@@ -381,8 +360,6 @@ class Prior(Component, abc.ABC):
         validated params, defaults filled in: a later change of a default cannot change a saved
         model.
         """
-        from genfw.registry import build_backbone  # late: the registry imports this module
-
         spec = self.construct.get("backbone")
         if spec is None:
             raise ConfigError(f"{type(self).__name__} was built without a backbone spec")
@@ -406,8 +383,6 @@ class Prior(Component, abc.ABC):
         else:
             base = dict(params)
         base.update({k: v for k, v in overrides.items() if v is not None})
-        from genfw.config import validate_params  # late: config imports the registry
-
         return validate_params(self.SamplerParams, base, "sampler params")
 
     @property
@@ -466,4 +441,34 @@ class ImageDataset(abc.ABC):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
 
 
-KINDS = ("tokenizer", "backbone", "prior", "dataset", "logger")  # logger: genfw.loggers.Logger
+class Logger(abc.ABC):
+    """A sink for training scalars and images (the ``logger`` component kind)."""
+
+    kind: ClassVar[str] = "logger"
+    Params: ClassVar[type[Params]] = NoParams
+
+    def __init__(self, params: Params | dict | None = None, *, directory: str, stage: str = "",
+                 start_step: int = 0) -> None:
+        self.params = _validated(self.Params, params)
+        self.directory, self.stage, self.start_step = directory, stage, int(start_step)
+
+    @classmethod  # noqa: B027 - optional
+    def check_available(cls) -> None:
+        """Raise a ``PluginError`` saying what to install when a dependency is missing.
+
+        Called when a recipe is validated, so a missing package fails before any work starts.
+        """
+
+    @abc.abstractmethod
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Record ``scalars`` (tag -> value; tags like ``loss/main``, ``lr``) at ``step``."""
+
+    def log_image(self, step: int, tag: str, image: torch.Tensor) -> None:  # noqa: B027 - optional
+        """Record an image (uint8 ``[C, H, W]`` on the CPU, C = 1 or 3); ignored by default."""
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:  # noqa: B027 - optional
+        """Record a run's hyper-parameters (flat ``a.b.c`` keys; numbers, text, booleans) with its
+        evaluation metrics; ignored by default (the evaluate stage calls it once)."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Flush and release files; called once at the end of the stage (also on errors)."""

@@ -20,47 +20,17 @@ for the rest of the stage.
 
 from __future__ import annotations
 
-import abc
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from genfw import dist
 from genfw.errors import ConfigError, GenfwError
-from genfw.interfaces import NoParams, Params, _validated
-
-
-class Logger(abc.ABC):
-    """A sink for training scalars and images (the ``logger`` component kind)."""
-
-    kind: ClassVar[str] = "logger"
-    Params: ClassVar[type[Params]] = NoParams
-
-    def __init__(self, params: Params | dict | None = None, *, directory: str, stage: str = "",
-                 start_step: int = 0) -> None:
-        self.params = _validated(self.Params, params)
-        self.directory, self.stage, self.start_step = directory, stage, int(start_step)
-
-    @classmethod  # noqa: B027 - optional
-    def check_available(cls) -> None:
-        """Raise a ``PluginError`` saying what to install when a dependency is missing.
-
-        Called when a recipe is validated, so a missing package fails before any work starts.
-        """
-
-    @abc.abstractmethod
-    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        """Record ``scalars`` (tag -> value; tags like ``loss/main``, ``lr``) at ``step``."""
-
-    def log_image(self, step: int, tag: str, image: torch.Tensor) -> None:  # noqa: B027 - optional
-        """Record an image (uint8 ``[C, H, W]`` on the CPU, C = 1 or 3); ignored by default."""
-
-    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:  # noqa: B027 - optional
-        """Record a run's hyper-parameters (flat ``a.b.c`` keys; numbers, text, booleans) with its
-        evaluation metrics; ignored by default (the evaluate stage calls it once)."""
-
-    def close(self) -> None:  # noqa: B027 - optional
-        """Flush and release files; called once at the end of the stage (also on errors)."""
+from genfw.images import make_grid
+from genfw.interfaces import Logger  # noqa: F401 - re-exported: the kind's base class lived here until 0.2
+from genfw.params import validate_params
+from genfw.progress import console
+from genfw.registry import get_registry
 
 
 def image_to_uint8(image: Any) -> torch.Tensor:
@@ -70,8 +40,6 @@ def image_to_uint8(image: Any) -> torch.Tensor:
     (tiled into one grid, as ``samples/grid.png`` is), or a PIL image.
     """
     if isinstance(image, torch.Tensor) and image.ndim == 4 and image.is_floating_point():
-        from genfw.data import make_grid
-
         image = make_grid(image)  # a PIL image
     if not isinstance(image, torch.Tensor):
         import numpy as np
@@ -126,8 +94,6 @@ class LoggerSet:
         self._loggers = []
         if not dist.is_main():
             return
-        from genfw.registry import get_registry
-
         registry = get_registry()
         for name, params in self.specs:
             if name in self._failed:
@@ -209,8 +175,6 @@ def flat_hparams(tree: Any, prefix: str = "") -> dict[str, Any]:
 def _warn(name: str, what: str, error: BaseException) -> None:
     from rich.markup import escape
 
-    from genfw.progress import console
-
     detail = str(error) if isinstance(error, GenfwError) else f"{type(error).__name__}: {error}"
     console.print(f"[yellow]warning:[/yellow] logger '{escape(name)}' {what} ({escape(detail)}); "
                   "it is switched off, training goes on", highlight=False, soft_wrap=True)
@@ -218,8 +182,6 @@ def _warn(name: str, what: str, error: BaseException) -> None:
 
 def validate_log(specs: list[Any], registry: Any) -> None:
     """Check a recipe's ``log:`` entries: known names, valid params, no repeats, dependencies installed."""
-    from genfw.config import validate_params
-
     seen: set[str] = set()
     for i, entry in enumerate(specs):
         name, params = _spec(entry)

@@ -30,7 +30,10 @@ import torch
 import yaml
 
 from genfw import checkpoint, dist, io, rundir
+from genfw.budget import check_model_sources, check_training_memory
+from genfw.config import validate_recipe
 from genfw.context import RunContext, count_parameters, model_file
+from genfw.datacheck import CACHE_FILE, check_images
 from genfw.errors import CheckpointError, ConfigError, GenfwError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.progress import console
@@ -47,6 +50,7 @@ from genfw.stages import (
     file_fingerprint,
     fingerprint,
 )
+from genfw.stages.evaluate import HISTORY_FILE
 from genfw.train import SNAPSHOT_FILE
 
 STAGES = ("tokenizer", "latents", "prior", "sample", "evaluate", "report")
@@ -183,8 +187,6 @@ class Run(RunContext):
 
     def check_data(self) -> None:
         """Decode every image (train and held-out) before the tokenizer stage: see genfw.datacheck."""
-        from genfw.datacheck import CACHE_FILE, check_images
-
         if not dist.is_main():
             dist.barrier()
             return
@@ -200,8 +202,6 @@ class Run(RunContext):
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
         if "tokenizer" in wanted or "prior" in wanted:
-            from genfw.budget import check_model_sources, check_training_memory
-
             check_training_memory(self)  # before anything is written or allocated
             check_model_sources(self)  # init_from files of the right kind and shapes, from their headers
         self.prepare_dir()
@@ -248,7 +248,6 @@ class Run(RunContext):
         for stage in self._read_only(wanted):
             stage.check_unchanged()
         if "evaluate" in wanted:  # appended to after the evaluation: refused now, not after the work
-            from genfw.stages.evaluate import HISTORY_FILE
 
             io.check_plain_file(self.path(HISTORY_FILE))
 
@@ -419,8 +418,6 @@ def load_run_models(run_dir: str, device: torch.device | str = "cpu") -> tuple[T
         extra["recipe"] = raw
         extra["sampler"] = sampler or {}
         try:
-            from genfw.config import validate_recipe
-
             resolved = validate_recipe(raw)
             dataset = get_registry().build("dataset", resolved.recipe.data.name, resolved.data_params)
             extra["class_names"] = dataset.class_names if priors and priors[0].num_classes else []

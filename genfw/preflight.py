@@ -22,8 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from genfw import metrics
 from genfw.config import ResolvedRecipe
+from genfw.data import split_halves, split_indices
 from genfw.errors import GenfwError
+from genfw.evaluate import PRDC_K
+from genfw.pipeline import STAGES
 from genfw.registry import get_registry
 
 
@@ -78,8 +82,6 @@ def check_device(name: str | None) -> str | None:
 def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None,
               stages: list[str] | None = None) -> Report:
     """Check the data, weights, device and compiler a recipe needs on this machine (seconds)."""
-    from genfw.pipeline import STAGES
-
     recipe = resolved.recipe
     wanted = set(stages or STAGES)
     report = Report()
@@ -117,8 +119,6 @@ def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None
     # evaluation: Inception weights when the fidelity metrics will use them. Which extractor that is
     # depends on the data's labels: without data it is unknown, and the data's own line says it all.
     if "evaluate" in wanted and "fidelity" in recipe.evaluate.metrics and data_ok:
-        from genfw import metrics
-
         spec = recipe.evaluate
         resolution = getattr(resolved.data_params, "resolution", None) or 256
         try:
@@ -142,9 +142,6 @@ def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None
 
 def _reference_check(resolved: ResolvedRecipe, count: int) -> tuple[str, bool, str]:
     """The fidelity reference: the chosen held-out half must hold more than PRDC's k images."""
-    from genfw.data import split_halves, split_indices
-    from genfw.evaluate import PRDC_K
-
     recipe = resolved.recipe
     spec = recipe.evaluate
     validation, test = split_halves(split_indices(count, recipe.latents.holdout, recipe.seed)[1], recipe.seed)

@@ -24,12 +24,14 @@ from typing import Any
 
 import pluggy
 
+import genfw
 from genfw import hookspecs
 from genfw.errors import PluginError
-from genfw.interfaces import KINDS
 
 ENTRY_POINT_GROUP = "genfw"
 API_ATTRIBUTE = "GENFW_PLUGIN_API"  # a plugin module's declared range of supported plugin-API versions
+# The component kinds, by name; their base classes are in genfw.interfaces (the registry needs only names).
+KINDS = ("tokenizer", "backbone", "prior", "dataset", "logger")
 KNOWN_KINDS = (*KINDS, "converter")
 
 
@@ -100,8 +102,6 @@ class BrokenPlugin:
 
 def plugin_api() -> str:
     """The plugin-API version this genfw provides (``genfw.PLUGIN_API``, read at call time)."""
-    import genfw
-
     return genfw.PLUGIN_API
 
 
@@ -306,56 +306,6 @@ class Registry:
         # Provenance, so that checkpoints can name the component and the plugin it needs.
         module._genfw_name, module._genfw_dist, module._genfw_version = name, entry.dist, entry.version
         return module
-
-
-_BASES = {"tokenizer": "Tokenizer", "backbone": "Backbone", "prior": "Prior", "dataset": "ImageDataset"}
-
-
-def check_entries(registry: Registry) -> list[str]:
-    """Import every registered component (lazy targets too); one line per problem found.
-
-    Problems: plugins that failed to load (outside their plugin-API range, an unknown kind, an
-    import error), names registered by several distributions, targets that fail to import, and
-    components that do not subclass their kind's base class (or have no pydantic ``Params``).
-    Converters must be callable, and their ``Params``, when declared, a pydantic model.
-    """
-    from pydantic import BaseModel
-
-    from genfw import interfaces
-
-    bases = {kind: getattr(interfaces, name) for kind, name in _BASES.items()}
-    try:
-        from genfw.loggers import Logger
-
-        bases["logger"] = Logger
-    except ImportError:  # a genfw without the logger kind
-        pass
-    problems = [f"{b.describe()} failed to load: {b.error}" for b in registry.broken]
-    problems += [registry.clash_message(k, n) for (k, n) in registry.conflicts]
-    for entry in registry.entries():
-        where = f"{entry.kind} '{entry.name}' ({entry.dist} {entry.version})"
-        try:
-            obj = entry.load()
-        except PluginError as e:
-            problems.append(str(e))
-            continue
-        if entry.kind not in KNOWN_KINDS:
-            problems.append(f"{where}: genfw knows no kind '{entry.kind}' (kinds: {', '.join(KNOWN_KINDS)})")
-            continue
-        cls = bases.get(entry.kind)
-        if cls is not None:
-            if not (isinstance(obj, type) and issubclass(obj, cls)):
-                problems.append(f"{where}: {entry.target if isinstance(entry.target, str) else obj!r} is not a "
-                                f"subclass of {cls.__module__}.{cls.__name__}")
-            elif not (isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):
-                problems.append(f"{where}: its Params is not a pydantic model")
-        elif entry.kind == "converter":
-            if not callable(obj):
-                problems.append(f"{where}: a converter must be callable")
-            elif getattr(obj, "Params", None) is not None and not (
-                    isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):
-                problems.append(f"{where}: its Params is not a pydantic model")
-    return problems
 
 
 def _allowlist_from_env() -> set[str] | None:

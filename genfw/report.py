@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from genfw import io
-
-if TYPE_CHECKING:
-    from genfw.context import RunContext as Run
+from genfw import __version__, checkpoint, io
+from genfw.context import RunContext as Run
+from genfw.context import count_parameters
+from genfw.metrics import NLL_KIND_LABELS
+from genfw.registry import get_registry
 
 
 def read_log(path: str) -> list[dict[str, Any]]:
@@ -157,8 +158,6 @@ def _read_samples(folder: str, limit: int = 256):
     labels = None
     codes = os.path.join(folder, "codes.safetensors")
     if os.path.exists(codes):
-        from genfw import checkpoint
-
         with checkpoint.Reader(codes) as reader:
             if "labels" in reader:
                 labels = reader.get("labels")[: len(names)]
@@ -235,12 +234,8 @@ def _versions() -> list[str]:
 
     import torch
 
-    from genfw import __version__
-
     out = [f"genfw {__version__}", f"torch {torch.__version__}", f"Python {platform.python_version()}"]
     try:
-        from genfw.registry import get_registry
-
         dists = sorted({(e.dist, e.version) for e in get_registry().entries() if e.dist != "genfw"})
         out += [f"{d} {v}" for d, v in dists]
     except Exception:  # noqa: BLE001 - versions are informative only
@@ -253,8 +248,6 @@ def write_report(run: Run, tokenizer, priors) -> None:
     import datetime
     import shlex
     import sys
-
-    from genfw.context import count_parameters
 
     lines = [f"# {run.recipe.name}", ""]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -296,7 +289,6 @@ def write_report(run: Run, tokenizer, priors) -> None:
             lines += ["### How they were computed", "", "| setting | value |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in settings.items()]
             lines.append("")
-        from genfw.metrics import NLL_KIND_LABELS
 
         kinds = sorted({v for k, v in metrics.items() if k.endswith("/nll_kind") and isinstance(v, str)})
         lines += [f"`nll_kind` {k}: {NLL_KIND_LABELS.get(k, k)} (docs/evaluation.md)." for k in kinds]

@@ -23,8 +23,10 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from genfw import io
+from genfw import io, limits
+from genfw.config import check_expansion
 from genfw.errors import ConfigError, GenfwError
+from genfw.progress import console
 
 LOCK_FILE = "run.lock"
 RECIPE_FILE = "recipe.yaml"
@@ -161,8 +163,6 @@ class RunLock:
                         f"process; delete {self.path} and run again")
                 from rich.markup import escape
 
-                from genfw.progress import console
-
                 console.print(f"[yellow]•[/yellow] taking over the lock of {escape(describe_holder(holder))}, "
                               "which is no longer running")
             info = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": _proc_start(os.getpid()),
@@ -276,9 +276,6 @@ def read_recipe_yaml(path: str) -> Any:
     """A run directory's ``recipe.yaml``, parsed; bounded like a command-line recipe (its size is
     checked before parsing, and its values once aliases are expanded)."""
     import yaml
-
-    from genfw import limits
-    from genfw.config import check_expansion
 
     limits.check("recipe_bytes", os.path.getsize(path), f"{path}: its size", " bytes")
     with open(path, "rb") as f:

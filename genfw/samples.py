@@ -9,7 +9,7 @@ import re
 import torch
 
 from genfw import checkpoint, io
-from genfw.data import make_grid, to_pil
+from genfw.images import make_grid, to_pil
 
 
 def safe_name(name: str) -> str:

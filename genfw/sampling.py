@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from genfw import dist, limits
+from genfw.devices import autocast_context, free_memory_bytes
 from genfw.errors import CheckpointError, ConfigError, GenfwError
 from genfw.interfaces import Prior, Tokenizer
-from genfw.train import autocast_context
+from genfw.progress import progress_bar
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -192,8 +193,6 @@ def generate(
     progress bar (None: no bar). ``split`` (default: under ``torchrun``) deals the chunks out to
     the ranks, every rank must then call; False samples everything in this process.
     """
-    from genfw.progress import progress_bar
-
     device = torch.device(device)
     n, batch_size = check_count(n), check_count(batch_size, "the batch size")
     seed = choose_seed(seed)
@@ -283,8 +282,6 @@ def activation_bytes(prior: Prior, batch: int, tokens: int) -> int:
 def check_activation_memory(priors: list[Prior], batch: int, grid: tuple[int, int] | None,
                             device: torch.device | str | None) -> None:
     """Refuse a sampling chunk whose activations cannot fit the device's free memory, in one line."""
-    from genfw.budget import free_memory_bytes
-
     device = torch.device(device or "cpu")
     bound_gib = limits.limit("activation_gib")
     bound = bound_gib * 2**30 if bound_gib else free_memory_bytes(device)

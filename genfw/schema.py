@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from genfw.config import Recipe
 from genfw.errors import GenfwError
 from genfw.registry import Registry
 
@@ -133,8 +134,6 @@ def _slot(registry: Registry, kind: str, defs: _Defs, skipped: list[str], extra:
 
 def recipe_schema(registry: Registry) -> tuple[dict[str, Any], list[str]]:
     """The recipe JSON schema with every registered component's params; and what was left out."""
-    from genfw.config import Recipe
-
     schema = Recipe.model_json_schema(mode="validation")
     defs, skipped = _Defs(), []
     checkpoint = {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "load this instead of training"}

@@ -30,9 +30,12 @@ from typing import Any
 import torch
 
 from genfw import checkpoint
-from genfw.errors import ConfigError
+from genfw import convert as converters
+from genfw.errors import ConfigError, GenfwError
 from genfw.hookspecs import hookimpl
 from genfw.interfaces import NLL_KINDS, Backbone, ImageDataset, Prior, Tokenizer
+from genfw.loggers import Logger, image_to_uint8
+from genfw.params import validate_params
 from genfw.registry import get_registry, plugin_api
 
 
@@ -99,8 +102,6 @@ def _roundtrip(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _check_params_reject_typos(cls: type) -> None:
-    from genfw.config import validate_params
-
     try:
         validate_params(cls.Params, {"surely_not_a_param": 1}, "params")
     except ConfigError as e:
@@ -354,8 +355,6 @@ def check_logger(component: str | type, params: dict[str, Any] | None = None, *,
     return every step 1-6 with its latest value: a logger that loses a step at a resume or a
     continue, or keeps a value logged after the saved state, fails here.
     """
-    from genfw.loggers import Logger, image_to_uint8
-
     with _registered("logger", component) as name, tempfile.TemporaryDirectory() as tmp:
         registry = get_registry()
         cls = registry.load("logger", name)
@@ -492,9 +491,6 @@ def check_converter(component: str | Callable[..., Any], src: str | os.PathLike,
     unknown ``--set`` key; with ``wrong_file``, a file of another layout fails with a one-line
     ``GenfwError`` and writes nothing.
     """
-    from genfw import convert as converters
-    from genfw.errors import GenfwError
-
     opts = dict(options or {})
     set_values = opts.pop("set", None)
     unknown = set(opts) - {"config", "preset", "resolution"}

@@ -38,7 +38,6 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -47,6 +46,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from genfw import checkpoint, dist, io
 from genfw.config import TrainSpec
+from genfw.devices import autocast_context
 from genfw.errors import CheckpointError, ConfigError, GenfwError, TrainingError, worker_message
 from genfw.loggers import LoggerSet
 from genfw.progress import progress_bar
@@ -113,13 +113,6 @@ def to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, (list, tuple)):
         return type(x)(to_device(v, device) for v in x)
     return x
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16/fp16 autocast on CUDA; CPU trains in fp32."""
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return nullcontext()
 
 
 COMPILE_TARGETS = ("backbone", "encoder", "decoder")

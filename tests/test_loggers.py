@@ -175,7 +175,7 @@ def test_images_and_per_group_learning_rates_reach_tensorboard(tmp_path, data):
 
 def test_a_batch_or_a_pil_image_is_logged_as_one_image(tmp_path):
     """What a sample-grid hook hands over: a float batch [B, C, H, W] (tiled as grid.png is) or a PIL grid."""
-    from genfw.data import make_grid
+    from genfw.images import make_grid
 
     batch = torch.rand(4, 3, 8, 8) * 2 - 1
     loggers = LoggerSet(["tensorboard"], str(tmp_path))

@@ -216,7 +216,8 @@ def test_unknown_kinds_are_refused_at_registration(site):
     with pytest.raises(PluginError, match="registers 'w' as kind 'widget', which genfw does not know"):
         registry.add_plugin(Widgets(), name="widgets")
     assert registry.entries() == []  # all or nothing
-    from genfw.registry import Entry, check_entries
+    from genfw.plugincheck import check_entries
+    from genfw.registry import Entry
 
     registry._add(Entry("widget", "w", LocalConv, "", "direct", "genfw-direct", "1.0"))  # bypassing register()
     assert any("genfw knows no kind 'widget'" in p for p in check_entries(registry))

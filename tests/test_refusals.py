@@ -152,9 +152,9 @@ def _big_grid(tmp, f, mp):
     tok = build("tokenizer", "pixels", {"levels": 4}, channels=1, resolution=[2048, 2048])
     genfw.save(path, {"tokenizer": tok, "prior.0": _prior(grid=(2048, 2048), backbone="hourglass")},
                extra={"sampler": {"steps": 2}})
-    from genfw import budget
+    from genfw import sampling
 
-    mp.setattr(budget, "free_memory_bytes", lambda device: 16 * 2**30)  # a 16 GiB machine
+    mp.setattr(sampling, "free_memory_bytes", lambda device: 16 * 2**30)  # a 16 GiB machine
     return ["sample", str(path), "-o", str(tmp / "out")], [path]
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from genfw.data import make_grid, to_pil
+from genfw.images import make_grid, to_pil
 from genfw.report import curve_groups, plot_curves, plot_labelled_samples, split_metrics
 
 

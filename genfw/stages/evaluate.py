@@ -11,7 +11,9 @@ from typing import Any
 
 from genfw import __version__, dist, io
 from genfw.errors import GenfwError
+from genfw.evaluate import evaluate_run
 from genfw.interfaces import Prior, Tokenizer
+from genfw.loggers import LoggerSet, flat_hparams
 from genfw.stages.base import Stage
 
 HISTORY_FILE = "metrics_history.jsonl"
@@ -25,8 +27,6 @@ class EvaluateStage(Stage):
                 "evaluate": self.run.recipe.evaluate.model_dump(mode="json")}
 
     def execute(self, tokenizer: Tokenizer, priors: list[Prior]) -> dict[str, Any]:
-        from genfw.evaluate import evaluate_run
-
         run = self.run
         metrics_file = run.path("metrics.json")
         # under torchrun every rank takes part (sampling and fidelity features are split over
@@ -51,8 +51,6 @@ class EvaluateStage(Stage):
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         """The metrics (tags ``eval/<name>``, at the prior's last step) and the run's recipe as
         hyper-parameters, to the recipe's loggers in ``evaluate/`` (TensorBoard: its HPARAMS tab)."""
-        from genfw.loggers import LoggerSet, flat_hparams
-
         numbers = {f"eval/{k}": v for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         loggers = LoggerSet(self.run.recipe.log, self.folder, stage=self.name)

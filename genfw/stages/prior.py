@@ -11,10 +11,13 @@ from typing import Any
 import torch
 
 from genfw import io
-from genfw.data import LatentDataset, make_grid
+from genfw.context import model_file
+from genfw.data import LatentDataset
 from genfw.errors import ConfigError
+from genfw.images import make_grid
 from genfw.interfaces import Prior, Tokenizer
 from genfw.progress import console
+from genfw.sampling import generate, sample_labels
 from genfw.stages.training import TrainingStage, source_fingerprint, warm_start
 
 PREVIEW_IMAGES = 16  # at most this many images per preview grid
@@ -45,8 +48,6 @@ class PriorStage(TrainingStage):
                 "train": self.semantic_train(), "class_conditional": recipe.class_conditional, "seed": recipe.seed}
 
     def _init_file(self) -> str:
-        from genfw.context import model_file
-
         return model_file(self.spec.init_from, self.name)
 
     def execute(self, tokenizer: Tokenizer, run_it: bool = True, coarser: list[Prior] | None = None) -> Prior:
@@ -89,7 +90,6 @@ class PriorStage(TrainingStage):
         """
         if len(coarser) != self.level or self.level != len(tokenizer.levels) - 1:
             return
-        from genfw.sampling import generate, sample_labels
 
         spec = self.run.recipe.sample
         n = min(spec.n, PREVIEW_IMAGES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from genfw.interfaces import Prior, Tokenizer
 from genfw.progress import console
+from genfw.report import write_report
 from genfw.stages.base import Stage
 
 
@@ -14,7 +15,5 @@ class ReportStage(Stage):
         return {}
 
     def execute(self, tokenizer: Tokenizer, priors: list[Prior] | None) -> None:
-        from genfw.report import write_report
-
         write_report(self.run, tokenizer, priors)
         console.print(f"[green]✓[/green] report -> {self.run.path('report.md')}")

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from genfw.context import model_file
 from genfw.data import AsTorchDataset
 from genfw.errors import ConfigError
 from genfw.interfaces import Tokenizer
@@ -34,8 +35,6 @@ class TokenizerStage(TrainingStage):
                 "train": self.semantic_train(), "seed": recipe.seed, "holdout": recipe.latents.holdout}
 
     def _init_file(self) -> str:
-        from genfw.context import model_file
-
         return model_file(self.run.recipe.tokenizer.init_from, "tokenizer")
 
     def execute(self, run_it: bool = True) -> Tokenizer:

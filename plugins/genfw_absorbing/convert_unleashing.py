@@ -26,7 +26,6 @@ import torch
 
 from genfw import convert as core
 from genfw.errors import CheckpointError, ConfigError, GenfwError
-from genfw.registry import get_registry
 
 FORMAT = "Unleashing Transformers absorbing-diffusion"
 _PRIOR = {"bert_n_emb": 512, "bert_n_head": 8, "bert_n_layers": 24, "block_size": 256, "codebook_size": 1024,
@@ -64,7 +63,7 @@ def convert_unleashing(src: str | os.PathLike, out: str | os.PathLike, *, config
     source = os.fspath(src)
     state = core.tensor_dict(core.read_torch_file(src), source, "Unleashing Transformers")
     if any(k.startswith("ae.") for k in state):
-        vqgan = get_registry().load("converter", "unleashing-vqgan")
+        vqgan = core.load_converter("unleashing-vqgan")
         return vqgan(src, out, config=config, preset=preset, overrides=overrides)
     if "_denoise_fn.tok_emb.weight" not in state:
         hint = (" (it looks like a taming-transformers VQModel: use genfw convert taming)"
@@ -113,7 +112,7 @@ def _params_model() -> type:
         "UnleashingPriorParams", PRESETS["ffhq"], {"dataset": "their H.dataset"},
         "Unleashing Transformers' H (hparams/) that the absorbing-prior converter reads")
     try:
-        vqgan = get_registry().load("converter", "unleashing-vqgan").Params
+        vqgan = core.load_converter("unleashing-vqgan").Params
     except (GenfwError, AttributeError):  # no VQ-GAN converter installed: prior files only
         return prior
     made = type("UnleashingParams", (prior, vqgan), {"__doc__": (

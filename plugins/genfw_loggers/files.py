@@ -13,7 +13,7 @@ import os
 import re
 
 from genfw import io
-from genfw.loggers import Logger
+from genfw.interfaces import Logger
 
 JSONL_FILE = "log.jsonl"
 CSV_FILE = "log.csv"

@@ -14,8 +14,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from genfw.errors import PluginError
-from genfw.interfaces import Params
-from genfw.loggers import Logger
+from genfw.interfaces import Logger, Params
 
 INSTALL_HINT = "pip install 'genfw[tensorboard]'"
 

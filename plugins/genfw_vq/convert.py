@@ -15,7 +15,7 @@ holds them, add what the layout cannot say (dropout, the training resolution, th
 Explicit ``params`` override both. A generator-only file (no ``loss.discriminator.*``, as
 released for inference) converts too: the discriminator is freshly initialised, and the output
 file says so. The model is first built on the ``meta`` device and checked against the file's
-tensor shapes with the bounds of ``genfw.load`` (:func:`genfw.checkpoint.build_checked`) before
+tensor shapes with the bounds of ``genfw.load`` (:func:`genfw.convert.build_state`) before
 any weight is read. This is the one place genfw reads a pickle-based file, and it does so with
 ``torch.load(weights_only=True)`` (memory-mapped when the file allows), which refuses to run
 code from the file.
@@ -29,10 +29,9 @@ from typing import Any
 
 import torch
 
-from genfw import checkpoint, limits
+from genfw import convert as core
 from genfw.convert import overrides_of, read_torch_file
 from genfw.errors import CheckpointError
-from genfw.registry import get_registry
 
 DROPPED_PREFIXES = ("loss.perceptual_loss.",)
 FRESH_BUFFERS = ("quantize.unused_steps", "quantize.initialised", "quantize.ema_count", "quantize.ema_sum")
@@ -105,7 +104,7 @@ def infer_resolution(state: dict[str, torch.Tensor], hparams: dict[str, Any], re
     if value is None:
         raise CheckpointError(f"cannot tell the training resolution of {source} (it holds no ddconfig): "
                               "pass --resolution, the image size it was trained on (e.g. 256)")
-    side = limits.limit("side")
+    side = core.max_image_side()
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= side:
         raise CheckpointError(f"{source}: invalid resolution {value!r} (an image side in 1..{side})")
     return value
@@ -176,20 +175,18 @@ def convert_taming(
     generator_only = not any(k.startswith("loss.discriminator.") for k in mapped)
     fresh = set(FRESH_BUFFERS)
     if generator_only:
-        with torch.device("meta"):
-            probe = get_registry().build("tokenizer", "vqgan", merged, channels=in_channels,
-                                         resolution=[resolution, resolution])
+        probe = core.probe("tokenizer", "vqgan", merged, channels=in_channels, resolution=[resolution, resolution])
         fresh |= {k for k in probe.state_dict() if k.startswith("loss.discriminator.")}
         del probe
-    model = checkpoint.build_checked("tokenizer", "vqgan", merged, {"channels": in_channels,
-                                     "resolution": [resolution, resolution]}, mapped, source, fresh=fresh)
+    model = core.build_state("tokenizer", "vqgan", merged, {"channels": in_channels,
+                             "resolution": [resolution, resolution]}, mapped, source, fresh=fresh)
     if model.quantize.ema:  # moving averages consistent with the loaded codebook
         model.quantize.ema_sum.copy_(model.quantize.embedding.weight.detach() * model.quantize.ema_count[:, None])
     model.eval()
     extra = {"converted_from": "taming-transformers", "source": os.path.basename(source)}
     if generator_only:
         extra["discriminator"] = "freshly initialised (the source holds only the generator)"
-    checkpoint.save(out, model, extra=extra)
+    core.write(out, model, extra=extra)
     return model
 
 

@@ -148,10 +148,7 @@ def convert_unleashing_vqgan(src: str | os.PathLike, out: str | os.PathLike, *, 
 
 
 def _discriminator_keys(params: dict[str, Any], construct: dict[str, Any]) -> list[str]:
-    from genfw.registry import build
-
-    with torch.device("meta"):
-        probe = build("tokenizer", "vqgan", params, **construct)
+    probe = core.probe("tokenizer", "vqgan", params, **construct)
     return [k for k in probe.state_dict() if k.startswith("loss.discriminator.")]
 
 
