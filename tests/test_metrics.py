@@ -289,7 +289,7 @@ def test_inception_path_uses_cached_weights(no_downloads, monkeypatch):
         assert name == "inception-v3-compat" and not cuda
         return _FakeInception(name, features, **kwargs)
 
-    monkeypatch.setattr(metrics, "create_feature_extractor", fake_create)
+    monkeypatch.setattr("genfw.metrics.features.create_feature_extractor", fake_create)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(12, 1, 8, 8, generator=g) * 2 - 1
     got = metrics.fidelity(x, x.flip(0), "inception-v3-compat", prdc_k=3)
@@ -302,7 +302,7 @@ def test_inception_path_uses_cached_weights(no_downloads, monkeypatch):
 def test_inception_weights_that_need_pickle_are_refused(no_downloads, monkeypatch):
     path = no_downloads / "weights.pth"
     torch.save({"fc.weight": torch.zeros(1), "evil": time.struct_time((0,) * 9)}, path)
-    monkeypatch.setattr(metrics, "create_feature_extractor", lambda *a, **k: pytest.fail("must not load"))
+    monkeypatch.setattr("genfw.metrics.features.create_feature_extractor", lambda *a, **k: pytest.fail("must not load"))
     x = torch.zeros(8, 1, 8, 8)
     with pytest.raises(ConfigError, match="not a plain PyTorch state dict"):
         metrics.fidelity(x, x, "inception-v3-compat", prdc_k=3, inception_weights_path=path)
