@@ -142,7 +142,7 @@ def _pyplot():
     import matplotlib  # late: start-up time (matplotlib, needed only when a figure is drawn)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late: after the backend is chosen
 
     return plt
 

@@ -6,7 +6,9 @@ points each run's training stages at shared folders keyed by their fingerprints
 (:func:`_link_shared`: a stage already computed is not computed again), adds each run's counted
 costs (training and sampling FLOPs, seconds) and within-run intervals to its metrics, and writes
 the comparison (:mod:`genfw.ablate.report`). :func:`ablate` is the Python API's
-``genfw.ablate(...)`` (also ``genfw.api.ablate``).
+``genfw.ablate(...)`` (also ``genfw.api.ablate``). What the runs are is decided in
+:mod:`genfw.ablate.plan`; the statistics and the tables are :mod:`genfw.ablate.stats` and
+:mod:`genfw.ablate.report`.
 """
 
 from __future__ import annotations
