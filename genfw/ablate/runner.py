@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from genfw import checkpoint, io
 from genfw.ablate.columns import mean_metrics, pick_primary, table_columns
@@ -193,6 +192,8 @@ def _sampling_flops(run, cache: dict[str, Any]) -> dict[str, Any]:
     Counted, not estimated: an autoregressive prior's cached one-token steps count by what they
     compute, a parallel step by its whole grid. At most 8 images (``sample.batch_size`` or fewer).
     """
+    from torch.utils.flop_counter import FlopCounterMode  # late: start-up time (loads triton, ~60 ms)
+
     paths = [os.path.realpath(os.path.join(run.path(f"prior{i}"), "model.safetensors"))
              for i in range(len(run.resolved.prior_specs))]
     samplers = [s.model_dump() if hasattr(s, "model_dump") else s for s in run.resolved.sampler_params]
