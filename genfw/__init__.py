@@ -21,7 +21,7 @@ _LAZY = {
     "hookimpl": ("genfw.hookspecs", "hookimpl"),
     "load": ("genfw.api", "load"),
     "run": ("genfw.api", "run"),
-    "ablate": ("genfw.ablate", None),  # the module, callable as genfw.api.ablate (see genfw/ablate.py)
+    "ablate": ("genfw.ablate", None),  # the package, callable as genfw.api.ablate (see genfw/ablate/__init__.py)
     "Model": ("genfw.api", "Model"),
     "save": ("genfw.checkpoint", "save"),
     "Bundle": ("genfw.checkpoint", "Bundle"),

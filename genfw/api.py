@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from genfw import checkpoint
+from genfw.ablate import ablate as ablate  # genfw.api.ablate: the function genfw.ablate(...) calls
 from genfw.errors import CheckpointError, ConfigError
 from genfw.sampling import SampleResult
 
@@ -239,18 +240,3 @@ def run(recipe: str | os.PathLike | dict, overrides: list[str] | None = None, ou
 
         preflight(resolved, pipeline.device, stages).raise_if_failed()
     return pipeline.run(stages)
-
-
-def ablate(path: str | os.PathLike, overrides: list[str] | None = None, device: str | None = None,
-           output_dir: str | None = None, seeds: int | None = None, sweep_steps: list[int] | None = None,
-           shared_dir: str | None = None) -> dict[str, Any]:
-    """Run an ablation file (or a shipped one, e.g. ``"ablations/priors"``) like ``genfw ablate``.
-
-    Returns ``{combination: {"overrides", "seeds": {seed: metrics}, "metrics": means over seeds,
-    "sweep": ..., "priors": ..., "tuned": ...}}`` (see :func:`genfw.ablate.run_ablation`).
-    """
-    from genfw.ablate import run_ablation
-    from genfw.catalog import resolve
-
-    return run_ablation(resolve(os.fspath(path)), overrides, device=device, seeds=seeds, sweep_steps=sweep_steps,
-                        shared_dir=shared_dir, output_dir=output_dir)

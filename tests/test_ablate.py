@@ -232,3 +232,34 @@ def test_tuning_picks_by_the_metric_direction_and_says_when_nothing_was_tunable(
     assert header[2] == "fidelity/fid (validation)"
     assert rows[0] == ["sundae", "temperature=1.0", "5.5", "2"]
     assert rows[1][0] == "ar" and "sampled as its recipe says" in rows[1][1] and rows[1][2] == "—"
+
+
+def test_genfw_ablate_is_the_api_function_and_never_imports_the_api(monkeypatch):
+    """``genfw.ablate(...)``, ``genfw.api.ablate`` and ``genfw.ablate.ablate`` are one function (a shipped
+    ablation's name resolved to its file), and no module of genfw/ablate/ imports genfw.api (above it)."""
+    import ast
+    from pathlib import Path
+
+    import genfw
+    import genfw.ablate.runner
+    import genfw.api
+
+    seen = []
+    monkeypatch.setattr(genfw.ablate.runner, "run_ablation",
+                        lambda path, overrides, **kwargs: seen.append((path, overrides, kwargs)) or {"done": {}})
+    assert genfw.ablate("ablations/priors", ["seed=1"], seeds=2) == {"done": {}}
+    assert genfw.api.ablate is genfw.ablate.ablate
+    path, overrides, kwargs = seen[0]
+    assert path.endswith(os.path.join("ablations", "priors.yaml")) and os.path.isfile(path)
+    assert overrides == ["seed=1"] and kwargs["seeds"] == 2
+    sources = sorted(Path(genfw.ablate.__file__).parent.glob("*.py"))
+    assert len(sources) > 1
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            assert not any(n == "genfw.api" or n.startswith("genfw.api.") for n in names), (source, names)

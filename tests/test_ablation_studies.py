@@ -19,12 +19,12 @@ FOLDER = Path(__file__).parents[1] / "recipes" / "ablations"
 def _no_plots(monkeypatch):
     """Skip the PNGs (loss curves, sample sheets, bar chart): drawing them costs several times the
     tiny runs here, and tests/test_ablate.py checks them."""
-    import genfw.ablate
+    import genfw.ablate.report
     import genfw.report
 
     monkeypatch.setattr(genfw.report, "plot_curves", lambda *a, **k: False)
     monkeypatch.setattr(genfw.report, "plot_labelled_samples", lambda *a, **k: False)
-    monkeypatch.setattr(genfw.ablate, "_bar_chart", lambda *a, **k: None)
+    monkeypatch.setattr(genfw.ablate.report, "_bar_chart", lambda *a, **k: None)
 
 
 def _tiny(spec: dict, tmp: Path, base: dict, shrink) -> Path:

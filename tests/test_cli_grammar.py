@@ -65,7 +65,7 @@ def test_one_grammar_for_every_recipe_command(files, monkeypatch, command, items
         raise Captured("captured")
 
     monkeypatch.setattr(genfw.config, "validate_recipe", capture)
-    monkeypatch.setattr("genfw.ablate.validate_recipe", capture)
+    monkeypatch.setattr("genfw.ablate.plan.validate_recipe", capture)
     result = CliRunner().invoke(app, [*files[command], *items])
     assert "error: captured" in result.output, result.output
     assert check(seen[0]), seen[0]
