@@ -112,7 +112,7 @@ def command(fn=None, *, group: typer.Typer = app, name: str | None = None, cls: 
 
 def _warn_plugin_problems() -> None:
     """Once per discovery: say that some plugins failed to load or clash (their components are unusable)."""
-    from genfw.registry import get_registry
+    from genfw.registry import get_registry  # late: start-up time
 
     registry = get_registry()
     if getattr(registry, "_warned", False) or not (registry.broken or registry.conflicts):
@@ -125,7 +125,7 @@ def _warn_plugin_problems() -> None:
 
 def _load_recipe(recipe: str, overrides: list[str] | None):
     """Load and validate a recipe, then print the notes of its overrides (e.g. dropped params)."""
-    from genfw.config import load_recipe
+    from genfw.config import load_recipe  # late: start-up time
 
     _warn_plugin_problems()
     notes: list[str] = []

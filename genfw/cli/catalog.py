@@ -24,7 +24,7 @@ def plugins(
                                                help="Print a component's params (NAME or KIND:NAME)")] = None,
 ) -> None:
     """List registered components and plugins that failed to load."""
-    from genfw.registry import get_registry
+    from genfw.registry import get_registry  # late: start-up time
 
     registry = get_registry()
     if params is not None:
@@ -54,7 +54,7 @@ def plugins(
 
 
 def _print_params(registry, ref: str) -> None:
-    from genfw.schema import describe_params, find_component
+    from genfw.schema import describe_params, find_component  # late: start-up time
 
     kind, name = find_component(registry, ref)
     entry = registry.get(kind, name)
@@ -80,8 +80,8 @@ def _print_params(registry, ref: str) -> None:
 
 def _print_converter_params(entry, name: str, fn) -> None:
     """A converter's ``--set`` keys (its ``Params``) and the ``genfw convert`` options it takes."""
-    from genfw import convert as converters
-    from genfw.schema import describe_params
+    from genfw import convert as converters  # late: start-up time
+    from genfw.schema import describe_params  # late: start-up time
 
     model = getattr(fn, "Params", None)
     title = f"converter '{name}' ({entry.dist} {entry.version}): --set keys"
@@ -100,7 +100,7 @@ def _print_converter_params(entry, name: str, fn) -> None:
 
 
 def _check_plugins(registry, as_json: bool) -> None:
-    from genfw.registry import check_entries
+    from genfw.registry import check_entries  # late: start-up time
 
     problems = check_entries(registry)
     if as_json:
@@ -122,10 +122,10 @@ def schema(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file at --output")] = False,
 ) -> None:
     """Write the recipe JSON schema (every registered component's params) for editor completion."""
-    from genfw import io
-    from genfw.registry import get_registry
-    from genfw.rundir import check_write_target
-    from genfw.schema import recipe_schema
+    from genfw import io  # late: start-up time
+    from genfw.registry import get_registry  # late: start-up time
+    from genfw.rundir import check_write_target  # late: start-up time
+    from genfw.schema import recipe_schema  # late: start-up time
 
     if output is not None:
         check_write_target(output, overwrite, "schema")
@@ -149,7 +149,7 @@ app.add_typer(recipes_app, name="recipes")
 @command(group=recipes_app, name="list")
 def recipes_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False) -> None:
     """List the shipped recipes (run one with `genfw run NAME`)."""
-    from genfw.catalog import list_recipes, recipes_root
+    from genfw.catalog import list_recipes, recipes_root  # late: start-up time
 
     infos = list_recipes()
     if as_json:
@@ -170,7 +170,7 @@ def recipes_copy(
     overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing file")] = False,
 ) -> None:
     """Copy a shipped recipe (and an ablation's base recipe) to edit and run."""
-    from genfw.catalog import copy_recipe
+    from genfw.catalog import copy_recipe  # late: start-up time
 
     path = copy_recipe(name, target, force=overwrite)
     out.print(f"[green]✓[/green] {name} -> {path}  (run it: genfw run {path})")

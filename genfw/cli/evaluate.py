@@ -7,13 +7,12 @@ genfw.api.ablate), the timings from genfw.bench; this module parses and prints.
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from genfw.cli.base import Device, Overrides, Sets, _overrides, command, err, out
+from genfw.cli.base import Device, Overrides, Sets, _overrides, command, out
 from genfw.cli.run import _print_metrics
 from genfw.errors import GenfwError
 
@@ -32,52 +31,17 @@ def eval(  # noqa: A001 - the command is called eval
     --set overrides apply to this evaluation only: the run's recipe.yaml is never rewritten;
     every evaluation is appended to metrics_history.jsonl with what it changed.
     """
-    from genfw import dist
-    from genfw.config import apply_overrides, load_yaml, validate_recipe
-    from genfw.pipeline import Run
-    from genfw.preflight import check_device, preflight
-    from genfw.progress import announce
+    from genfw import dist  # late: start-up time
+    from genfw.api import evaluate  # late: start-up time
+    from genfw.progress import announce  # late: start-up time
 
     dist.init_from_env()  # under torchrun: sampling and fidelity features split over the ranks
-    recipe_file = os.path.join(run_dir, "recipe.yaml")
-    if not os.path.exists(recipe_file):
-        raise GenfwError(f"{run_dir} is not a genfw run directory (no recipe.yaml)")
-    set_ = _overrides(set_, overrides)
-    resolved = validate_recipe(apply_overrides(load_yaml(recipe_file), set_))
-    requested = None if device == "auto" else device
-    bad_device = check_device(requested or resolved.recipe.device)
-    if bad_device:
-        raise GenfwError(f"device: {bad_device}")
-    from genfw.rundir import describe_holder, holder_if_running
-
-    holder = holder_if_running(run_dir)
-    if holder is not None:  # mid-run: the latest snapshots, evaluated beside the run
-        from genfw.pipeline import SnapshotEvaluation, load_run_models
-        from genfw.sampling import resolve_device
-
-        dev = resolve_device(None if device == "auto" else device)
-        tokenizer, priors, extra = load_run_models(run_dir, dev)
-        steps = ", ".join(f"{stage} snapshot at step {step}" for stage, step in extra["snapshots"].items())
-        err.print(f"[yellow]•[/yellow] the run is still going ({describe_holder(holder)}): evaluating "
-                  f"{steps or 'its finished models'}", soft_wrap=True)
-        pipeline = SnapshotEvaluation(resolved, run_dir, tokenizer, priors, extra["snapshots"], device=str(dev),
-                                      changed_from_recipe=set_)
-        metrics = pipeline.run(["sample", "evaluate"])
-        if dist.is_main():
-            _print_metrics(metrics)
-            out.print(f"[green]✓[/green] metrics -> {pipeline.path('metrics.json')}")
-        dist.destroy()
-        return
-    pipeline = Run(resolved, output_dir=run_dir, device=None if device == "auto" else device, force=force,
-                   write_recipe=False, changed_from_recipe=set_)
-    if force:
-        pipeline.stage("evaluate").redo = True
-    preflight(resolved, pipeline.device, ["sample", "evaluate", "report"]).raise_if_failed()
-    announce(pipeline.device, resolved.recipe.train.prior.precision)
-    metrics = pipeline.run(["sample", "evaluate", "report"])
+    metrics, path = evaluate(run_dir, _overrides(set_, overrides), device=None if device == "auto" else device,
+                             force=force,
+                             on_start=lambda run: announce(run.device, run.resolved.recipe.train.prior.precision))
     if dist.is_main():
         _print_metrics(metrics)
-        out.print(f"[green]✓[/green] metrics -> {pipeline.path('metrics.json')}")
+        out.print(f"[green]✓[/green] metrics -> {path}")
     dist.destroy()
 
 
@@ -98,11 +62,11 @@ def ablate(
              "sampling FLOPs and vs seconds per image, one curve per combination (sweep.png)")] = None,
 ) -> None:
     """Run every combination of a grid (sharing common stages) and write a comparison table and plots."""
-    from genfw.ablate import summary_rows, tuned_rows
-    from genfw.api import ablate as run_ablation
-    from genfw.preflight import check_device
-    from genfw.progress import announce
-    from genfw.sampling import resolve_device
+    from genfw.ablate import summary_rows, tuned_rows  # late: start-up time
+    from genfw.api import ablate as run_ablation  # late: start-up time
+    from genfw.preflight import check_device  # late: start-up time
+    from genfw.progress import announce  # late: start-up time
+    from genfw.sampling import resolve_device  # late: start-up time
 
     steps = None
     if sweep_steps is not None:
@@ -149,10 +113,10 @@ def bench(
     set_: Sets = None,
 ) -> None:
     """Measure sampling speed: forward ms, FLOP/s vs. this machine's matmul peak, images/s, memory."""
-    from genfw import io
-    from genfw.bench import bench as run_bench
-    from genfw.bench import print_table
-    from genfw.rundir import check_write_target
+    from genfw import io  # late: start-up time
+    from genfw.bench import bench as run_bench  # late: start-up time
+    from genfw.bench import print_table  # late: start-up time
+    from genfw.rundir import check_write_target  # late: start-up time
 
     if json_file not in (None, "-"):
         check_write_target(json_file, overwrite, "JSON record")

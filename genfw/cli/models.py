@@ -14,7 +14,7 @@ import typer
 import typer.core
 from rich.table import Table
 
-from genfw.cli.base import command, err, out
+from genfw.cli.base import command, out
 from genfw.errors import ConfigError
 
 
@@ -22,20 +22,12 @@ from genfw.errors import ConfigError
 def inspect(path: Annotated[str, typer.Argument(help="A genfw .safetensors file (path or URL)")],
             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Print a checkpoint's metadata, parameter counts per component and a tensor summary."""
-    from genfw import checkpoint
+    from genfw.api import inspect_file  # late: start-up time
 
-    header, meta = checkpoint.read_meta(path)  # the header only: no tensor is read
-    floating = {"F64", "F32", "F16", "BF16"}
-    numel = {k: _numel(v["shape"]) for k, v in header.items()}
-    comps = []
-    for c in meta.get("components", []):
-        prefix = c.get("prefix", "")
-        own = [k for k in header if k.startswith(prefix)]
-        comps.append({**c, "parameters": sum(numel[k] for k in own if header[k]["dtype"] in floating),
-                      "tensors": len(own)})
+    info = inspect_file(path)  # the header only: no tensor is read
+    meta, comps = info["metadata"], info["metadata"]["components"]
     if as_json:
-        out.print_json(json.dumps({**{k: v for k, v in meta.items() if k != "components"}, "components": comps},
-                                  default=str))
+        out.print_json(json.dumps(meta, default=str))
         return
     out.print(f"[bold]{path}[/bold]: {meta.get('type')} (format {meta.get('format_version')}, "
               f"genfw {meta.get('genfw_version')})")
@@ -56,18 +48,7 @@ def inspect(path: Annotated[str, typer.Argument(help="A genfw .safetensors file 
         for n in c.get("nested") or []:
             if isinstance(n, dict):
                 out.print(f"[dim]{c.get('role')}/{n.get('path')} params:[/dim] {json.dumps(n.get('params'))}")
-    by_dtype: dict[str, int] = {}
-    for k, v in header.items():
-        name = str(checkpoint._DTYPES[v["dtype"]])
-        by_dtype[name] = by_dtype.get(name, 0) + numel[k]
-    out.print(f"{len(header)} tensors: " + ", ".join(f"{n:,} {d}" for d, n in by_dtype.items()))
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    out.print(f"{info['tensors']} tensors: " + ", ".join(f"{n:,} {d}" for d, n in info["elements"].items()))
 
 
 @command
@@ -77,17 +58,9 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file at --output")] = False,
 ) -> None:
     """Write one self-describing bundle (tokenizer, priors, sampler defaults, label names)."""
-    from genfw import checkpoint
-    from genfw.pipeline import load_run_models
-    from genfw.rundir import check_write_target
+    from genfw.api import export as export_bundle  # late: start-up time
 
-    check_write_target(output, overwrite, "bundle")
-    tokenizer, priors, extra = load_run_models(run_dir)
-    for stage, step in extra.get("snapshots", {}).items():
-        err.print(f"[yellow]•[/yellow] {stage} is still training: exporting its snapshot at step {step}")
-    modules = {"tokenizer": tokenizer, **{f"prior.{i}": p for i, p in enumerate(priors)}}
-    keep = {k: extra[k] for k in ("sampler", "class_names", "recipe") if k in extra}
-    checkpoint.save(output, modules, extra=keep)
+    export_bundle(run_dir, output, overwrite=overwrite)
     out.print(f"[green]✓[/green] bundle -> {output} ({os.path.getsize(output) / 1e6:.1f} MB)"
               if os.path.exists(output) else f"[green]✓[/green] bundle -> {output}")
 
@@ -96,7 +69,7 @@ class _ConvertCommand(typer.core.TyperCommand):
     """``genfw convert --help`` lists the converters registered now (built-in and third-party)."""
 
     def format_help(self, ctx, formatter):  # noqa: ANN001 - click's signature
-        from genfw.registry import get_registry
+        from genfw.registry import get_registry  # late: start-up time
 
         try:
             names = ", ".join(get_registry().names("converter")) or "none installed"
@@ -126,10 +99,10 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists")] = False,
 ) -> None:
     """Convert a foreign checkpoint (another project's model file) into a genfw model file."""
-    from genfw import convert as converters
-    from genfw.config import parse_value
-    from genfw.registry import get_registry
-    from genfw.rundir import check_write_target
+    from genfw import convert as converters  # late: start-up time
+    from genfw.config import parse_value  # late: start-up time
+    from genfw.registry import get_registry  # late: start-up time
+    from genfw.rundir import check_write_target  # late: start-up time
 
     registry = get_registry()
     registry.get("converter", source_format)  # an unknown name is the first thing to say
@@ -154,8 +127,8 @@ def assemble(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists")] = False,
 ) -> None:
     """Assemble a bundle (for sample, inpaint, bench) from a tokenizer file and prior files."""
-    from genfw.bundle import assemble as assemble_bundle
-    from genfw.rundir import check_write_target
+    from genfw.bundle import assemble as assemble_bundle  # late: start-up time
+    from genfw.rundir import check_write_target  # late: start-up time
 
     check_write_target(output, overwrite, "bundle")
     assemble_bundle(output, tokenizer, prior, sampler or [])

@@ -14,7 +14,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from genfw.cli.base import Device, Overrides, Sets, _load_recipe, _overrides, command, out
-from genfw.errors import ConfigError, GenfwError
 
 
 @command
@@ -31,21 +30,13 @@ def validate(
     The machine checks (data, weights, device) are reported but do not fail the command unless
     --strict: a recipe meant for another machine still validates here.
     """
-    from genfw.catalog import resolve
-    from genfw.preflight import preflight
+    from genfw.api import check_recipe, plan  # late: start-up time
+    from genfw.catalog import resolve  # late: start-up time
 
     resolved = _load_recipe(resolve(recipe), _overrides(set_, overrides))
-    specs = [resolved.recipe.tokenizer, *resolved.prior_specs]
-    if any(spec.init_from or spec.checkpoint for spec in specs):
-        from genfw.budget import check_model_sources
-        from genfw.context import RunContext
-        from genfw.preflight import check_device
-
-        usable = check_device(resolved.recipe.device) is None
-        check_model_sources(RunContext(resolved, device=None if usable else "cpu"), missing_ok=True)
+    report = check_recipe(resolved)
     out.print(f"[green]✓[/green] {recipe}: recipe '{resolved.recipe.name}' is valid "
               f"({len(resolved.prior_specs)} prior level(s))")
-    report = preflight(resolved)
     for check in report.checks:
         mark = "[green]✓[/green]" if check.ok else "[yellow]✗[/yellow]"
         out.print(f"  {mark} {check.name}: {escape(check.message)}", highlight=False, soft_wrap=True)
@@ -55,11 +46,7 @@ def validate(
         if strict:
             report.raise_if_failed()
     if summary:
-        from genfw.pipeline import Run
-        from genfw.preflight import check_device
-
-        usable = check_device(resolved.recipe.device) is None
-        _print_plan(Run(resolved, device=None if usable else "cpu").plan())
+        _print_plan(plan(resolved))
 
 
 def _print_plan(plan: dict[str, Any]) -> None:
@@ -101,35 +88,24 @@ def run(
     Unchanged stages are reused, interrupted ones resume, raising train.*.steps continues
     training; one run per directory at a time.
     """
-    from genfw.catalog import resolve
-    from genfw.rundir import fail_fast_if_locked
+    from genfw.catalog import resolve  # late: start-up time
+    from genfw.rundir import fail_fast_if_locked  # late: start-up time
 
     recipe = resolve(recipe)
     if not dry_run and int(os.environ.get("RANK", "0")) == 0:
         fail_fast_if_locked(recipe, _overrides(set_, overrides), output or output_dir)  # before torch is imported
-    from genfw import dist
-    from genfw.pipeline import STAGES, Run
-    from genfw.preflight import check_device, preflight
-    from genfw.progress import announce
+    from genfw import dist  # late: start-up time
+    from genfw.api import dry_run as plan_dry_run  # late: start-up time
+    from genfw.api import prepare_run  # late: start-up time
+    from genfw.progress import announce  # late: start-up time
 
     dist.init_from_env()
     resolved = _load_recipe(recipe, _overrides(set_, overrides))
     wanted = stages.split(",") if stages else None
-    unknown = [s for s in wanted or [] if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
-    requested = None if device == "auto" else device
-    bad_device = check_device(requested or resolved.recipe.device)
-    if bad_device:
-        raise GenfwError(f"device: {bad_device}")
-    pipeline = Run(resolved, output_dir=output or output_dir, device=requested, overwrite=overwrite, force=force)
-    preflight(resolved, pipeline.device, wanted).raise_if_failed()
+    pipeline = prepare_run(resolved, wanted, output_dir=output or output_dir, device=None if device == "auto" else device,
+                           overwrite=overwrite, force=force)
     if dry_run:
-        from genfw.budget import check_model_sources, check_training_memory
-
-        check_training_memory(pipeline)
-        check_model_sources(pipeline)
-        _print_plan(pipeline.plan())
+        _print_plan(plan_dry_run(pipeline))
         return
     announce(pipeline.device, resolved.recipe.train.prior.precision)
     metrics = pipeline.run(wanted)
@@ -149,7 +125,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         if isinstance(v, (int, float)):
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     out.print(table)
-    from genfw.report import context_lines
+    from genfw.report import context_lines  # late: start-up time
 
     for line in context_lines(metrics):  # FID beside its floor, class accuracy beside the classifiers
         out.print(line.strip(), markup=False, highlight=False)

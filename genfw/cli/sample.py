@@ -59,12 +59,11 @@ def sample(
     Images are written as they are made; Ctrl-C (or SIGTERM) keeps those already written. The
     Python API's Model.generate does the sampling.
     """
-    from genfw import dist, io
-    from genfw.api import load_model
-    from genfw.progress import announce
-    from genfw.rundir import check_write_target
-    from genfw.samples import image_name, write_grid, write_images
-    from genfw.sampling import flag_overrides, resolve_device
+    from genfw import dist  # late: start-up time
+    from genfw.api import load_model, sample_files  # late: start-up time
+    from genfw.progress import announce  # late: start-up time
+    from genfw.samples import write_grid  # late: start-up time
+    from genfw.sampling import flag_overrides, resolve_device  # late: start-up time
 
     dist.init_from_env()  # under torchrun the chunks are split over the ranks, each image written once
     folder = out_dir or output
@@ -75,29 +74,9 @@ def sample(
     for stage, step in (model_.extra.get("snapshots") or {}).items():
         err.print(f"[yellow]•[/yellow] {stage} is still training: using its snapshot at step {step}")
     flags = flag_overrides(steps, temperature, temperature_end, proportion, proportion_end)
-    labels = model_.labels(n, label)
-    class_names = model_.class_names
-    # every file this command would write is checked before any work
-    targets = [os.path.join(folder, image_name(i, int(labels[i]) if labels is not None else None, class_names))
-               for i in range(n)] + ([grid] if grid else [])
-    for target in targets:
-        check_write_target(target, overwrite, "images")
-    if os.path.isdir(folder) and dist.is_main():
-        io.remove_temp_files(folder)  # left by an earlier interrupted write (before any rank writes)
-    dist.barrier()
-    written: list[str] = []
-
-    def keep(start: int, images, _codes) -> None:
-        chunk = labels[start : start + images.shape[0]] if labels is not None else None
-        written.extend(write_images(folder, images, chunk, class_names, start=start))
-
-    try:
-        result = model_.generate(n, labels=label, seed=seed, batch_size=batch_size, precision=precision,
-                                 size=_parse_size(size), overrides=_overrides(set_, overrides), flags=flags,
-                                 on_chunk=keep)
-    except KeyboardInterrupt:
-        raise GenfwError(f"interrupted: {len(written)} of {n} images were written to {folder} and are kept"
-                         + (f" (by rank {dist.rank()})" if dist.is_initialized() else "")) from None
+    result = sample_files(model_, n, folder, labels=label, seed=seed, batch_size=batch_size, precision=precision,
+                          size=_parse_size(size), overrides=_overrides(set_, overrides), flags=flags, grid=grid,
+                          overwrite=overwrite)
     main = dist.is_main()
     dist.destroy()
     if not main:
@@ -127,18 +106,13 @@ def inpaint(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing PNGs of the same names")] = False,
 ) -> None:
     """Regenerate the masked region of an image (any mask shape), keeping the rest."""
-    from genfw.api import load_model
-    from genfw.inpaint import inpaint_file
-    from genfw.progress import announce
-    from genfw.rundir import check_write_target
-    from genfw.sampling import resolve_device
+    from genfw.api import inpaint_files  # late: start-up time
+    from genfw.progress import announce  # late: start-up time
+    from genfw.sampling import resolve_device  # late: start-up time
 
     dev = resolve_device(device)
     announce(dev, "bf16")
     _warn_plugin_problems()
-    folder = out_dir or output
-    for target in [*(os.path.join(folder, f"{i:03d}.png") for i in range(n)), os.path.join(folder, "side_by_side.png")]:
-        check_write_target(target, overwrite, "images")
-    path = inpaint_file(load_model(model, dev), image, mask, n=n, label=label, seed=seed, temperature=temperature,
-                        steps=steps, out_dir=folder, overrides=_overrides(set_, overrides))
+    path = inpaint_files(model, image, mask, out_dir or output, n=n, label=label, seed=seed, temperature=temperature,
+                         steps=steps, overrides=_overrides(set_, overrides), overwrite=overwrite, device=dev)
     out.print(f"[green]✓[/green] {n} completions -> {path}")
