@@ -1,8 +1,9 @@
 """The Python API: load a model and sample, inpaint, encode and decode; run or ablate a recipe.
 
-The CLI commands ``genfw sample``, ``genfw inpaint``, ``genfw run`` and ``genfw ablate`` call
-these same functions, so a notebook and the command line give the same images for the same
-seed and model (docs/python-api.md).
+The CLI's commands (genfw/cli/) call these same functions, so a notebook and the command line
+give the same images for the same seed and model (docs/python-api.md); what a command does
+beyond parsing and printing (``genfw eval``, ``export``, ``inspect``, writing samples...) is a
+function here too. Printing tables and errors stays in the CLI.
 """
 
 from __future__ import annotations
@@ -375,14 +376,14 @@ def sample_files(model: Model, n: int, folder: str, *, labels: list[int] | None 
                  flags: dict[str, Any] | None = None, grid: str | None = None, overwrite: bool = False) -> SampleResult:
     """``genfw sample``: ``n`` images from ``model`` written to ``folder`` as they are made (one PNG each).
 
-    Every file it would write (and ``grid``, a path the caller writes after) is checked before any
-    work; an interrupt keeps the images already written and says how many. Under torchrun the
-    chunks are split over the ranks, each image written once (call ``genfw.dist.init_from_env`` first).
+    Also a grid PNG at ``grid``. Every file it would write is checked before any work; an interrupt
+    keeps the images already written and says how many. Under torchrun the chunks are split over
+    the ranks, each image written once (call ``genfw.dist.init_from_env`` first).
     """
     from genfw import dist, io
     from genfw.errors import GenfwError
     from genfw.rundir import check_write_target
-    from genfw.samples import image_name, write_images
+    from genfw.samples import image_name, write_grid, write_images
 
     chosen = model.labels(n, labels)
     class_names = model.class_names
@@ -401,11 +402,14 @@ def sample_files(model: Model, n: int, folder: str, *, labels: list[int] | None 
         written.extend(write_images(folder, images, chunk, class_names, start=start))
 
     try:
-        return model.generate(n, labels=labels, seed=seed, batch_size=batch_size, precision=precision, size=size,
-                              overrides=overrides, flags=flags, on_chunk=keep)
+        result = model.generate(n, labels=labels, seed=seed, batch_size=batch_size, precision=precision, size=size,
+                                overrides=overrides, flags=flags, on_chunk=keep)
     except KeyboardInterrupt:
         raise GenfwError(f"interrupted: {len(written)} of {n} images were written to {folder} and are kept"
                          + (f" (by rank {dist.rank()})" if dist.is_initialized() else "")) from None
+    if grid and dist.is_main():
+        write_grid(grid, result.images)
+    return result
 
 
 def inpaint_files(model: Model | str | os.PathLike, image: str, mask: str, folder: str, *, n: int = 4,

@@ -62,7 +62,6 @@ def sample(
     from genfw import dist  # late: start-up time
     from genfw.api import load_model, sample_files  # late: start-up time
     from genfw.progress import announce  # late: start-up time
-    from genfw.samples import write_grid  # late: start-up time
     from genfw.sampling import flag_overrides, resolve_device  # late: start-up time
 
     dist.init_from_env()  # under torchrun the chunks are split over the ranks, each image written once
@@ -81,8 +80,6 @@ def sample(
     dist.destroy()
     if not main:
         return
-    if grid:
-        write_grid(grid, result.images)
     processes = f", {dist_world} processes" if (dist_world := int(os.environ.get("WORLD_SIZE", "1"))) > 1 else ""
     out.print(f"[green]✓[/green] {n} images -> {folder} in {result.seconds:.2f}s "
               f"({result.images_per_second:.2f} images/s on {dev}{processes})")
