@@ -20,10 +20,18 @@ from pathlib import Path
 from genfw.cli import catalog, evaluate, models, run, sample  # noqa: F401 - each registers its commands
 from genfw.cli.base import _state, app, command, err, out
 
-# `genfw --help` lists the commands in this order (registration order would follow the modules).
+# `genfw --help` lists the commands in this order (registration order would follow the modules);
+# a command not named here comes after these (`recipes`, a group, always comes last).
 _ORDER = ("plugins", "schema", "validate", "run", "eval", "ablate", "inspect", "sample", "inpaint", "export",
           "convert", "assemble", "bench")
-app.registered_commands.sort(key=lambda info: _ORDER.index(info.name or info.callback.__name__))
+
+
+def _position(info) -> int:  # noqa: ANN001 - typer's CommandInfo
+    name = info.name or info.callback.__name__
+    return _ORDER.index(name) if name in _ORDER else len(_ORDER)
+
+
+app.registered_commands.sort(key=_position)
 
 
 def _interrupt(signum, frame) -> None:  # noqa: ARG001
