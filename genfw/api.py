@@ -1,8 +1,9 @@
 """The Python API: load a model and sample, inpaint, encode and decode; run or ablate a recipe.
 
-The CLI commands ``genfw sample``, ``genfw inpaint``, ``genfw run`` and ``genfw ablate`` call
-these same functions, so a notebook and the command line give the same images for the same
-seed and model (docs/python-api.md).
+The CLI's commands (genfw/cli/) call these same functions, so a notebook and the command line
+give the same images for the same seed and model (docs/python-api.md); what a command does
+beyond parsing and printing (``genfw eval``, ``export``, ``inspect``, writing samples...) is a
+function here too. Printing tables and errors stays in the CLI.
 """
 
 from __future__ import annotations
@@ -240,3 +241,226 @@ def run(recipe: str | os.PathLike | dict, overrides: list[str] | None = None, ou
 
         preflight(resolved, pipeline.device, stages).raise_if_failed()
     return pipeline.run(stages)
+
+
+# -- what the CLI's commands do, for the Python API too ------------------------------------------
+
+
+def check_recipe(resolved) -> Any:
+    """``genfw validate``'s checks of a validated recipe; this machine's pre-flight report.
+
+    Model files the recipe names (``init_from``, ``checkpoint``) are checked first when they
+    exist (kind and shapes, from their headers); a missing one is left to the report, whose
+    checks (device, data, weights) fail nothing until ``report.raise_if_failed()``.
+    """
+    from genfw.preflight import check_device, preflight
+
+    specs = [resolved.recipe.tokenizer, *resolved.prior_specs]
+    if any(spec.init_from or spec.checkpoint for spec in specs):
+        from genfw.budget import check_model_sources
+        from genfw.context import RunContext
+
+        usable = check_device(resolved.recipe.device) is None
+        check_model_sources(RunContext(resolved, device=None if usable else "cpu"), missing_ok=True)
+    return preflight(resolved)
+
+
+def plan(resolved) -> dict[str, Any]:
+    """A validated recipe's plan (``genfw validate --summary``): parameter counts, FLOPs, stages.
+
+    Planned on the recipe's device, or on the CPU where that device is missing here.
+    """
+    from genfw.pipeline import Run
+    from genfw.preflight import check_device
+
+    usable = check_device(resolved.recipe.device) is None
+    return Run(resolved, device=None if usable else "cpu").plan()
+
+
+def prepare_run(resolved, stages: list[str] | None = None, output_dir: str | None = None, device: str | None = None,
+                overwrite: bool = False, force: bool = False):
+    """The checks ``genfw run`` makes before its first stage, and the :class:`~genfw.pipeline.Run` they allow.
+
+    Checked: the stage names, the device (``None``: the recipe's), and this machine's pre-flight
+    report for ``stages``. Nothing is written; ``run.run(stages)`` starts the stages.
+    """
+    from genfw.errors import GenfwError
+    from genfw.pipeline import STAGES, Run
+    from genfw.preflight import check_device, preflight
+
+    unknown = [s for s in stages or [] if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
+    bad_device = check_device(device or resolved.recipe.device)
+    if bad_device:
+        raise GenfwError(f"device: {bad_device}")
+    pipeline = Run(resolved, output_dir=output_dir, device=device, overwrite=overwrite, force=force)
+    preflight(resolved, pipeline.device, stages).raise_if_failed()
+    return pipeline
+
+
+def dry_run(pipeline) -> dict[str, Any]:
+    """``genfw run --dry-run``: a prepared run's training memory and model files checked; its plan."""
+    from genfw.budget import check_model_sources, check_training_memory
+
+    check_training_memory(pipeline)
+    check_model_sources(pipeline)
+    return pipeline.plan()
+
+
+def evaluate(run_dir: str, overrides: list[str] | None = None, device: str | None = None, force: bool = False,
+             on_start: Any = None) -> tuple[dict[str, Any], str]:
+    """(Re)compute a run's metrics like ``genfw eval``; the metrics and the ``metrics.json`` written.
+
+    ``overrides`` apply to this evaluation only (the run's recipe.yaml is never rewritten; each
+    evaluation is appended to metrics_history.jsonl). While the run still trains, its latest
+    snapshots are evaluated in ``RUN/evaluations/`` (a note on stderr says which); otherwise
+    ``on_start(run)`` is called after the checks, before the stages start; ``force`` recomputes.
+    """
+    from genfw.config import apply_overrides, load_yaml, validate_recipe
+    from genfw.errors import GenfwError
+    from genfw.pipeline import Run
+    from genfw.preflight import check_device, preflight
+
+    recipe_file = os.path.join(run_dir, "recipe.yaml")
+    if not os.path.exists(recipe_file):
+        raise GenfwError(f"{run_dir} is not a genfw run directory (no recipe.yaml)")
+    overrides = list(overrides or [])
+    resolved = validate_recipe(apply_overrides(load_yaml(recipe_file), overrides))
+    bad_device = check_device(device or resolved.recipe.device)
+    if bad_device:
+        raise GenfwError(f"device: {bad_device}")
+    from genfw.rundir import describe_holder, holder_if_running
+
+    holder = holder_if_running(run_dir)
+    if holder is not None:  # mid-run: the latest snapshots, evaluated beside the run
+        from genfw.pipeline import SnapshotEvaluation, load_run_models
+        from genfw.progress import console
+        from genfw.sampling import resolve_device
+
+        dev = resolve_device(device)
+        tokenizer, priors, extra = load_run_models(run_dir, dev)
+        steps = ", ".join(f"{stage} snapshot at step {step}" for stage, step in extra["snapshots"].items())
+        console.print(f"[yellow]•[/yellow] the run is still going ({describe_holder(holder)}): evaluating "
+                      f"{steps or 'its finished models'}", soft_wrap=True)
+        pipeline = SnapshotEvaluation(resolved, run_dir, tokenizer, priors, extra["snapshots"], device=str(dev),
+                                      changed_from_recipe=overrides)
+        return pipeline.run(["sample", "evaluate"]), pipeline.path("metrics.json")
+    pipeline = Run(resolved, output_dir=run_dir, device=device, force=force, write_recipe=False,
+                   changed_from_recipe=overrides)
+    if force:
+        pipeline.stage("evaluate").redo = True
+    preflight(resolved, pipeline.device, ["sample", "evaluate", "report"]).raise_if_failed()
+    if on_start is not None:
+        on_start(pipeline)
+    return pipeline.run(["sample", "evaluate", "report"]), pipeline.path("metrics.json")
+
+
+def sample_files(model: Model, n: int, folder: str, *, labels: list[int] | None = None, seed: int = DEFAULT_SEED,
+                 batch_size: int = DEFAULT_BATCH_SIZE, precision: str = DEFAULT_PRECISION,
+                 size: tuple[int, int] | None = None, overrides: list[str] | None = None,
+                 flags: dict[str, Any] | None = None, grid: str | None = None, overwrite: bool = False) -> SampleResult:
+    """``genfw sample``: ``n`` images from ``model`` written to ``folder`` as they are made (one PNG each).
+
+    Also a grid PNG at ``grid``. Every file it would write is checked before any work; an interrupt
+    keeps the images already written and says how many. Under torchrun the chunks are split over
+    the ranks, each image written once (call ``genfw.dist.init_from_env`` first).
+    """
+    from genfw import dist, io
+    from genfw.errors import GenfwError
+    from genfw.rundir import check_write_target
+    from genfw.samples import image_name, write_grid, write_images
+
+    chosen = model.labels(n, labels)
+    class_names = model.class_names
+    # every file this command would write is checked before any work
+    targets = [os.path.join(folder, image_name(i, int(chosen[i]) if chosen is not None else None, class_names))
+               for i in range(n)] + ([grid] if grid else [])
+    for target in targets:
+        check_write_target(target, overwrite, "images")
+    if os.path.isdir(folder) and dist.is_main():
+        io.remove_temp_files(folder)  # left by an earlier interrupted write (before any rank writes)
+    dist.barrier()
+    written: list[str] = []
+
+    def keep(start: int, images, _codes) -> None:
+        chunk = chosen[start : start + images.shape[0]] if chosen is not None else None
+        written.extend(write_images(folder, images, chunk, class_names, start=start))
+
+    try:
+        result = model.generate(n, labels=labels, seed=seed, batch_size=batch_size, precision=precision, size=size,
+                                overrides=overrides, flags=flags, on_chunk=keep)
+    except KeyboardInterrupt:
+        raise GenfwError(f"interrupted: {len(written)} of {n} images were written to {folder} and are kept"
+                         + (f" (by rank {dist.rank()})" if dist.is_initialized() else "")) from None
+    if grid and dist.is_main():
+        write_grid(grid, result.images)
+    return result
+
+
+def inpaint_files(model: Model | str | os.PathLike, image: str, mask: str, folder: str, *, n: int = 4,
+                  label: int | None = None, seed: int = DEFAULT_SEED, temperature: float | None = None,
+                  steps: int | None = None, overrides: list[str] | None = None, overwrite: bool = False,
+                  device: str | torch.device = "cpu") -> str:
+    """``genfw inpaint``: ``n`` completions (``000.png``...) and ``side_by_side.png`` in ``folder``; its path.
+
+    Every file it would write is checked before any work; ``model`` is a :class:`Model`, or a
+    bundle or run directory, then loaded (onto ``device``) after those checks.
+    """
+    from genfw.inpaint import inpaint_file
+    from genfw.rundir import check_write_target
+
+    for target in [*(os.path.join(folder, f"{i:03d}.png") for i in range(n)), os.path.join(folder, "side_by_side.png")]:
+        check_write_target(target, overwrite, "images")
+    if not isinstance(model, Model):
+        model = load_model(model, device)
+    return inpaint_file(model, image, mask, n=n, label=label, seed=seed, temperature=temperature, steps=steps,
+                        out_dir=folder, overrides=overrides)
+
+
+def export(run_dir: str, output: str, overwrite: bool = False) -> None:
+    """``genfw export``: a run's models in one self-describing bundle (sampler defaults, label names, recipe).
+
+    Mid-run, a stage still training is exported from its latest snapshot (a note on stderr says so).
+    """
+    from genfw.pipeline import load_run_models
+    from genfw.progress import console
+    from genfw.rundir import check_write_target
+
+    check_write_target(output, overwrite, "bundle")
+    tokenizer, priors, extra = load_run_models(run_dir)
+    for stage, step in extra.get("snapshots", {}).items():
+        console.print(f"[yellow]•[/yellow] {stage} is still training: exporting its snapshot at step {step}")
+    modules = {"tokenizer": tokenizer, **{f"prior.{i}": p for i, p in enumerate(priors)}}
+    keep = {k: extra[k] for k in ("sampler", "class_names", "recipe") if k in extra}
+    checkpoint.save(output, modules, extra=keep)
+
+
+def inspect_file(path: str) -> dict[str, Any]:
+    """``genfw inspect``: a model file's header alone (no tensor is read), summarised.
+
+    ``metadata``: the file's metadata, each component with its ``parameters`` (floating-point
+    elements) and ``tensors`` counted; ``tensors``: how many; ``elements``: elements per dtype.
+    """
+    header, meta = checkpoint.read_meta(path)
+    floating = {"F64", "F32", "F16", "BF16"}
+    numel = {k: _numel(v["shape"]) for k, v in header.items()}
+    comps = []
+    for c in meta.get("components", []):
+        prefix = c.get("prefix", "")
+        own = [k for k in header if k.startswith(prefix)]
+        comps.append({**c, "parameters": sum(numel[k] for k in own if header[k]["dtype"] in floating),
+                      "tensors": len(own)})
+    by_dtype: dict[str, int] = {}
+    for k, v in header.items():
+        name = str(checkpoint._DTYPES[v["dtype"]])
+        by_dtype[name] = by_dtype.get(name, 0) + numel[k]
+    return {"metadata": {**{k: v for k, v in meta.items() if k != "components"}, "components": comps},
+            "tensors": len(header), "elements": by_dtype}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

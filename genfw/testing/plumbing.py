@@ -12,8 +12,8 @@ import torch
 from genfw import checkpoint
 from genfw import convert as converters
 from genfw.errors import ConfigError, GenfwError
-from genfw.interfaces import ImageDataset, Prior, Tokenizer
-from genfw.loggers import Logger, image_to_uint8
+from genfw.interfaces import ImageDataset, Logger, Prior, Tokenizer
+from genfw.loggers import image_to_uint8
 from genfw.registry import get_registry
 from genfw.testing.common import (
     _check_params_reject_typos,
