@@ -15,10 +15,26 @@ from typing import Any
 import torch
 from PIL import Image
 
-from genfw import checkpoint
+from genfw import checkpoint, dist, io
 from genfw.ablate import ablate as ablate  # genfw.api.ablate: the function genfw.ablate(...) calls
-from genfw.errors import CheckpointError, ConfigError
-from genfw.sampling import SampleResult
+from genfw.catalog import resolve
+from genfw.config import apply_overrides, load_recipe, load_yaml, validate_recipe
+from genfw.data import to_tensor
+from genfw.errors import CheckpointError, ConfigError, GenfwError
+from genfw.images import to_pil
+from genfw.inpaint import inpaint, inpaint_file, prepare_inputs, require_label
+from genfw.progress import console
+from genfw.rundir import check_write_target, describe_holder, holder_if_running
+from genfw.samples import image_name, write_grid, write_images
+from genfw.sampling import (
+    SampleResult,
+    apply_flag_overrides,
+    check_count,
+    choose_seed,
+    generate,
+    resolve_device,
+    sample_labels,
+)
 
 # The CLI's defaults, shared so that both entry points sample alike.
 DEFAULT_SEED = 0
@@ -52,7 +68,6 @@ class Model(checkpoint.Bundle):
         return dict(self.extra.get("sampler") or {})
 
     def to(self, device: str | torch.device) -> Model:
-        from genfw.sampling import resolve_device
 
         self.device = resolve_device(str(device))
         for m in self.modules.values():
@@ -70,8 +85,6 @@ class Model(checkpoint.Bundle):
         set keys the same way. ``flags`` are the CLI's ``--steps``/``--temperature``... as
         :func:`genfw.sampling.flag_overrides` makes them (a start value alone is a constant).
         """
-        from genfw.config import apply_overrides
-        from genfw.sampling import apply_flag_overrides
 
         values = apply_overrides(self.sampler_defaults, [_relative(o) for o in overrides or []])
         values.update(params)
@@ -79,7 +92,6 @@ class Model(checkpoint.Bundle):
 
     def labels(self, n: int, labels: int | list[int] | None) -> torch.Tensor | None:
         """``n`` labels: the given ones cycled, or round-robin over the classes (as ``genfw sample``)."""
-        from genfw.sampling import sample_labels
 
         if isinstance(labels, int):
             labels = [labels]
@@ -96,7 +108,6 @@ class Model(checkpoint.Bundle):
 
         ``seed=None`` draws a random seed; ``result.stats["seed"]`` records the one used.
         """
-        from genfw.sampling import check_count, choose_seed, generate
 
         n, seed = check_count(n), choose_seed(seed)
         return generate(self.tokenizer, self.priors, n, labels=self.labels(n, labels), seed=seed,
@@ -122,8 +133,6 @@ class Model(checkpoint.Bundle):
 
         A class-conditional model needs ``label``: inpainting conditions every completion on it.
         """
-        from genfw.inpaint import inpaint, prepare_inputs, require_label
-        from genfw.sampling import check_count, choose_seed
 
         n, seed = check_count(n, "the number of completions"), choose_seed(seed)
         require_label(self.num_classes, label, self.class_names)
@@ -159,7 +168,6 @@ def _output(images: torch.Tensor, output: str) -> list[Image.Image] | torch.Tens
     if output == "tensor":
         return images
     if output == "pil":
-        from genfw.images import to_pil
 
         return [to_pil(im) for im in images]
     raise ConfigError(f"output must be 'pil' or 'tensor', got '{output}'")
@@ -168,7 +176,6 @@ def _output(images: torch.Tensor, output: str) -> list[Image.Image] | torch.Tens
 def _as_batch(images, tokenizer) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images if images.dim() == 4 else images[None]
-    from genfw.data import to_tensor
 
     items = images if isinstance(images, list) else [images]
     channels = tokenizer.construct.get("channels", 3)
@@ -191,12 +198,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
     ``.inpaint``, ``.encode``, ``.decode``); a single-component file gives that component
     (a tokenizer or a prior module).
     """
-    from genfw.sampling import resolve_device
 
     dev = resolve_device(str(device))
     source = os.fspath(path)
     if os.path.isdir(source):
-        from genfw.pipeline import load_run_models
+        from genfw.pipeline import load_run_models  # late: start-up time (loads the metrics, torch-fidelity)
 
         tokenizer, priors, extra = load_run_models(source, dev)
         modules = {"tokenizer": tokenizer, **{f"prior.{i}": p for i, p in enumerate(priors)}}
@@ -226,18 +232,16 @@ def run(recipe: str | os.PathLike | dict, overrides: list[str] | None = None, ou
     Returns the metrics (empty when the evaluate stage is not among ``stages``). Pre-flight
     checks (data, weights, device) run first unless ``check=False``.
     """
-    from genfw.config import apply_overrides, load_recipe, validate_recipe
-    from genfw.pipeline import Run
+    from genfw.pipeline import Run  # late: start-up time (loads the metrics, torch-fidelity)
 
     if isinstance(recipe, dict):
         resolved = validate_recipe(apply_overrides(recipe, overrides))
     else:
-        from genfw.catalog import resolve
 
         resolved = load_recipe(resolve(os.fspath(recipe)), overrides)
     pipeline = Run(resolved, output_dir=output_dir, device=device, overwrite=overwrite)
     if check:
-        from genfw.preflight import preflight
+        from genfw.preflight import preflight  # late: start-up time (loads the metrics, torch-fidelity)
 
         preflight(resolved, pipeline.device, stages).raise_if_failed()
     return pipeline.run(stages)
@@ -253,12 +257,17 @@ def check_recipe(resolved) -> Any:
     exist (kind and shapes, from their headers); a missing one is left to the report, whose
     checks (device, data, weights) fail nothing until ``report.raise_if_failed()``.
     """
-    from genfw.preflight import check_device, preflight
+    from genfw.preflight import (  # late: start-up time (loads the metrics, torch-fidelity)
+        check_device,
+        preflight,
+    )
 
     specs = [resolved.recipe.tokenizer, *resolved.prior_specs]
     if any(spec.init_from or spec.checkpoint for spec in specs):
-        from genfw.budget import check_model_sources
-        from genfw.context import RunContext
+        from genfw.budget import (
+            check_model_sources,  # late: start-up time (loads the metrics, torch-fidelity)
+        )
+        from genfw.context import RunContext  # late: start-up time (loads the metrics, torch-fidelity)
 
         usable = check_device(resolved.recipe.device) is None
         check_model_sources(RunContext(resolved, device=None if usable else "cpu"), missing_ok=True)
@@ -270,8 +279,8 @@ def plan(resolved) -> dict[str, Any]:
 
     Planned on the recipe's device, or on the CPU where that device is missing here.
     """
-    from genfw.pipeline import Run
-    from genfw.preflight import check_device
+    from genfw.pipeline import Run  # late: start-up time (loads the metrics, torch-fidelity)
+    from genfw.preflight import check_device  # late: start-up time (loads the metrics, torch-fidelity)
 
     usable = check_device(resolved.recipe.device) is None
     return Run(resolved, device=None if usable else "cpu").plan()
@@ -284,9 +293,11 @@ def prepare_run(resolved, stages: list[str] | None = None, output_dir: str | Non
     Checked: the stage names, the device (``None``: the recipe's), and this machine's pre-flight
     report for ``stages``. Nothing is written; ``run.run(stages)`` starts the stages.
     """
-    from genfw.errors import GenfwError
-    from genfw.pipeline import STAGES, Run
-    from genfw.preflight import check_device, preflight
+    from genfw.pipeline import STAGES, Run  # late: start-up time (loads the metrics, torch-fidelity)
+    from genfw.preflight import (  # late: start-up time (loads the metrics, torch-fidelity)
+        check_device,
+        preflight,
+    )
 
     unknown = [s for s in stages or [] if s not in STAGES]
     if unknown:
@@ -301,7 +312,10 @@ def prepare_run(resolved, stages: list[str] | None = None, output_dir: str | Non
 
 def dry_run(pipeline) -> dict[str, Any]:
     """``genfw run --dry-run``: a prepared run's training memory and model files checked; its plan."""
-    from genfw.budget import check_model_sources, check_training_memory
+    from genfw.budget import (  # late: start-up time (loads the metrics, torch-fidelity)
+        check_model_sources,
+        check_training_memory,
+    )
 
     check_training_memory(pipeline)
     check_model_sources(pipeline)
@@ -317,10 +331,11 @@ def evaluate(run_dir: str, overrides: list[str] | None = None, device: str | Non
     snapshots are evaluated in ``RUN/evaluations/`` (a note on stderr says which); otherwise
     ``on_start(run)`` is called after the checks, before the stages start; ``force`` recomputes.
     """
-    from genfw.config import apply_overrides, load_yaml, validate_recipe
-    from genfw.errors import GenfwError
-    from genfw.pipeline import Run
-    from genfw.preflight import check_device, preflight
+    from genfw.pipeline import Run  # late: start-up time (loads the metrics, torch-fidelity)
+    from genfw.preflight import (  # late: start-up time (loads the metrics, torch-fidelity)
+        check_device,
+        preflight,
+    )
 
     recipe_file = os.path.join(run_dir, "recipe.yaml")
     if not os.path.exists(recipe_file):
@@ -330,13 +345,13 @@ def evaluate(run_dir: str, overrides: list[str] | None = None, device: str | Non
     bad_device = check_device(device or resolved.recipe.device)
     if bad_device:
         raise GenfwError(f"device: {bad_device}")
-    from genfw.rundir import describe_holder, holder_if_running
 
     holder = holder_if_running(run_dir)
     if holder is not None:  # mid-run: the latest snapshots, evaluated beside the run
-        from genfw.pipeline import SnapshotEvaluation, load_run_models
-        from genfw.progress import console
-        from genfw.sampling import resolve_device
+        from genfw.pipeline import (  # late: start-up time (loads the metrics, torch-fidelity)
+            SnapshotEvaluation,
+            load_run_models,
+        )
 
         dev = resolve_device(device)
         tokenizer, priors, extra = load_run_models(run_dir, dev)
@@ -366,10 +381,6 @@ def sample_files(model: Model, n: int, folder: str, *, labels: list[int] | None 
     keeps the images already written and says how many. Under torchrun the chunks are split over
     the ranks, each image written once (call ``genfw.dist.init_from_env`` first).
     """
-    from genfw import dist, io
-    from genfw.errors import GenfwError
-    from genfw.rundir import check_write_target
-    from genfw.samples import image_name, write_grid, write_images
 
     chosen = model.labels(n, labels)
     class_names = model.class_names
@@ -407,8 +418,6 @@ def inpaint_files(model: Model | str | os.PathLike, image: str, mask: str, folde
     Every file it would write is checked before any work; ``model`` is a :class:`Model`, or a
     bundle or run directory, then loaded (onto ``device``) after those checks.
     """
-    from genfw.inpaint import inpaint_file
-    from genfw.rundir import check_write_target
 
     for target in [*(os.path.join(folder, f"{i:03d}.png") for i in range(n)), os.path.join(folder, "side_by_side.png")]:
         check_write_target(target, overwrite, "images")
@@ -423,9 +432,7 @@ def export(run_dir: str, output: str, overwrite: bool = False) -> None:
 
     Mid-run, a stage still training is exported from its latest snapshot (a note on stderr says so).
     """
-    from genfw.pipeline import load_run_models
-    from genfw.progress import console
-    from genfw.rundir import check_write_target
+    from genfw.pipeline import load_run_models  # late: start-up time (loads the metrics, torch-fidelity)
 
     check_write_target(output, overwrite, "bundle")
     tokenizer, priors, extra = load_run_models(run_dir)

@@ -51,18 +51,20 @@ def test_the_layer_contracts_hold():
 
 @needs_linter
 @pytest.mark.parametrize("importer, imported", [
-    ("config", "from genfw import pipeline"),  # a recipe schema reaching up to the pipeline
+    ("config.recipe", "from genfw import pipeline"),  # a recipe schema reaching up to the pipeline
     ("errors", "import genfw.cli"),  # the bottom reaching the top
     ("interfaces", "from genfw.data import ImageFolder"),  # kinds reaching an implementation
 ])
 def test_an_upward_import_breaks_the_contracts(tmp_path, importer, imported):
     copy = tmp_path / "src"
     shutil.copytree(PACKAGE, copy / "genfw", ignore=shutil.ignore_patterns("__pycache__"))
-    module = copy / "genfw" / f"{importer}.py"
+    module = copy / "genfw" / (importer.replace(".", "/") + ".py")
     module.write_text(module.read_text() + f"\n\ndef _upward():\n    {imported}  # late: deliberately upward\n")
     result = _lint(copy)
     assert result.returncode != 0, result.stdout
-    assert f"genfw.{importer} is not allowed to import" in result.stdout, result.stdout[-3000:]
+    layer = importer.split(".")[0]
+    assert f"genfw.{layer} is not allowed to import" in result.stdout, result.stdout[-3000:]
+    assert f"genfw.{importer} -> " in result.stdout, result.stdout[-3000:]
 
 
 @needs_linter
@@ -167,7 +169,7 @@ def test_late_imports_say_why():
         for target, node, at_top in _imports(name, path):
             if at_top:
                 continue
-            text = " ".join(lines[node.lineno - 1: node.end_lineno])
+            text = " ".join(lines[node.lineno - 2: node.end_lineno])  # the comment may stand on the line above
             if "# late:" not in text:
                 unexplained.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {target}")
     assert unexplained == [], "late imports without a `# late: reason` comment:\n" + "\n".join(unexplained)

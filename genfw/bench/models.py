@@ -14,8 +14,10 @@ import torch
 from pydantic import BaseModel
 
 from genfw import checkpoint
+from genfw.config import load_recipe
 from genfw.errors import ConfigError, GenfwError
 from genfw.interfaces import Prior, Tokenizer
+from genfw.pipeline import load_run_models
 from genfw.registry import get_registry
 
 
@@ -36,8 +38,6 @@ def _is_recipe(source: str) -> bool:
 
 def _from_recipe(source: str, overrides: list[str] | None, device: torch.device) -> BenchModels:
     """Tokenizer and priors of a recipe with random weights, built directly on ``device``."""
-    from genfw.config import load_recipe
-
     resolved = load_recipe(source, overrides)
     recipe, registry, notes = resolved.recipe, get_registry(), []
     # Channels and resolution come from the params alone: no data has to be on disk.
@@ -68,8 +68,6 @@ def _from_recipe(source: str, overrides: list[str] | None, device: torch.device)
 
 def _from_model(source: str, device: torch.device) -> BenchModels:
     """A bundle file or a run directory, with its sampler defaults."""
-    from genfw.pipeline import load_run_models
-
     if os.path.isdir(source):
         tokenizer, priors, extra = load_run_models(source, device)
     else:

@@ -36,6 +36,7 @@ from genfw.errors import ConfigError, GenfwError
 from genfw.interfaces import Prior
 from genfw.progress import console as progress_console
 from genfw.progress import enabled as progress_enabled
+from genfw.registry import component_name
 from genfw.sampling import prepare_for_sampling, resolve_device, sample_labels
 
 
@@ -204,8 +205,6 @@ def bench(
 
 
 def _component_name(module: torch.nn.Module) -> str:
-    from genfw.registry import component_name
-
     try:
         return component_name(module)
     except GenfwError:  # built outside the registry: the class name is label enough

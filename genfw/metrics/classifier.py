@@ -25,6 +25,7 @@ from genfw import checkpoint
 from genfw.errors import CheckpointError, DataError
 from genfw.interfaces import Params
 from genfw.metrics.base import _eval_mode, _module_device, to_uint8
+from genfw.progress import progress_bar
 
 #: ``auto`` prefers the classifier up to this image size: Inception at 299 px sees digits as blobs.
 SMALL_IMAGE_MAX = 64
@@ -181,7 +182,6 @@ def train_classifier(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
         max_shift = max(1, round(max(input_size) / 16))
         model.train()
-        from genfw.progress import progress_bar
 
         with progress_bar(f"classifier ({arch})", total=steps) as bar:
             for step in range(steps):
