@@ -7,9 +7,6 @@ import yaml
 from test_python_api import tiny_bundle
 from typer.testing import CliRunner
 
-import genfw.ablate  # imported before any patch: importing after one would bind the patched function
-import genfw.config
-import genfw.inpaint
 from genfw.cli import app
 from genfw.config import apply_overrides, parse_override
 from genfw.errors import ConfigError, GenfwError
@@ -64,8 +61,8 @@ def test_one_grammar_for_every_recipe_command(files, monkeypatch, command, items
         seen.append(raw)
         raise Captured("captured")
 
-    monkeypatch.setattr(genfw.config, "validate_recipe", capture)
-    monkeypatch.setattr("genfw.ablate.plan.validate_recipe", capture)
+    for where in ("genfw.config.validate", "genfw.api", "genfw.ablate.plan"):  # where it is looked up
+        monkeypatch.setattr(f"{where}.validate_recipe", capture)
     result = CliRunner().invoke(app, [*files[command], *items])
     assert "error: captured" in result.output, result.output
     assert check(seen[0]), seen[0]
@@ -90,8 +87,8 @@ def test_sampler_overrides_in_the_same_grammar(tmp_path, monkeypatch, command, i
         seen.append(sampler)
         raise Captured("captured")
 
-    monkeypatch.setattr("genfw.sampling.generate", capture)
-    monkeypatch.setattr("genfw.inpaint.generate", capture)
+    for where in ("genfw.sampling", "genfw.inpaint", "genfw.api"):  # where it is looked up
+        monkeypatch.setattr(f"{where}.generate", capture)
     from PIL import Image
 
     Image.new("L", (4, 4)).save(tmp_path / "i.png")
