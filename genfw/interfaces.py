@@ -1,4 +1,6 @@
-"""The three component interfaces — Tokenizer, Backbone, Prior — and their data types.
+"""The base class of every plugin kind — Tokenizer, Backbone, Prior, ImageDataset, Logger, Converter —
+and their data types. The registry knows kinds by name; their contracts are here, and nothing here
+knows an implementation.
 
 Every component is an ``nn.Module`` built as ``cls(params, **construct)``:
 
@@ -19,8 +21,9 @@ level of a hierarchy is the list of coarser code grids.
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel
@@ -472,3 +475,17 @@ class Logger(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional
         """Flush and release files; called once at the end of the stage (also on errors)."""
+
+
+@runtime_checkable
+class Converter(Protocol):
+    """The ``converter`` kind: a function ``(src, out, *, options...) -> module`` that reads another
+    project's checkpoint at ``src``, writes a genfw checkpoint at ``out`` and returns the module.
+
+    It takes the ``genfw convert`` options it declares as keyword arguments (``config``, ``preset``,
+    ``resolution``, and ``params`` or ``overrides`` for ``--set``) and may carry a pydantic
+    ``Params`` attribute that validates ``--set`` (docs/writing-plugins.md, "Converters"). The helpers
+    it builds on are in :mod:`genfw.convert`.
+    """
+
+    def __call__(self, src: str | os.PathLike, out: str | os.PathLike, /, **options: Any) -> nn.Module: ...

@@ -47,7 +47,7 @@ def check_entries(registry: Registry) -> list[str]:
             elif not (isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):
                 problems.append(f"{where}: its Params is not a pydantic model")
         elif entry.kind == "converter":
-            if not callable(obj):
+            if not isinstance(obj, interfaces.Converter):
                 problems.append(f"{where}: a converter must be callable")
             elif getattr(obj, "Params", None) is not None and not (
                     isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):

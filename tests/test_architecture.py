@@ -1,7 +1,7 @@
 """The architecture is checked, not hoped for: declared layers (import-linter contracts in
 pyproject.toml), no import cycle, small modules, and late imports that say why they are late.
 
-docs/architecture.md describes the same layers; tests/test_docs.py checks the two agree.
+docs/architecture.md draws the same layers; a test below checks the two agree.
 """
 
 from __future__ import annotations
@@ -197,3 +197,15 @@ def test_the_layers_name_every_module_once():
     named = [m.strip() for layer in contract["layers"] for m in layer.replace("|", ":").split(":")]
     top_level = sorted({n.split(".")[1] for n in _modules() if n != "genfw"})
     assert sorted(named) == top_level
+
+
+def test_docs_architecture_draws_the_same_layers():
+    """docs/architecture.md's layer table is the contract's list, in the same order."""
+    import re
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| `([^`]+)` \|", text, flags=re.M)
+    documented = [" ".join(layer.replace("\\|", "|").split()) for _, layer in rows]
+    contract = next(c for c in _config()["contracts"] if c["id"] == "layers")
+    assert documented == [" ".join(layer.split()) for layer in contract["layers"]]
+    assert [int(n) for n, _ in rows] == list(range(1, len(rows) + 1))
