@@ -22,11 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from genfw import metrics
 from genfw.config import ResolvedRecipe
 from genfw.data import split_halves, split_indices
 from genfw.errors import GenfwError
-from genfw.evaluate import PRDC_K
 from genfw.pipeline import STAGES
 from genfw.registry import get_registry
 
@@ -122,6 +120,9 @@ def preflight(resolved: ResolvedRecipe, device: str | torch.device | None = None
         spec = recipe.evaluate
         resolution = getattr(resolved.data_params, "resolution", None) or 256
         try:
+            # late: start-up time (genfw.metrics loads torch-fidelity, ~1 s)
+            from genfw import metrics
+
             chosen = metrics.choose_extractor(spec.feature_extractor, has_labels=num_classes > 0,
                                               resolution=resolution, inception_weights_path=spec.inception_weights)
             report.add("evaluate", True, f"fidelity features: {chosen}")
@@ -147,6 +148,9 @@ def _reference_check(resolved: ResolvedRecipe, count: int) -> tuple[str, bool, s
     validation, test = split_halves(split_indices(count, recipe.latents.holdout, recipe.seed)[1], recipe.seed)
     halves = {"validation": validation, "test": test}
     chosen = len(halves[spec.reference])
+    # late: start-up time (genfw.metrics loads torch-fidelity, ~1 s)
+    from genfw.evaluate import PRDC_K
+
     if min(len(validation), len(test)) <= PRDC_K:
         return ("reference", False, f"the fidelity metrics need more than {PRDC_K} held-out images in each half "
                 f"(reference and floor), latents.holdout gives {len(validation) + len(test)} in all: "

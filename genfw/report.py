@@ -11,7 +11,6 @@ import yaml
 from genfw import __version__, checkpoint, io
 from genfw.context import RunContext as Run
 from genfw.context import count_parameters
-from genfw.metrics import NLL_KIND_LABELS
 from genfw.registry import get_registry
 
 
@@ -291,6 +290,9 @@ def write_report(run: Run, tokenizer, priors) -> None:
             lines.append("")
 
         kinds = sorted({v for k, v in metrics.items() if k.endswith("/nll_kind") and isinstance(v, str)})
+        # late: start-up time (genfw.metrics loads torch-fidelity, ~1 s)
+        from genfw.metrics import NLL_KIND_LABELS
+
         lines += [f"`nll_kind` {k}: {NLL_KIND_LABELS.get(k, k)} (docs/evaluation.md)." for k in kinds]
         lines += [""] if kinds else []
     timings = {}

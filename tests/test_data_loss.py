@@ -434,7 +434,7 @@ def test_an_interrupted_latents_or_evaluate_stage_says_what_it_kept(finished_run
         monkeypatch.setattr(genfw_vq.pixels.Pixels, "encode", interrupt)
         args, words = ["--stages", "latents"], "latents: interrupted after encoding 0"
     else:
-        monkeypatch.setattr("genfw.stages.evaluate.evaluate_run", interrupt)  # where the stage looks it up
+        monkeypatch.setattr("genfw.evaluate.evaluate_run", interrupt)
         args, words = ["--stages", "evaluate"], "evaluate: interrupted; the models and samples are kept"
     import shutil
 

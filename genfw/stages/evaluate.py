@@ -11,7 +11,6 @@ from typing import Any
 
 from genfw import __version__, dist, io
 from genfw.errors import GenfwError
-from genfw.evaluate import evaluate_run
 from genfw.interfaces import Prior, Tokenizer
 from genfw.loggers import LoggerSet, flat_hparams
 from genfw.stages.base import Stage
@@ -35,6 +34,9 @@ class EvaluateStage(Stage):
             return io.read_json(metrics_file)
         t0 = time.perf_counter()
         try:
+            # late: start-up time (genfw.metrics loads torch-fidelity, ~1 s)
+            from genfw.evaluate import evaluate_run
+
             metrics = evaluate_run(run, tokenizer, priors)
         except KeyboardInterrupt:
             raise GenfwError(
