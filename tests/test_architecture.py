@@ -209,3 +209,11 @@ def test_docs_architecture_draws_the_same_layers():
     contract = next(c for c in _config()["contracts"] if c["id"] == "layers")
     assert documented == [" ".join(layer.split()) for layer in contract["layers"]]
     assert [int(n) for n, _ in rows] == list(range(1, len(rows) + 1))
+
+
+def test_commands_do_not_load_the_metrics_until_they_evaluate():
+    """Every command imports genfw.api and genfw.pipeline; torch-fidelity (~1 s) waits until evaluation."""
+    code = ("import sys, genfw.api, genfw.pipeline, genfw.preflight, genfw.report; "
+            "print(sorted(m for m in ('torch_fidelity', 'genfw.metrics', 'genfw.evaluate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
