@@ -453,9 +453,12 @@ class Trainer:
                                 self.final_module()  # gathered by every rank, cached for fn
                             if dist.is_main():
                                 fn(self)
-                    if dist.is_initialized():  # every rank stops at the same step
-                        self._stop_requested = dist.any_true(self._stop_requested)
-                    if self._stop_requested:
+                    # Every rank stops at the same step. The signal handler only ever sets
+                    # _stop_requested; the ranks' decision is kept apart from it, because a signal
+                    # that lands during the collective would otherwise be overwritten by its result.
+                    stop = dist.any_true(self._stop_requested) if dist.is_initialized() else self._stop_requested
+                    if stop:
+                        self._stop_requested = True
                         self.save_state()
                         raise KeyboardInterrupt
         except KeyboardInterrupt:

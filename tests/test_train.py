@@ -112,3 +112,32 @@ def test_each_group_gets_its_own_optimizer_and_gradients(tmp_path, data):
     before = model.critic.weight.detach().clone()
     trainer.fit()
     assert not torch.equal(before, model.critic.weight)
+
+
+def test_a_signal_during_the_ranks_stop_vote_is_not_lost(tmp_path, data, monkeypatch):
+    """Under torchrun every rank votes each step on stopping (an all-reduce). A SIGUSR1 that lands
+    while a rank waits in that collective must still stop training at the next step: it was lost
+    when the vote's result overwrote the flag the signal handler had just set."""
+    import os
+    import signal
+
+    from genfw import dist
+
+    trainer = Trainer(Regressor(), data, SPEC.model_copy(update={"checkpoint_every": 1000}), tmp_path)
+    votes = []
+
+    def all_reduce_or(flag: bool) -> bool:
+        votes.append(flag)
+        if len(votes) == 3:  # the signal arrives during step 3's collective
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return flag  # the other rank saw no signal yet: the vote is what this rank sent
+
+    # one rank of a two-process group, as far as the stop vote is concerned
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    monkeypatch.setattr(dist, "world_size", lambda: 1)
+    monkeypatch.setattr(dist, "any_true", all_reduce_or)
+    with pytest.raises(TrainingError, match="interrupted at step 4"):
+        trainer.fit()
+    assert votes == [False, False, False, True]
+    assert (tmp_path / STATE_FILE).exists()
