@@ -105,7 +105,7 @@ def test_the_mini_maskgit_command_runs_verbatim(installed, monkeypatch):
     result = CliRunner().invoke(app, [*argv, "--dry-run", "--output-dir", str(tmp / "run")])
     assert result.exit_code == 0, result.output
     assert "mini-maskgit /" in result.stdout and "hourglass" in result.stdout  # the cell wraps at 80 columns
-    assert "drops the params of 'sundae' (unroll_steps)" in result.stderr
+    assert "drops the params of 'sundae' (label_drop, unroll_steps)" in result.stderr
 
 
 def test_installed_plugin_provenance_clash_broken_and_check(installed):
