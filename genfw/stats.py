@@ -10,7 +10,8 @@ The rules (``genfw ablate`` follows them; docs/evaluation.md says the same in a 
 * **Several tests behind one claim** — Holm's correction over all of them (:func:`holm`).
 * **Intervals** — over seeds, a Student-t interval only with at least 3 seeds (fewer: every
   seed's value, no interval), clipped to the metric's range (:func:`clip`); within one seed,
-  a bootstrap over the samples for FID/KID (:func:`bootstrap_fid`, :func:`bootstrap_kid`) and
+  a bootstrap over the samples for FID/KID (:func:`bootstrap_fid`, :func:`bootstrap_kid`; the
+  difference of two samplers of one model: :func:`bootstrap_fid_difference`) and
   Wilson's score interval for proportions such as class accuracy (:func:`wilson`). No bound
   leaves [0, 1] for a proportion or goes below 0 for FID/KID.
 
@@ -446,3 +447,22 @@ def bootstrap_kid(samples: np.ndarray, reference: np.ndarray, n_boot: int = 1000
     reps = np.array([kid(c) for c in _counts(kid.k_ss.shape[0], n_boot, seed)])
     return _centred_bootstrap(estimate, reps, level, 0.0,
                             f"{level:.0%} bootstrap over {kid.k_ss.shape[0]} samples ({n_boot} draws)")
+
+
+def bootstrap_fid_difference(samples_a, samples_b, reference, n_boot: int = 1000, level: float = 0.95,
+                             seed: int = 0, device: str = "cpu") -> Interval:
+    """FID(a) - FID(b) against one reference, with a bootstrap interval over both sample sets.
+
+    For two sampler settings of the *same* trained model (one seed): each draw resamples a's and
+    b's samples independently (they were drawn independently), the reference fixed as in
+    :func:`bootstrap_fid`. The interval says whether the difference is larger than the samples'
+    own noise for this one model; whether it holds across trained models is the paired test's
+    question (:func:`paired`). Unbounded: a difference may have either sign.
+    """
+    fid = _FID(reference, device)
+    a, b = _float64(samples_a, device), _float64(samples_b, device)
+    estimate = fid(a) - fid(b)
+    reps = (fid.batch(a, _float64(_counts(a.shape[0], n_boot, seed), device))
+            - fid.batch(b, _float64(_counts(b.shape[0], n_boot, seed + 1), device)))
+    return _centred_bootstrap(estimate, reps, level, -math.inf,
+                              f"{level:.0%} bootstrap over {a.shape[0]} and {b.shape[0]} samples ({n_boot} draws)")

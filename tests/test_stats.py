@@ -120,3 +120,16 @@ def test_bootstrap_intervals_contain_the_estimate_and_never_go_below_zero():
     reps = [stats.fid_from_features(_features(60, 40, 0.0, 5), _features(60, 40, 0.0, 6), c)
             for c in stats._counts(60, 20, 0)]
     assert min(reps) > wide.estimate and wide.low <= wide.estimate <= wide.high
+
+
+def test_bootstrap_fid_difference_tells_a_worse_sampler_from_sample_noise():
+    ref = _features(80, 6, 0.0, 2)
+    good, also_good, shifted = _features(80, 6, 0.0, 3), _features(80, 6, 0.0, 7), _features(80, 6, 0.8, 4)
+    worse = stats.bootstrap_fid_difference(shifted, good, ref, n_boot=200)
+    assert worse.estimate == pytest.approx(stats.fid_from_features(shifted, ref) - stats.fid_from_features(good, ref))
+    assert worse.low > 0 and worse.low <= worse.estimate <= worse.high  # a shifted model is worse, beyond noise
+    flipped = stats.bootstrap_fid_difference(good, shifted, ref, n_boot=200)
+    assert flipped.high < 0  # differences keep their sign: no clipping at 0
+    tie = stats.bootstrap_fid_difference(good, also_good, ref, n_boot=200)
+    assert tie.low < 0 < tie.high  # two samples of one distribution: no difference claimed
+    assert stats.bootstrap_fid_difference(good, also_good, ref, n_boot=200) == tie  # deterministic
