@@ -27,11 +27,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0, help="the recipe seed: split and classifier seeds")
+    parser.add_argument("--holdout", type=float, default=0.1,
+                        help="latents.holdout: the held-out fraction (the study uses 0.2: 4,000 train, 1,000 held out)")
     args = parser.parse_args()
     data = build("dataset", "mnist", {"resolution": 32})
     images, labels = data._data
-    train, held = split_indices(len(labels), 0.1, args.seed)
-    results = {"train_images": len(train), "heldout_images": len(held), "steps": args.steps, "seed": args.seed}
+    train, held = split_indices(len(labels), args.holdout, args.seed)
+    results = {"train_images": len(train), "heldout_images": len(held), "steps": args.steps, "seed": args.seed,
+               "holdout": args.holdout}
     for prefix, (arch, batch_size) in evaluate.CLASSIFIERS.items():
         seed = args.seed + list(evaluate.CLASSIFIERS).index(prefix)
         wall, cpu = time.perf_counter(), time.process_time()

@@ -1,4 +1,4 @@
-"""Recompute every test in docs/comparison.md from docs/data/round1_per_seed.csv.
+"""Recompute every test in docs/comparison-round1.md from docs/data/round1_per_seed.csv.
 
     .venv/bin/python benchmarks/comparison_round1.py            # prints the tables of the page
 

@@ -185,14 +185,14 @@ def test_installed_plugin_provenance_clash_broken_and_check(installed):
 
 
 def test_comparison_page_numbers_are_recomputed_from_its_csv():
-    """docs/comparison.md quotes what benchmarks/comparison_round1.py computes from the committed CSV."""
+    """docs/comparison-round1.md quotes what benchmarks/comparison_round1.py computes from the committed CSV."""
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("comparison_round1", root / "benchmarks" / "comparison_round1.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    page = (root / "docs" / "comparison.md").read_text()
+    page = (root / "docs" / "comparison-round1.md").read_text()
     rows = module.load()
     claim = module.proportion_claim(rows)
     assert [r["steps"] for r in claim] == [8, 16, 32]
@@ -208,3 +208,18 @@ def test_comparison_page_numbers_are_recomputed_from_its_csv():
     assert f"Welch p = {t4['welch_p']:.3f}" in page
     # per-seed values only: no "±" interval in any table (the text quotes round 1's impossible ones)
     assert not [line for line in page.splitlines() if line.startswith("|") and "±" in line]
+
+
+def test_study_page_tables_are_the_output_of_the_tables_command():
+    """docs/comparison.md's results are exactly what `study_mnist.py tables` computes from docs/data."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("study_mnist", root / "benchmarks" / "study_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = (root / "docs" / "comparison.md").read_text()
+    start = page.index("<!-- study tables")
+    block = page[page.index("\n", start) + 1: page.index("<!-- end of study tables -->")]
+    assert block.strip() == module.tables(root / "docs" / "data").strip()
+    assert "±" not in block  # intervals are [low, high] inside the metric's range, never mean ± t

@@ -1,0 +1,118 @@
+"""The study's tables and verdicts (benchmarks/study_mnist.py tables) on small made-up CSVs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study_mnist", ROOT / "benchmarks" / "study_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _data(tmp_path: Path, study, absorbing_nll: float, low_p_better: bool, plateaued: bool = True) -> Path:
+    """CSVs shaped like the study's: 3 seeds, absorbing's bound at ``absorbing_nll`` against an
+    autoregressive NLL of 2.0, and p = 0.2 better (or worse) than 0.8 on every seed at 64 and 128 steps."""
+    curves, runs, nll, diffs = [], [], [], []
+    for prior in study.PRIORS:
+        for seed in study.SEEDS:
+            for step, v in ((250, 3.2), (500, 3.0), (1000, 2.6), (1500, 2.59)):
+                v += 0.1 if prior == "absorbing_elbo" else 0.0
+                curves.append({"prior": prior, "seed": seed, "step": step, "validation_bits_per_token": v + seed / 100,
+                               "kind": "bound", "train_seconds": step / 4})
+            value = {"absorbing": absorbing_nll, "autoregressive": 2.0}.get(prior, 2.5) + seed / 1000
+            nll.append({"prior": prior, "seed": seed, "train_steps": 1500, "stopped_at": 1500, "max_steps": 2000,
+                        "plateaued": plateaued,
+                        "test_bits_per_token": value, "kind": "bound"})
+    metrics = {"fidelity/fid:low": 1.0, "fidelity/fid:high": 9.0, "fidelity/floor_fid": 0.5,
+               "fidelity/reconstruction_fid": 0.7, "class_accuracy": 0.9, "classifier2/class_accuracy": 0.88,
+               "classifier/heldout_accuracy": 0.99, "classifier2/heldout_accuracy": 0.991,
+               "classifier/heldout_ece": 0.01, "classifier2/heldout_ece": 0.005, "classifier/disagreement_p": 0.5,
+               "sample/seconds_per_image": 0.01, "sample/flops_per_image": 1e9}
+
+    def run(arm, prior, seed, fid, steps=64, temperature=1.0, proportion="", split="test"):
+        runs.append({"arm": arm, "prior": prior, "seed": seed, "split": split, "steps": steps,
+                     "temperature": temperature, "proportion": proportion, "fidelity/fid": fid} | metrics)
+
+    for prior, base in (("sundae", 5.0), ("absorbing", 4.0), ("autoregressive", 6.0)):
+        for seed in study.SEEDS:
+            for tau in study.TUNE[prior]:
+                run("tune", prior, seed, base + abs(tau - 0.9), temperature=tau, split="validation")
+            run("full", prior, seed, base + seed / 10)
+            run("tuned", prior, seed, base - 0.5 + seed / 10, temperature=0.9)
+    for seed in study.SEEDS:
+        for steps in study.PROPORTION_STEPS:
+            sign = -1 if low_p_better else 1
+            for p, fid in ((0.2, 5 + sign * (1 + seed / 7)), (0.8, 5)):
+                run("proportion", "sundae", seed, fid, steps=steps, temperature=0.8, proportion=p)
+            d = sign * (1 + seed / 7)
+            diffs.append({"seed": seed, "steps": steps, "a": 0.2, "b": 0.8, "fid_difference": d,
+                          "low": d - 0.5, "high": d + 0.5})
+    for name, rows in (("curves", curves), ("runs", runs), ("nll", nll), ("proportion_differences", diffs)):
+        _write(tmp_path / f"study_{name}.csv", rows)
+    return tmp_path
+
+
+def test_verdicts_follow_the_tests_in_the_papers_direction(tmp_path, study):
+    text = study.tables(_data(tmp_path, study, absorbing_nll=1.5, low_p_better=True))
+    nll_line = next(line for line in text.splitlines() if line.startswith("- NLL half"))
+    assert "**Verdict: consistent with the paper**" in nll_line  # bound 0.5 below the exact NLL on 3 seeds
+    fid_line = next(line for line in text.splitlines() if line.startswith("- FID half"))
+    assert "consistent with" in fid_line  # absorbing FID 4 against 6 on every seed
+    # Fig. 6: the plain ELBO's bound is 0.1 above at every checkpoint
+    assert "**Verdict: consistent with the paper**: the reweighted bound is lower at 2 of 2" in text
+    # Fig. 8: p = 0.2 better on every seed, but 3 pairs cannot pass the exact sign-flip test
+    assert "**Verdict (64, 128 steps): inconclusive.**" in text
+    assert "- 128 steps: p = 0.2 had the lower FID on 3 of 3 seeds; its bootstrap interval lies below 0 on 3" in text
+    assert "cannot go below 0.25" in text
+    # the tuned temperature is the one with the lowest mean validation FID
+    assert "- absorbing: τ = 0.8: 4.10, τ = 0.9: 4.00, τ = 1.0: 4.10 → τ = 0.9" in text
+    # no interval leaves the metric's range; intervals only with 3 seeds
+    assert "not tested under the paper's conditions" in text  # 2D vs 1D resampling
+
+
+def test_a_result_against_the_paper_contradicts_it(tmp_path, study):
+    text = study.tables(_data(tmp_path, study, absorbing_nll=2.5, low_p_better=False))
+    nll_line = next(line for line in text.splitlines() if line.startswith("- NLL half"))
+    assert "**Verdict: contradicts the paper**" in nll_line
+
+
+def test_verdict_words_are_fixed(study):
+    assert study.verdict(True, 0.01) == "consistent with"
+    assert study.verdict(False, 0.01) == "contradicts"
+    assert study.verdict(True, 0.2) == "inconclusive"
+    assert set(study.VERDICTS) >= {"consistent with", "contradicts", "inconclusive",
+                                    "not tested under the paper's conditions"}
+
+
+def test_plateau_rule(study):
+    # the last quarter (steps > 1500 of 2000) improved the best value by less than 1%: a plateau
+    assert study.plateaued([(500, 3.0), (1000, 2.6), (1500, 2.5), (2000, 2.49)])
+    assert not study.plateaued([(500, 3.0), (1000, 2.6), (1500, 2.5), (2000, 2.4)])  # 4% better: train on
+    assert study.plateaued([(500, 3.0), (1000, 2.6), (1500, 2.5), (2000, 2.7)])  # worse (overfitting): stop
+    assert not study.plateaued([(250, 3.0)])  # one checkpoint says nothing
+    assert not study.plateaued([])  # nor does none
+
+
+def test_table4_needs_converged_models(tmp_path, study):
+    """Table 4 compares models trained to convergence: off a plateau, the test is shown, not the verdict."""
+    text = study.tables(_data(tmp_path, study, absorbing_nll=1.5, low_p_better=True, plateaued=False))
+    nll_line = next(line for line in text.splitlines() if line.startswith("- NLL half"))
+    assert "**Verdict: not tested under the paper's conditions**" in nll_line
+    assert "0 of these 6 are on a validation plateau" in nll_line and "would say: consistent with" in nll_line
