@@ -191,7 +191,7 @@ def train_one(out: Path, prior: str, seed: int, max_steps: int = MAX_STEPS) -> N
                                                   "max_steps": cap, "best_step": best[0], "best": best[1]}))
 
 
-def train_all(out: Path, priors: list[str], workers: int, max_steps: int) -> None:
+def train_all(out: Path, priors: list[str], workers: int, max_steps: int, data: Path) -> None:
     jobs = sorted([(p, s) for s in SEEDS for p in priors], key=lambda j: (j[0] in MAX_STEPS_OF, j[1]))
     # the tokenizer and latents first, once, so that the workers share them
     from genfw.pipeline import Run
@@ -207,7 +207,7 @@ def train_all(out: Path, priors: list[str], workers: int, max_steps: int) -> Non
 
         with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
             pool.starmap(train_one, [(out, p, s, max_steps) for p, s in jobs], chunksize=1)
-    collect_curves(out)
+    collect_curves(out, data)
 
 
 def collect_curves(out: Path, data: Path | None = None) -> None:
@@ -648,7 +648,7 @@ def main() -> None:
             sys.exit("error: --workers must be between 1 and 8")
         if not CHECKPOINTS[0] <= args.max_steps <= MAX_STEPS:
             sys.exit(f"error: --max-steps must be between {CHECKPOINTS[0]} and {MAX_STEPS}")
-        train_all(out, args.prior or list(PRIORS), args.workers, args.max_steps)
+        train_all(out, args.prior or list(PRIORS), args.workers, args.max_steps, Path(args.data))
     elif args.command == "sample":
         sample_all(out, Path(args.data), args.prior or list(PRIORS), wait=args.wait)
     print(f"{args.command}: {(time.perf_counter() - started) / 60:.1f} min")
