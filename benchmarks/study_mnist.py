@@ -474,7 +474,9 @@ def tables(data: Path) -> str:
                 f", p = {rs[0]['proportion']}" if rs[0]["proportion"] else "")
             fids = ", ".join(f"{float(r['fidelity/fid']):.2f} [{float(r['fidelity/fid:low']):.2f}, "
                              f"{float(r['fidelity/fid:high']):.2f}]" for r in rs)
-            vals = lambda k: [float(r[k]) for r in rs]  # noqa: E731
+            def vals(key: str, rs: list[dict[str, str]] = rs) -> list[float]:
+                return [float(r[key]) for r in rs]
+
             add(f"| {prior} | {arm} | {sampler} | {fids} | {mean_interval(vals('fidelity/fid'), (0, math.inf))} | "
                 f"{mean_interval(vals('class_accuracy'), (0, 1))} | "
                 f"{sum(vals('classifier2/class_accuracy')) / len(rs):.3f} | "

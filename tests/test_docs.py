@@ -184,14 +184,20 @@ def test_installed_plugin_provenance_clash_broken_and_check(installed):
             sys.modules.pop(m, None)
 
 
-def test_comparison_page_numbers_are_recomputed_from_its_csv():
-    """docs/comparison-round1.md quotes what benchmarks/comparison_round1.py computes from the committed CSV."""
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
     import importlib.util
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("comparison_round1", root / "benchmarks" / "comparison_round1.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_comparison_page_numbers_are_recomputed_from_its_csv():
+    """docs/comparison-round1.md quotes what benchmarks/comparison_round1.py computes from the committed CSV."""
+    root = Path(__file__).resolve().parents[1]
+    module = _benchmark("comparison_round1")
     page = (root / "docs" / "comparison-round1.md").read_text()
     rows = module.load()
     claim = module.proportion_claim(rows)
@@ -212,12 +218,8 @@ def test_comparison_page_numbers_are_recomputed_from_its_csv():
 
 def test_study_page_tables_are_the_output_of_the_tables_command():
     """docs/comparison.md's results are exactly what `study_mnist.py tables` computes from docs/data."""
-    import importlib.util
-
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("study_mnist", root / "benchmarks" / "study_mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark("study_mnist")
     page = (root / "docs" / "comparison.md").read_text()
     start = page.index("<!-- study tables")
     block = page[page.index("\n", start) + 1: page.index("<!-- end of study tables -->")]
