@@ -298,6 +298,14 @@ def start(recipe, out, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def stop(proc) -> None:
+    """Kill a process this test started if it is still there (paused or not)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.communicate(timeout=60)
+
+
 def saved_step(out) -> int:
     try:
         tensors, meta = checkpoint.read(Path(out) / "prior0" / "train_state.safetensors")
@@ -316,7 +324,7 @@ def wait_for(proc, predicate, timeout=180) -> bool:
 
 
 # four real processes (lock, signals, SIGKILL), ~45 s CPU
-def test_lock_sigterm_snapshot_sigkill_stale_lock_then_bitwise_equal(tmp_path):
+def test_lock_sigterm_snapshot_sigkill_stale_lock_then_bitwise_equal(tmp_path, request):
     steps = 150
     recipe_dict = {**RECIPE, "train": {"prior": {**RECIPE["train"]["prior"], "steps": steps, "checkpoint_every": 1,
                                                  "snapshot_every": 2}}}
@@ -324,6 +332,7 @@ def test_lock_sigterm_snapshot_sigkill_stale_lock_then_bitwise_equal(tmp_path):
     recipe.write_text(yaml.safe_dump(recipe_dict))
     out = tmp_path / "run"
     holder = start(recipe, out)
+    request.addfinalizer(lambda: stop(holder))  # a failed assertion leaves no paused process behind
     assert wait_for(holder, lambda: saved_step(out) >= 3)
 
     # a second run on the same directory fails fast, naming the holder (paused meanwhile, so
@@ -345,11 +354,14 @@ def test_lock_sigterm_snapshot_sigkill_stale_lock_then_bitwise_equal(tmp_path):
 
     # a snapshot of the training still going on is sampled, and says its step
     assert wait_for(holder, lambda: (out / "prior0" / "snapshot.safetensors").exists())
+    # paused meanwhile (it keeps its lock, so it is still going): sampling and evaluating here are
+    # slower than the rest of its training when this process has not imported the metrics yet (the
+    # test run alone), and a finished run would be evaluated the ordinary way
+    holder.send_signal(signal.SIGSTOP)
     result = CliRunner().invoke(app, ["sample", str(out), "-n", "2", "--out", str(tmp_path / "mid")])
     assert result.exit_code == 0, result.output
     assert re.search(r"prior0 is still training: using its snapshot at step \d+", result.output)
     assert len(list((tmp_path / "mid").glob("*.png"))) == 2
-    holder.send_signal(signal.SIGSTOP)  # the evaluation is slower than the rest of the training here
     result = CliRunner().invoke(app, ["eval", str(out)])  # evaluated beside the run, on the snapshot
     holder.send_signal(signal.SIGCONT)
     assert result.exit_code == 0, result.output
