@@ -1,16 +1,18 @@
 """The MNIST study, round 2: SUNDAE vs absorbing diffusion vs autoregressive, and the papers' claims.
 
-A benchmark, not a test: nothing is downloaded, and it takes hours on a 2-core CPU. Three commands
+A benchmark, not a test: nothing is downloaded, and it takes hours on a 2-core CPU. Four commands
 (resumable: interrupt and rerun any of them):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_mnist.py train --workers 2 [--max-steps N]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_mnist.py sample [--wait]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_mnist.py time
     .venv/bin/python benchmarks/study_mnist.py tables
 
 ``train`` trains every prior x seed to its validation plateau (two at a time with ``--workers 2``),
 or to ``--max-steps`` (a later run with a higher cap trains the ones that had not plateaued on);
 ``sample`` samples and evaluates every arm (``--wait``: beside ``train``, each prior as soon as its
-seeds are trained); ``tables`` prints every number of docs/comparison.md from the CSVs alone.
+seeds are trained); ``time`` measures each prior's training and sampling speed one at a time, on an
+otherwise idle machine; ``tables`` prints every number of docs/comparison.md from the CSVs alone.
 
 ``train`` and ``sample`` write into ``--out`` (default ``runs/study2``) and resume where they stopped
 (a finished stage or run is reused, an unfinished one continues); both end by writing the CSVs under
@@ -84,20 +86,11 @@ def resolve(overrides: list[str]):
     return validate_recipe(apply_overrides(load_yaml(str(BASE)), COMMON + overrides + SMOKE))
 
 
-def link_shared(run, shared: Path, stages=("tokenizer", "latents")) -> None:
+def link_shared(run, shared: Path) -> None:
     """The run's tokenizer and latents are the study's shared ones (by fingerprint)."""
-    os.makedirs(run.dir, exist_ok=True)
-    for stage in stages:
-        target = (shared / f"{stage}-{run.stage(stage).output_id()}").resolve()
-        target.mkdir(parents=True, exist_ok=True)
-        link = Path(run.path(stage))
-        if link.is_symlink() and os.readlink(link) == str(target):
-            continue
-        if link.is_symlink():
-            link.unlink()
-        elif link.exists():
-            continue
-        link.symlink_to(target)
+    from genfw.ablate.runner import _link_shared
+
+    _link_shared(run, str(shared), only=("tokenizer", "latents"))
 
 
 def validation_loss(run, model_file: str, half: str = "validation") -> tuple[float, str]:
@@ -241,6 +234,7 @@ TUNE = {"sundae": [0.6, 0.8, 1.0], "absorbing": [0.8, 0.9, 1.0], "autoregressive
 PROPORTIONS = [0.2, 0.8]
 PROPORTION_STEPS = [64, 128]
 TUNE_SEED_OFFSET = 1000
+TIMING_STEPS = 200  # training steps timed per prior by `time`
 
 
 def best_model(out: Path, prior: str, seed: int) -> tuple[Path, dict[str, Any]]:
@@ -258,15 +252,13 @@ def slug(settings: dict[str, Any]) -> str:
 def sample_one(out: Path, prior: str, seed: int, settings: dict[str, Any], split: str, sample_seed: int,
                cache: dict[str, Any]) -> dict[str, Any]:
     """Sample one trained model with one sampler setting, evaluated against one held-out half."""
-    import yaml
-
     from genfw.ablate.runner import _sampling_flops
     from genfw.ablate.stats import within_run_intervals
     from genfw.pipeline import Run
 
     model, done = best_model(out, prior, seed)
     folder = out / "sample" / prior / f"seed-{seed}" / f"{split}-s{sample_seed}-{slug(settings)}"
-    flow = yaml.safe_dump(settings, default_flow_style=True).strip()
+    flow = yaml_flow(settings)
     res = resolve(PRIORS[prior] + [f"prior.checkpoint={model}", f"sample.seed={sample_seed}",
                                    f"evaluate.reference={split}", "evaluate.metrics=[fidelity]",
                                    f"sample.params={flow}"])
@@ -391,6 +383,61 @@ def sample_all(out: Path, data: Path, priors: list[str], wait: bool = False) -> 
             sample_prior(out, prior, cache)
         test_losses(out, prior)
         collect(out, data)
+
+
+def time_all(out: Path, data: Path) -> None:
+    """Wall time on an otherwise idle machine, one measurement at a time on one thread: each prior's
+    training (``TIMING_STEPS`` steps from scratch, s/step) and each main prior's sampling (500 images of
+    seed 0's kept model at its full and its tuned sampler, s/image). Run it with nothing else running:
+    the 1-minute load average before each measurement goes into the CSV as the evidence."""
+    from genfw import io
+    from genfw.pipeline import Run
+
+    if (os.cpu_count() or 1) > 1 and os.environ.get("OMP_NUM_THREADS") != "1":
+        sys.exit("error: run `time` with OMP_NUM_THREADS=1 (the study's one thread per process)")
+    tuned = {}
+    for r in read_rows(data / "study_runs.csv"):
+        if r["arm"] == "tuned":
+            tuned[r["prior"]] = float(r["temperature"])
+    rows = []
+    for prior in PRIORS:
+        load = os.getloadavg()[0]
+        folder = out / "timing" / f"train-{prior}"
+        run = Run(resolve(PRIORS[prior] + [f"train.prior.steps={TIMING_STEPS}", "train.prior.seed=0"]),
+                  output_dir=str(folder))
+        link_shared(run, out / "_shared")
+        run.run(stages=["tokenizer", "latents", "prior"])
+        seconds = float(io.read_json(run.path("prior0", "stage.json"))["seconds"])
+        rows.append({"what": "train", "prior": prior, "setting": f"{TIMING_STEPS} steps, batch 64",
+                     "seconds": round(seconds, 2), "per": "step", "value": seconds / TIMING_STEPS,
+                     "load_before": round(load, 2)})
+        print(f"{prior}: training {seconds / TIMING_STEPS * 1000:.0f} ms/step (load {load:.2f})", flush=True)
+    for prior in MAIN:
+        arms = {"full": FULL[prior]}
+        if prior in tuned and tuned[prior] != FULL[prior].get("temperature"):
+            arms["tuned"] = FULL[prior] | {"temperature": tuned[prior]}
+        for arm, settings in arms.items():
+            load = os.getloadavg()[0]
+            model, _ = best_model(out, prior, 0)
+            flow = yaml_flow(settings)
+            run = Run(resolve(PRIORS[prior] + [f"prior.checkpoint={model}", "sample.seed=0", f"sample.params={flow}"]),
+                      output_dir=str(out / "timing" / f"sample-{prior}-{slug(settings)}"))
+            link_shared(run, out / "_shared")
+            run.run(stages=["sample"])
+            timing = io.read_json(run.path("samples", "timing.json"))
+            rows.append({"what": "sample", "prior": prior, "setting": f"{arm}: {slug(settings)}",
+                         "seconds": round(timing["seconds"], 2), "per": "image",
+                         "value": timing["seconds"] / timing["n"], "load_before": round(load, 2)})
+            print(f"{prior} {arm}: sampling {timing['seconds'] / timing['n'] * 1000:.1f} ms/image (load {load:.2f})",
+                  flush=True)
+    write_rows(data / "study_timing.csv", rows)
+    print(f"study_timing.csv: {len(rows)} rows")
+
+
+def yaml_flow(settings: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(settings, default_flow_style=True).strip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -613,6 +660,24 @@ def tables(data: Path) -> str:
         add(f"At {st} steps (the claim's other half: a low proportion is worse with few steps) the paired p is "
             f"{claim_tests[st].p:.3g}; it is not part of the verdict.")
 
+    timing = read_rows(data / "study_timing.csv")
+    if timing:
+        add("\n### Wall time on an otherwise idle machine (`study_mnist.py time`: one process, one thread, one "
+            "measurement at a time)\n")
+        add("| prior | what | setting | seconds | per step or image | 1-min load average before |")
+        add("|---|---|---|---|---|---|")
+        for r in timing:
+            per = float(r["value"])
+            add(f"| {r['prior']} | {r['what']} | {r['setting']} | {float(r['seconds']):.1f} | "
+                f"{per * 1000:.1f} ms / {r['per']} | {float(r['load_before']):.2f} |")
+        steps = {}
+        for r in nll:
+            steps.setdefault(r["prior"], []).append(int(r["stopped_at"]))
+        per_step = {r["prior"]: float(r["value"]) for r in timing if r["what"] == "train"}
+        add("\nTraining each model as far as the study did, at these rates (validation passes not included): "
+            + "; ".join(f"{p} {sum(st) / len(st):,.0f} steps mean, {per_step[p] * sum(st) / len(st) / 60:.1f} min "
+                        "per seed" for p, st in steps.items() if p in per_step) + ".")
+
     add("\n### Claim: 2D-aware downsampling in the hourglass improves sample quality over 1D (megapixel-SUNDAE "
         "§3.2)\n")
     add("**Verdict: not tested under the paper's conditions** — the claim is about hourglass transformers "
@@ -634,9 +699,11 @@ def main() -> None:
     sm.add_argument("--prior", action="append", choices=list(PRIORS), help="only these priors (repeatable)")
     sm.add_argument("--wait", action="store_true",
                     help="run beside `train`: sample each prior as soon as its seeds have finished training")
+    tm = sub.add_parser("time", help="wall time on an otherwise idle machine: training s/step and sampling "
+                        "s/image of each prior, one at a time (after train and sample)")
     tb = sub.add_parser("tables", help="print every table and verdict of docs/comparison.md from the CSVs")
     tb.add_argument("--data", default=str(ROOT / "docs" / "data"), help="where the CSVs are")
-    for p in (t, sm):
+    for p in (t, sm, tm):
         p.add_argument("--out", default="runs/study2")
         p.add_argument("--data", default=str(ROOT / "docs" / "data"), help="where the CSVs go")
     args = parser.parse_args()
@@ -653,6 +720,8 @@ def main() -> None:
         train_all(out, args.prior or list(PRIORS), args.workers, args.max_steps, Path(args.data))
     elif args.command == "sample":
         sample_all(out, Path(args.data), args.prior or list(PRIORS), wait=args.wait)
+    elif args.command == "time":
+        time_all(out, Path(args.data))
     print(f"{args.command}: {(time.perf_counter() - started) / 60:.1f} min")
 
 

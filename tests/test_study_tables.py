@@ -116,3 +116,20 @@ def test_table4_needs_converged_models(tmp_path, study):
     nll_line = next(line for line in text.splitlines() if line.startswith("- NLL half"))
     assert "**Verdict: not tested under the paper's conditions**" in nll_line
     assert "0 of these 6 are on a validation plateau" in nll_line and "would say: consistent with" in nll_line
+
+
+def test_wall_time_table_from_the_timing_csv(tmp_path, study):
+    """`time`'s CSV becomes a table (ms per step or image, the load average it was measured at) and
+    each prior's training time at the steps the study trained; without the CSV there is no table."""
+    data = _data(tmp_path, study, absorbing_nll=1.5, low_p_better=True)
+    assert "Wall time on an otherwise idle machine" not in study.tables(data)
+    rows = [{"what": "train", "prior": p, "setting": "200 steps, batch 64", "seconds": 100.0, "per": "step",
+             "value": 0.5, "load_before": 0.1} for p in study.PRIORS]
+    rows.append({"what": "sample", "prior": "sundae", "setting": "full: steps=100", "seconds": 25.0, "per": "image",
+                 "value": 0.05, "load_before": 1.02})
+    _write(data / "study_timing.csv", rows)
+    text = study.tables(data)
+    assert "| sundae | sample | full: steps=100 | 25.0 | 50.0 ms / image | 1.02 |" in text
+    assert "| absorbing | train | 200 steps, batch 64 | 100.0 | 500.0 ms / step | 0.10 |" in text
+    # stopped at 1,500 steps (the made-up nll CSV) at 0.5 s a step: 12.5 min per seed
+    assert "absorbing 1,500 steps mean, 12.5 min per seed" in text

@@ -137,8 +137,8 @@ def run_ablation(path: str, extra_overrides: list[str] | None = None, device: st
     return results
 
 
-def _link_shared(run, shared: str) -> None:
-    """Point the run's training stages at shared folders keyed by their fingerprint.
+def _link_shared(run, shared: str, only: tuple[str, ...] | None = None) -> None:
+    """Point the run's training stages (or ``only`` these) at shared folders keyed by their fingerprint.
 
     Combinations that agree on a stage's inputs (e.g. every sampler setting of one prior, or
     every prior on one tokenizer) then compute it once.
@@ -147,6 +147,8 @@ def _link_shared(run, shared: str) -> None:
     stages = [("tokenizer", run._fp_tokenizer()), ("latents", run._fp_latents())]
     stages += [(f"prior{i}", run._fp_prior(i)) for i in range(len(run.resolved.prior_specs))]
     for stage, fp in stages:
+        if only is not None and stage not in only:
+            continue
         target = os.path.abspath(os.path.join(shared, f"{stage}-{fp}"))
         os.makedirs(target, exist_ok=True)
         link = run.path(stage)
