@@ -77,13 +77,12 @@ PLATEAU = 0.01  # the last quarter of the steps must improve the best validation
 # runs
 
 
-SMOKE: list[str] = []  # --smoke: the plumbing only (a few samples, a barely trained classifier)
 
 
 def resolve(overrides: list[str]):
     from genfw.config import apply_overrides, load_yaml, validate_recipe
 
-    return validate_recipe(apply_overrides(load_yaml(str(BASE)), COMMON + overrides + SMOKE))
+    return validate_recipe(apply_overrides(load_yaml(str(BASE)), COMMON + overrides))
 
 
 def link_shared(run, shared: Path) -> None:
@@ -387,49 +386,50 @@ def sample_all(out: Path, data: Path, priors: list[str], wait: bool = False) -> 
 
 def time_all(out: Path, data: Path) -> None:
     """Wall time on an otherwise idle machine, one measurement at a time on one thread: each prior's
-    training (``TIMING_STEPS`` steps from scratch, s/step) and each main prior's sampling (500 images of
+    training (``TIMING_STEPS`` steps from scratch, s/step, the stage's seconds: with building the model and
+    reading the latents) and each main prior's sampling (500 images of
     seed 0's kept model at its full and its tuned sampler, s/image). Run it with nothing else running:
-    the 1-minute load average before each measurement goes into the CSV as the evidence."""
+    the 1-minute load average before each measurement goes into the CSV as the evidence. A measurement
+    made earlier (``out/timing/rows.json``) is kept, with its own load average."""
     from genfw import io
     from genfw.pipeline import Run
 
     if (os.cpu_count() or 1) > 1 and os.environ.get("OMP_NUM_THREADS") != "1":
         sys.exit("error: run `time` with OMP_NUM_THREADS=1 (the study's one thread per process)")
-    tuned = {}
-    for r in read_rows(data / "study_runs.csv"):
-        if r["arm"] == "tuned":
-            tuned[r["prior"]] = float(r["temperature"])
-    rows = []
-    for prior in PRIORS:
-        load = os.getloadavg()[0]
-        folder = out / "timing" / f"train-{prior}"
-        run = Run(resolve(PRIORS[prior] + [f"train.prior.steps={TIMING_STEPS}", "train.prior.seed=0"]),
-                  output_dir=str(folder))
-        link_shared(run, out / "_shared")
-        run.run(stages=["tokenizer", "latents", "prior"])
-        seconds = float(io.read_json(run.path("prior0", "stage.json"))["seconds"])
-        rows.append({"what": "train", "prior": prior, "setting": f"{TIMING_STEPS} steps, batch 64",
-                     "seconds": round(seconds, 2), "per": "step", "value": seconds / TIMING_STEPS,
-                     "load_before": round(load, 2)})
-        print(f"{prior}: training {seconds / TIMING_STEPS * 1000:.0f} ms/step (load {load:.2f})", flush=True)
+    tuned = {r["prior"]: float(r["temperature"]) for r in read_rows(data / "study_runs.csv") if r["arm"] == "tuned"}
+    cache = out / "timing" / "rows.json"
+    done = {(r["what"], r["prior"], r["setting"]): r for r in (json.loads(cache.read_text()) if cache.exists() else [])}
+    jobs = [("train", prior, f"{TIMING_STEPS} steps, batch 64", None) for prior in PRIORS]
     for prior in MAIN:
-        arms = {"full": FULL[prior]}
+        jobs.append(("sample", prior, f"full: {slug(FULL[prior])}", FULL[prior]))
         if prior in tuned and tuned[prior] != FULL[prior].get("temperature"):
-            arms["tuned"] = FULL[prior] | {"temperature": tuned[prior]}
-        for arm, settings in arms.items():
-            load = os.getloadavg()[0]
+            settings = FULL[prior] | {"temperature": tuned[prior]}
+            jobs.append(("sample", prior, f"tuned: {slug(settings)}", settings))
+    rows = []
+    for what, prior, setting, settings in jobs:
+        if (what, prior, setting) in done:
+            rows.append(done[(what, prior, setting)])
+            continue
+        load = os.getloadavg()[0]
+        if what == "train":
+            run = Run(resolve(PRIORS[prior] + [f"train.prior.steps={TIMING_STEPS}", "train.prior.seed=0"]),
+                      output_dir=str(out / "timing" / f"train-{prior}"))
+            link_shared(run, out / "_shared")
+            run.run(stages=["tokenizer", "latents", "prior"])
+            seconds, count, per = float(io.read_json(run.path("prior0", "stage.json"))["seconds"]), TIMING_STEPS, "step"
+        else:
             model, _ = best_model(out, prior, 0)
-            flow = yaml_flow(settings)
-            run = Run(resolve(PRIORS[prior] + [f"prior.checkpoint={model}", "sample.seed=0", f"sample.params={flow}"]),
+            run = Run(resolve(PRIORS[prior] + [f"prior.checkpoint={model}", "sample.seed=0",
+                                               f"sample.params={yaml_flow(settings)}"]),
                       output_dir=str(out / "timing" / f"sample-{prior}-{slug(settings)}"))
             link_shared(run, out / "_shared")
-            run.run(stages=["sample"])
+            run.run(stages=["tokenizer", "latents", "prior", "sample"])  # the prior: loaded from its file
             timing = io.read_json(run.path("samples", "timing.json"))
-            rows.append({"what": "sample", "prior": prior, "setting": f"{arm}: {slug(settings)}",
-                         "seconds": round(timing["seconds"], 2), "per": "image",
-                         "value": timing["seconds"] / timing["n"], "load_before": round(load, 2)})
-            print(f"{prior} {arm}: sampling {timing['seconds'] / timing['n'] * 1000:.1f} ms/image (load {load:.2f})",
-                  flush=True)
+            seconds, count, per = float(timing["seconds"]), int(timing["n"]), "image"
+        rows.append({"what": what, "prior": prior, "setting": setting, "seconds": round(seconds, 2), "per": per,
+                     "value": seconds / count, "load_before": round(load, 2)})
+        cache.write_text(json.dumps(rows))
+        print(f"{prior} {what} ({setting}): {seconds / count * 1000:.1f} ms/{per} (load before {load:.2f})", flush=True)
     write_rows(data / "study_timing.csv", rows)
     print(f"study_timing.csv: {len(rows)} rows")
 
