@@ -77,8 +77,6 @@ PLATEAU = 0.01  # the last quarter of the steps must improve the best validation
 # runs
 
 
-
-
 def resolve(overrides: list[str]):
     from genfw.config import apply_overrides, load_yaml, validate_recipe
 
