@@ -63,7 +63,7 @@ PRIORS: dict[str, list[str]] = {
     "absorbing_elbo": ["prior.name=absorbing", "prior.params={timesteps: 64, loss_type: elbo}"],
 }
 SEEDS = [0, 1, 2]
-CHECKPOINTS = [250, 500, 1000, 1500, 2000, 3000, 4000, 5000]
+CHECKPOINTS = [250, 500, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 8000, 10000]
 MAX_STEPS = CHECKPOINTS[-1]  # a prior not on its plateau by then is reported so
 #: Fig. 6's claim is about how fast the two losses converge: both arms are compared at equal steps up
 #: to this many (the reweighted arm is the main absorbing prior, trained on to its plateau); the
