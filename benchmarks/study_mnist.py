@@ -150,10 +150,8 @@ def train_one(out: Path, prior: str, seed: int, max_steps: int = MAX_STEPS) -> N
     curve = read_rows(curve_file)
     done = {int(r["step"]) for r in curve}
     cap = min(max_steps, MAX_STEPS_OF.get(prior, MAX_STEPS))
-    if (folder / "done.json").exists():
-        record = json.loads((folder / "done.json").read_text())
-        if record["plateaued"] or record["max_steps"] >= cap:
-            return
+    if finished(folder, cap):
+        return
 
     def points() -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["validation_bits_per_token"])) for r in curve if int(r["step"]) <= cap]
@@ -181,8 +179,23 @@ def train_one(out: Path, prior: str, seed: int, max_steps: int = MAX_STEPS) -> N
                                                   "max_steps": cap, "best_step": best[0], "best": best[1]}))
 
 
+def finished(folder: Path, cap: int) -> bool:
+    """Whether the model in ``folder`` needs no more training under this cap. One that trains on
+    loses its ``done.json`` first, so that ``sample --wait`` beside ``train`` waits for it."""
+    done = folder / "done.json"
+    if not done.exists():
+        return False
+    record = json.loads(done.read_text())
+    if record["plateaued"] or record["max_steps"] >= cap:
+        return True
+    done.unlink()  # written by an earlier `train` with a lower cap
+    return False
+
+
 def train_all(out: Path, priors: list[str], workers: int, max_steps: int, data: Path) -> None:
     jobs = sorted([(p, s) for s in SEEDS for p in priors], key=lambda j: (j[0] in MAX_STEPS_OF, j[1]))
+    for p, s in jobs:  # before any work: the models that will train on are not "trained" meanwhile
+        finished(out / "train" / p / f"seed-{s}", min(max_steps, MAX_STEPS_OF.get(p, MAX_STEPS)))
     # the tokenizer and latents first, once, so that the workers share them
     from genfw.pipeline import Run
 
