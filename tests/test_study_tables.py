@@ -133,3 +133,27 @@ def test_wall_time_table_from_the_timing_csv(tmp_path, study):
     assert "| absorbing | train | 200 steps, batch 64 | 100.0 | 500.0 ms / step | 0.10 |" in text
     # stopped at 1,500 steps (the made-up nll CSV) at 0.5 s a step: 12.5 min per seed
     assert "absorbing 1,500 steps mean, 12.5 min per seed" in text
+
+
+def test_a_model_that_trains_on_is_not_trained_meanwhile(tmp_path, study):
+    """`train` with a higher cap removes the done.json of a model it will train on (so `sample --wait`
+    waits for it) and keeps that of a model on its plateau or already trained to the cap."""
+    import json
+
+    def folder(name: str, plateaued: bool, max_steps: int) -> Path:
+        f = tmp_path / name
+        f.mkdir(parents=True)
+        (f / "done.json").write_text(json.dumps({"stopped_at": max_steps, "plateaued": plateaued,
+                                                 "max_steps": max_steps, "best_step": max_steps, "best": 2.0}))
+        return f
+
+    capped, flat, done = folder("capped", False, 2000), folder("flat", True, 2000), folder("done", False, 5000)
+    assert not study.finished(capped, 5000) and not (capped / "done.json").exists()
+    assert study.finished(flat, 5000) and (flat / "done.json").exists()
+    assert study.finished(done, 5000) and (done / "done.json").exists()
+    # `sample --wait` sees a prior as trained only while every seed has its done.json
+    out = tmp_path / "study"
+    seeds = [folder(f"study/train/absorbing/seed-{s}", False, 2000) for s in study.SEEDS]
+    assert study.trained(out, "absorbing")
+    study.finished(seeds[1], 5000)
+    assert not study.trained(out, "absorbing")
