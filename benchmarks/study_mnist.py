@@ -179,16 +179,27 @@ def train_one(out: Path, prior: str, seed: int, max_steps: int = MAX_STEPS) -> N
                                                   "max_steps": cap, "best_step": best[0], "best": best[1]}))
 
 
+DONE_KEYS = {"stopped_at", "plateaued", "max_steps", "best_step", "best"}  # a done.json `train` wrote
+
+
 def finished(folder: Path, cap: int) -> bool:
     """Whether the model in ``folder`` needs no more training under this cap. One that trains on
     loses its ``done.json`` first, so that ``sample --wait`` beside ``train`` waits for it."""
     done = folder / "done.json"
+    if done.is_symlink():
+        sys.exit(f"error: {done} is a symlink, not a record `train` wrote: refusing to read or remove it")
     if not done.exists():
         return False
-    record = json.loads(done.read_text())
+    try:
+        record = json.loads(done.read_text())
+        ours = isinstance(record, dict) and set(record) == DONE_KEYS
+    except (ValueError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        sys.exit(f"error: {done} is not a record `train` wrote (expected the keys {sorted(DONE_KEYS)}); move it away")
     if record["plateaued"] or record["max_steps"] >= cap:
         return True
-    done.unlink()  # written by an earlier `train` with a lower cap
+    done.unlink()  # our own record, from an earlier `train` with a lower cap
     return False
 
 

@@ -157,3 +157,14 @@ def test_a_model_that_trains_on_is_not_trained_meanwhile(tmp_path, study):
     assert study.trained(out, "absorbing")
     study.finished(seeds[1], 5000)
     assert not study.trained(out, "absorbing")
+
+    # a done.json genfw did not write, or a symlink into someone else's file, is refused, not removed
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "done.json").write_text('{"mine": 1}')
+    with pytest.raises(SystemExit, match="not a record"):
+        study.finished(tmp_path / "foreign", 5000)
+    assert (tmp_path / "foreign" / "done.json").exists()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "done.json").symlink_to(tmp_path / "capped")
+    with pytest.raises(SystemExit, match="symlink"):
+        study.finished(tmp_path / "linked", 5000)
