@@ -423,7 +423,8 @@ def time_all(out: Path, data: Path) -> None:
     reading the latents) and each main prior's sampling (500 images of
     seed 0's kept model at its full and its tuned sampler, s/image). Run it with nothing else running:
     the 1-minute load average before each measurement goes into the CSV as the evidence. A measurement
-    made earlier (``out/timing/rows.json``) is kept, with its own load average."""
+    made earlier (``out/timing/rows.json``) is kept, with its own load average; a sampling one only while
+    seed 0's kept model is the one it measured."""
     from genfw import io
     from genfw.pipeline import Run
 
@@ -431,17 +432,21 @@ def time_all(out: Path, data: Path) -> None:
         sys.exit("error: run `time` with OMP_NUM_THREADS=1 (the study's one thread per process)")
     tuned = {r["prior"]: float(r["temperature"]) for r in read_rows(data / "study_runs.csv") if r["arm"] == "tuned"}
     cache = out / "timing" / "rows.json"
-    done = {(r["what"], r["prior"], r["setting"]): r for r in (json.loads(cache.read_text()) if cache.exists() else [])}
-    jobs = [("train", prior, f"{TIMING_STEPS} steps, batch 64", None) for prior in PRIORS]
+    # a sampling speed belongs to one trained model (SUNDAE's self-stopping ends sooner or later as the
+    # model trains on): a measurement of another model's samples is made again
+    done = {(r["what"], r["prior"], r["setting"], r.get("model", "")): r
+            for r in (json.loads(cache.read_text()) if cache.exists() else [])}
+    jobs = [("train", prior, f"{TIMING_STEPS} steps, batch 64", None, "") for prior in PRIORS]
     for prior in MAIN:
-        jobs.append(("sample", prior, f"full: {slug(FULL[prior])}", FULL[prior]))
+        model = f"seed 0, step {best_model(out, prior, 0)[1]['best_step']}"
+        jobs.append(("sample", prior, f"full: {slug(FULL[prior])}", FULL[prior], model))
         if prior in tuned and tuned[prior] != FULL[prior].get("temperature"):
             settings = FULL[prior] | {"temperature": tuned[prior]}
-            jobs.append(("sample", prior, f"tuned: {slug(settings)}", settings))
+            jobs.append(("sample", prior, f"tuned: {slug(settings)}", settings, model))
     rows = []
-    for what, prior, setting, settings in jobs:
-        if (what, prior, setting) in done:
-            rows.append(done[(what, prior, setting)])
+    for what, prior, setting, settings, model in jobs:
+        if (what, prior, setting, model) in done:
+            rows.append(done[(what, prior, setting, model)])
             continue
         load = os.getloadavg()[0]
         if what == "train":
@@ -451,16 +456,16 @@ def time_all(out: Path, data: Path) -> None:
             run.run(stages=["tokenizer", "latents", "prior"])
             seconds, count, per = float(io.read_json(run.path("prior0", "stage.json"))["seconds"]), TIMING_STEPS, "step"
         else:
-            model, _ = best_model(out, prior, 0)
-            run = Run(resolve(PRIORS[prior] + [f"prior.checkpoint={model}", "sample.seed=0",
+            kept, _ = best_model(out, prior, 0)
+            run = Run(resolve(PRIORS[prior] + [f"prior.checkpoint={kept}", "sample.seed=0",
                                                f"sample.params={yaml_flow(settings)}"]),
                       output_dir=str(out / "timing" / f"sample-{prior}-{slug(settings)}"))
             link_shared(run, out / "_shared")
             run.run(stages=["tokenizer", "latents", "prior", "sample"])  # the prior: loaded from its file
             timing = io.read_json(run.path("samples", "timing.json"))
             seconds, count, per = float(timing["seconds"]), int(timing["n"]), "image"
-        rows.append({"what": what, "prior": prior, "setting": setting, "seconds": round(seconds, 2), "per": per,
-                     "value": seconds / count, "load_before": round(load, 2)})
+        rows.append({"what": what, "prior": prior, "setting": setting, "model": model, "seconds": round(seconds, 2),
+                     "per": per, "value": seconds / count, "load_before": round(load, 2)})
         cache.write_text(json.dumps(rows))
         print(f"{prior} {what} ({setting}): {seconds / count * 1000:.1f} ms/{per} (load before {load:.2f})", flush=True)
     write_rows(data / "study_timing.csv", rows)
@@ -701,7 +706,8 @@ def tables(data: Path) -> str:
         add("|---|---|---|---|---|---|")
         for r in timing:
             per = float(r["value"])
-            add(f"| {r['prior']} | {r['what']} | {r['setting']} | {float(r['seconds']):.1f} | "
+            model = f" ({r['model']} model)" if r.get("model") else ""
+            add(f"| {r['prior']} | {r['what']} | {r['setting']}{model} | {float(r['seconds']):.1f} | "
                 f"{per * 1000:.1f} ms / {r['per']} | {float(r['load_before']):.2f} |")
         steps = {}
         for r in nll:

@@ -168,3 +168,53 @@ def test_a_model_that_trains_on_is_not_trained_meanwhile(tmp_path, study):
     (tmp_path / "linked" / "done.json").symlink_to(tmp_path / "capped")
     with pytest.raises(SystemExit, match="symlink"):
         study.finished(tmp_path / "linked", 5000)
+
+
+def test_time_reuses_a_measurement_only_for_the_same_model(tmp_path, study, monkeypatch):
+    """`time` keeps an earlier measurement with its load average, but a sampling speed belongs to one
+    trained model: once the kept model changes (trained on), its sampling is measured again and the
+    table names the model; training speeds (from scratch) are kept."""
+    import json
+
+    import genfw.pipeline
+
+    measured = []
+
+    class FakeRun:
+        def __init__(self, res, output_dir):
+            self.dir = Path(output_dir)
+
+        def run(self, stages):
+            measured.append(self.dir.name)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "stage.json").write_text(json.dumps({"seconds": 10.0}))
+            (self.dir / "timing.json").write_text(json.dumps({"seconds": 5.0, "n": 500}))
+
+        def path(self, *parts):
+            return str(self.dir / parts[-1])
+
+    monkeypatch.setattr(genfw.pipeline, "Run", FakeRun)
+    monkeypatch.setattr(study, "link_shared", lambda run, shared: None)
+    monkeypatch.setattr(study, "resolve", lambda overrides: overrides)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, data = tmp_path / "out", _data(tmp_path, study, absorbing_nll=1.5, low_p_better=True)
+
+    def kept(step: int) -> None:
+        for prior in study.MAIN:
+            folder = out / "train" / prior / "seed-0"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "done.json").write_text(json.dumps({"stopped_at": step, "plateaued": False, "max_steps": step,
+                                                          "best_step": step, "best": 2.0}))
+
+    kept(5000)
+    study.time_all(out, data)
+    first = list(measured)
+    assert len([m for m in first if m.startswith("train-")]) == len(study.PRIORS)
+    assert len([m for m in first if m.startswith("sample-")]) >= len(study.MAIN)
+    measured.clear()
+    study.time_all(out, data)
+    assert measured == []  # the same models: every measurement reused
+    kept(8000)
+    study.time_all(out, data)
+    assert sorted(measured) == sorted(m for m in first if m.startswith("sample-"))
+    assert "(seed 0, step 8000 model)" in study.tables(data)
