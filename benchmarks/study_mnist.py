@@ -448,10 +448,15 @@ def time_all(out: Path, data: Path) -> None:
         if (what, prior, setting, model) in done:
             rows.append(done[(what, prior, setting, model)])
             continue
+        # a fresh run: genfw would reuse a finished one, and with it that run's seconds
+        folder = out / "timing" / (f"train-{prior}" if what == "train" else f"sample-{prior}-{slug(settings)}")
+        if folder.is_symlink():
+            sys.exit(f"error: {folder} is a symlink, not a folder `time` wrote: refusing to remove it")
+        shutil.rmtree(folder, ignore_errors=True)
         load = os.getloadavg()[0]
         if what == "train":
             run = Run(resolve(PRIORS[prior] + [f"train.prior.steps={TIMING_STEPS}", "train.prior.seed=0"]),
-                      output_dir=str(out / "timing" / f"train-{prior}"))
+                      output_dir=str(folder))
             link_shared(run, out / "_shared")
             run.run(stages=["tokenizer", "latents", "prior"])
             seconds, count, per = float(io.read_json(run.path("prior0", "stage.json"))["seconds"]), TIMING_STEPS, "step"
@@ -459,7 +464,7 @@ def time_all(out: Path, data: Path) -> None:
             kept, _ = best_model(out, prior, 0)
             run = Run(resolve(PRIORS[prior] + [f"prior.checkpoint={kept}", "sample.seed=0",
                                                f"sample.params={yaml_flow(settings)}"]),
-                      output_dir=str(out / "timing" / f"sample-{prior}-{slug(settings)}"))
+                      output_dir=str(folder))
             link_shared(run, out / "_shared")
             run.run(stages=["tokenizer", "latents", "prior", "sample"])  # the prior: loaded from its file
             timing = io.read_json(run.path("samples", "timing.json"))

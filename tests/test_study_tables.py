@@ -185,6 +185,7 @@ def test_time_reuses_a_measurement_only_for_the_same_model(tmp_path, study, monk
             self.dir = Path(output_dir)
 
         def run(self, stages):
+            assert not self.dir.exists(), "a measurement must not reuse an earlier run's folder (nor its seconds)"
             measured.append(self.dir.name)
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "stage.json").write_text(json.dumps({"seconds": 10.0}))
