@@ -422,6 +422,32 @@ def test_sigterm_during_the_sample_stage_keeps_the_images_made(finished_run, tmp
     assert len(kept) >= 2 and "Traceback" not in err
 
 
+def test_an_interrupt_just_after_a_png_is_renamed_counts_that_png(finished_run, tmp_path, monkeypatch):
+    """The count in the message is exact even when the interrupt lands between a PNG's atomic rename
+    and its bookkeeping (seen once in CI: 15 PNGs on disk, "after 14")."""
+    import genfw.stages.sample as sample_stage
+
+    run, recipe = copy_run(finished_run, tmp_path)
+    import shutil
+
+    shutil.rmtree(run / "samples")
+    real = sample_stage.write_images
+    calls = []
+
+    def write_then_interrupt(*args, **kwargs):
+        paths = real(*args, **kwargs)  # on disk now
+        calls.append(paths)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # before the stage could record it
+        return paths
+
+    monkeypatch.setattr(sample_stage, "write_images", write_then_interrupt)
+    result = cli("run", recipe, "-o", run, "--stages", "sample", "--set", "sample.n=8", "--set", "sample.batch_size=2")
+    kept = sorted(run.glob("samples/0*.png"))
+    assert len(kept) == 3
+    one_line_error(result, "samples: interrupted after 3 of 8 images; those are kept")
+
+
 @pytest.mark.parametrize("stage", ["latents", "evaluate"])
 def test_an_interrupted_latents_or_evaluate_stage_says_what_it_kept(finished_run, tmp_path, monkeypatch, stage):
     import genfw_vq.pixels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -9,7 +10,7 @@ from genfw import dist, io
 from genfw.errors import GenfwError
 from genfw.interfaces import Prior, Tokenizer
 from genfw.progress import console
-from genfw.samples import write_images, write_samples
+from genfw.samples import image_name, write_images, write_samples
 from genfw.sampling import generate, sample_labels
 from genfw.stages.base import Stage
 
@@ -32,21 +33,27 @@ class SampleStage(Stage):
         labels = sample_labels(spec.n, run.num_classes, spec.labels)
         class_names = run.dataset.class_names
         written: list[str] = []
+        writing: list[str] = []  # the PNG being written now, if any
 
         def keep(start: int, images, _codes) -> None:
             # as they come, by the rank that made them (torchrun), one by one: an interruption keeps
             # them and the count of kept images is exact
             for i in range(images.shape[0]):
                 label = labels[start + i : start + i + 1] if labels is not None else None
+                writing[:] = [os.path.join(self.folder, image_name(
+                    start + i, int(label[0]) if label is not None else None, class_names))]
                 written.extend(write_images(self.folder, images[i : i + 1], label, class_names, start=start + i))
+                writing.clear()
 
         try:
             result = generate(tokenizer, priors, spec.n, labels=labels, seed=run.sample_seed(),
                               batch_size=spec.batch_size, sampler=run.resolved.sampler_params, device=run.device,
                               precision=run.recipe.train.prior.precision, on_chunk=keep)
         except KeyboardInterrupt:
+            # interrupted between a PNG's atomic rename and the count: that image is kept too
+            kept = len(written) + sum(1 for path in writing if os.path.exists(path))
             raise GenfwError(
-                f"samples: interrupted after {len(written)} of {spec.n} images; those are kept in {self.folder}; run "
+                f"samples: interrupted after {kept} of {spec.n} images; those are kept in {self.folder}; run "
                 "the same command again to finish the stage (it samples them all again, to the same images)"
             ) from None
         if dist.is_main():
