@@ -452,11 +452,11 @@ def time_all(out: Path, data: Path) -> None:
         if (what, prior, setting, model) in done:
             rows.append(done[(what, prior, setting, model)])
             continue
-        # a fresh run: genfw would reuse a finished one, and with it that run's seconds
+        # a fresh run: genfw would reuse a finished one, and with it that run's seconds; an earlier run's
+        # folder is moved aside (as genfw moves a replaced stage), never deleted
         folder = out / "timing" / (f"train-{prior}" if what == "train" else f"sample-{prior}-{slug(settings)}")
-        if folder.is_symlink():
-            sys.exit(f"error: {folder} is a symlink, not a folder `time` wrote: refusing to remove it")
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.is_symlink() or folder.exists():
+            folder.rename(folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"))
         load = os.getloadavg()[0]
         if what == "train":
             run = Run(resolve(PRIORS[prior] + [f"train.prior.steps={TIMING_STEPS}", "train.prior.seed=0"]),
