@@ -116,6 +116,28 @@ def test_table4_needs_converged_models(tmp_path, study):
     nll_line = next(line for line in text.splitlines() if line.startswith("- NLL half"))
     assert "**Verdict: not tested under the paper's conditions**" in nll_line
     assert "0 of these 6 are on a validation plateau" in nll_line and "would say: consistent with" in nll_line
+    assert not any(line.startswith("- Scale:") for line in text.splitlines())
+
+
+def test_table4_verdicts_on_converged_models_name_the_scale(tmp_path, study):
+    """On a plateau the verdict is given, with the scale it was reached at beside the paper's."""
+    text = study.tables(_data(tmp_path, study, absorbing_nll=2.5, low_p_better=True))
+    scale = next(line for line in text.splitlines() if line.startswith("- Scale:"))
+    assert f"({study.PRIOR_PARAMETERS:,} parameters)" in scale and "80M-parameter" in scale
+    assert "not tested here" in scale
+
+
+def test_the_parameter_count_on_the_page_is_the_studys_priors(study):
+    import yaml
+
+    from genfw.registry import build
+
+    base = yaml.safe_load(study.BASE.read_text())
+    backbone = base["prior"]["backbone"]
+    for prior, params in (("absorbing", {"timesteps": 64, "loss_type": "reweighted_elbo"}), ("autoregressive", {})):
+        model = build("prior", prior, params, codebook_size=base["tokenizer"]["params"]["codebook_size"],
+                      grid=[8, 8], num_classes=10, context=[], backbone=backbone)
+        assert sum(p.numel() for p in model.parameters()) == study.PRIOR_PARAMETERS
 
 
 def test_wall_time_table_from_the_timing_csv(tmp_path, study):
