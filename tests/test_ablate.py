@@ -117,8 +117,26 @@ def test_ablate_tunes_samplers_on_validation_and_reports_on_test(shared_root):
         for key, count in (("class_accuracy", n), ("fidelity/precision", n), ("fidelity/coverage", m)):
             expected = wilson(round(metrics[key] * count), count)  # the same hits as evaluation counted
             assert (intervals[f"{key}:low"], intervals[f"{key}:high"]) == (expected.low, expected.high), key
+        second = wilson(round(metrics["classifier2/class_accuracy"] * n), n)
+        assert (intervals["classifier2/class_accuracy:low"], intervals["classifier2/class_accuracy:high"]) == \
+            (second.low, second.high)
+        table = [line.split(" | ") for line in (out / "comparison.md").read_text().splitlines()
+                 if line.startswith("| combination |") or line.startswith(f"| {arm} |")]
+        column = table[0].index("class acc. (classifier 2) ↑")  # the second classifier's column
+        assert table[1][column] == f"{metrics['classifier2/class_accuracy']:.4g} [{second.low:.4g}, {second.high:.4g}]"
     md = (out / "comparison.md").read_text()
     assert "Samplers: tuned on validation, reported on test" in md and "## Tuned sampler settings" in md
+    # the measuring stick, printed and written: the floor, the tokenizer's reconstructions, both classifiers
+    m = json.loads((out / "sundae" / "metrics.json").read_text())
+    stick = result.output.split("measuring stick:")[1]
+    for text in (stick, md.split("## The measuring stick")[1]):
+        assert f"Real-vs-real floor: FID {m['fidelity/floor_fid']:.4g}" in text
+        assert "The tokenizer's reconstructions of the reference images: FID" in text
+        assert f"Classifier 1 (convnet; column \"class acc.\"): accuracy {m['classifier/heldout_accuracy']:.4g} on " \
+               f"{m['classifier/num_heldout']} held-out real images" in " ".join(text.split())
+        assert f"Classifier 2 (lenet; column \"class acc. (classifier 2)\"): accuracy " \
+               f"{m['classifier2/heldout_accuracy']:.4g}" in " ".join(text.split())
+        assert "differ beyond chance (exact McNemar p < 0.05) in" in " ".join(text.split())
     assert "best" not in md.lower() and "clearly" not in md.lower()
 
 
@@ -263,3 +281,32 @@ def test_genfw_ablate_is_the_api_function_and_never_imports_the_api(monkeypatch)
             else:
                 continue
             assert not any(n == "genfw.api" or n.startswith("genfw.api.") for n in names), (source, names)
+
+
+def test_the_measuring_stick_says_a_shared_value_once_and_flags_disagreeing_classifiers():
+    from genfw.ablate import measuring_stick
+
+    def metrics(floor, p):
+        return {"fidelity/floor_fid": floor, "fidelity/floor_kid": 0.001, "fidelity/floor_num_samples": 50,
+                "fidelity/num_reference": 50, "fidelity/reconstruction_fid": -1e-9, "fidelity/reconstruction_kid": 0.0,
+                "classifier/heldout_accuracy": 0.99, "classifier/heldout_ece": 0.01, "classifier/num_heldout": 100,
+                "classifier/arch": "convnet", "classifier2/heldout_accuracy": 0.98, "classifier2/heldout_ece": 0.02,
+                "classifier2/num_heldout": 100, "classifier2/arch": "lenet", "classifier/disagreement_p": p}
+
+    shared = measuring_stick({"a": {"seeds": {0: metrics(1.5, 0.5), 1: metrics(1.5, 0.01)}},
+                              "b": {"seeds": {0: metrics(1.5, 0.9), 1: metrics(1.5, 0.2)}}})
+    assert shared[0].startswith("Real-vs-real floor: FID 1.5, KID 0.001 (50 other") and "(a seed" not in shared[0]
+    assert "FID 0," in shared[1]  # a FID never prints below 0, whatever float error says
+    assert "accuracy 0.99 on 100 held-out real images, calibration error (ECE) 0.01" in shared[2]
+    assert "Classifier 2 (lenet" in shared[3] and "accuracy 0.98" in shared[3]
+    assert shared[4].startswith("The two classifiers' class accuracies differ beyond chance") and \
+        "in 1 of 4 runs: a seed 1 (p = 0.01)" in shared[4]
+    # another tokenizer or reference: each value with the runs it belongs to
+    split = measuring_stick({"a": {"seeds": {None: metrics(1.5, 0.5)}}, "b": {"seeds": {None: metrics(2.5, 0.5)}}})
+    assert [line for line in split if line.startswith("Real-vs-real")] == [
+        "Real-vs-real floor: FID 1.5, KID 0.001 (50 other held-out real images against the 50 reference images): "
+        "what real images score at this count. (a)",
+        "Real-vs-real floor: FID 2.5, KID 0.001 (50 other held-out real images against the 50 reference images): "
+        "what real images score at this count. (b)"]
+    assert split[-1].endswith("in 0 of 2 runs.")
+    assert measuring_stick({"a": {"seeds": {None: {"fidelity/fid": 3.0}}}}) == []  # nothing to read against

@@ -99,14 +99,21 @@ from genfw.ablate.plan import (
     load_ablation,
     plan_ablation,
 )
-from genfw.ablate.report import SAMPLERS_TEXT, summary_rows, tuned_rows, write_comparison, write_sweep
+from genfw.ablate.report import (
+    SAMPLERS_TEXT,
+    measuring_stick,
+    summary_rows,
+    tuned_rows,
+    write_comparison,
+    write_sweep,
+)
 from genfw.ablate.runner import ablate, run_ablation
 from genfw.ablate.stats import ALPHA, MAX_KID_BOOTSTRAP, cell, significance, within_run_intervals
 
 __all__ = ["ALPHA", "BASE_COLUMNS", "COST_COLUMNS", "MAX_KID_BOOTSTRAP", "MAX_SEEDS", "MAX_SWEEP_POINTS",
            "MAX_TUNE_POINTS", "PRIMARY_DEFAULTS", "PROPORTIONS", "SAMPLERS_TEXT", "SAMPLER_FREE_METRICS",
            "TOKENIZER_COLUMNS", "TUNE_SEED_OFFSET", "Column", "Plan", "_as_set", "_values", "ablate", "bounds",
-           "cell", "choose_tuned", "combinations", "expand_kinds", "load_ablation", "mean_metrics",
+           "cell", "choose_tuned", "combinations", "expand_kinds", "load_ablation", "mean_metrics", "measuring_stick",
            "pick_primary", "plan_ablation", "run_ablation", "significance", "summary_rows", "table_columns",
            "tuned_rows", "within_run_intervals", "write_comparison", "write_sweep"]
 

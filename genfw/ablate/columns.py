@@ -27,6 +27,8 @@ BASE_COLUMNS = [
     Column("fidelity/density", "density", "higher"),
     Column("fidelity/coverage", "coverage", "higher"),
     Column("class_accuracy", "class acc.", "higher"),
+    # the second, independently trained evaluation classifier (genfw.evaluate.CLASSIFIERS)
+    Column("classifier2/class_accuracy", "class acc. (classifier 2)", "higher"),
 ]
 COST_COLUMNS = [
     Column("train/flops", "prior train FLOPs", "lower"),

@@ -15,6 +15,7 @@ from typing import Any
 from genfw import io
 from genfw.ablate.columns import COST_COLUMNS, Column, _values, expand_kinds, pick_primary, table_columns
 from genfw.ablate.stats import ALPHA, _holm, _seed_items, _tests, cell, significance
+from genfw.report import DISAGREEMENT_P, _fmt
 from genfw.stats import MIN_SEEDS_FOR_T
 
 
@@ -80,6 +81,9 @@ def write_comparison(out_dir: str, results: dict[str, Any], primary: str | None 
     if kinds:
         md += ["", "Held-out likelihood columns by kind (never compared across kinds):", ""]
         md += [f"- `{k}`: {NLL_KIND_LABELS.get(k, k)}" for k in kinds]
+    stick = measuring_stick(results)
+    if stick:
+        md += ["", "## The measuring stick", ""] + [f"- {line}" for line in stick]
     md += ["", "Cost: prior train FLOPs = one training step counted by torch's FlopCounterMode "
            "(matmuls, convolutions) x steps; train s = wall time of the prior stage (shared priors "
            "counted in every combination that uses them); sampling FLOPs / image = one sampling call "
@@ -136,6 +140,48 @@ def write_comparison(out_dir: str, results: dict[str, Any], primary: str | None 
                             + [em.get(f"{k}{s}", "") for k in within for s in (":low", ":high")])
     io.write_text(os.path.join(out_dir, "comparison_seeds.csv"), buf.getvalue())
     _bar_chart(out_dir, results, columns, cells)
+
+
+def measuring_stick(results: dict[str, Any]) -> list[str]:
+    """What the comparison's FIDs and class accuracies are read against, a sentence each: the
+    real-vs-real floor and the tokenizer's reconstruction FID at the runs' reference, each evaluation
+    classifier's accuracy and calibration on held-out real images, and the runs whose samples the two
+    classifiers judge differently beyond chance (exact McNemar). A value every run shares is said
+    once; otherwise with the runs it belongs to."""
+    runs = [(name if seed is None else f"{name} seed {seed}", m)
+            for name, r in results.items() for seed, m in r["seeds"].items()]
+    lines: list[str] = []
+
+    def say(keys: tuple[str, ...], text) -> None:
+        groups: dict[tuple, list[str]] = {}
+        for run, m in runs:
+            values = tuple(m.get(k) for k in keys)
+            if isinstance(values[0], (int, float)):
+                groups.setdefault(values, []).append(run)
+        for values, names in groups.items():
+            lines.append(text(*values) + ("" if len(groups) == 1 else f" ({', '.join(names)})"))
+
+    fid = lambda v: _fmt(max(0.0, float(v)))  # noqa: E731  a FID is >= 0; float error can dip below
+    say(("fidelity/floor_fid", "fidelity/floor_kid", "fidelity/floor_num_samples", "fidelity/num_reference"),
+        lambda f, k, n, ref: f"Real-vs-real floor: FID {fid(f)}, KID {_fmt(k)} ({n} other held-out real images "
+                             f"against the {ref} reference images): what real images score at this count.")
+    say(("fidelity/reconstruction_fid", "fidelity/reconstruction_kid"),
+        lambda f, k: f"The tokenizer's reconstructions of the reference images: FID {fid(f)}, KID {_fmt(k)}: "
+                     "samples decoded by this tokenizer are not expected below it.")
+    for i, prefix in enumerate(("classifier", "classifier2"), 1):
+        say((f"{prefix}/heldout_accuracy", f"{prefix}/heldout_ece", f"{prefix}/num_heldout", f"{prefix}/arch"),
+            lambda a, e, n, arch, i=i: f"Classifier {i} ({arch}; column \"class acc.{' (classifier 2)' * (i == 2)}\"): "
+                                       f"accuracy {_fmt(a)} on {n} held-out real images, calibration error (ECE) "
+                                       f"{_fmt(e)}.")
+    judged = [(run, m["classifier/disagreement_p"]) for run, m in runs
+              if isinstance(m.get("classifier/disagreement_p"), (int, float))]
+    if judged:
+        flagged = [f"{run} (p = {p:.2g})" for run, p in judged if p < DISAGREEMENT_P]
+        lines.append(f"The two classifiers' class accuracies differ beyond chance (exact McNemar p < "
+                     f"{DISAGREEMENT_P}) in {len(flagged)} of {len(judged)} runs"
+                     + (f": {', '.join(flagged)}; there, class accuracy depends on which classifier judges."
+                        if flagged else "."))
+    return lines
 
 
 def _pyplot():
@@ -313,7 +359,8 @@ def write_sweep(out_dir: str, results: dict[str, Any], primary: str | None = Non
 def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) for the terminal: a few columns of the comparison, as in comparison.md."""
     columns = [c for c in table_columns(results)
-               if c.key in ("fidelity/fid", "class_accuracy", "train/flops", "sample/seconds_per_image")
+               if c.key in ("fidelity/fid", "class_accuracy", "classifier2/class_accuracy", "train/flops",
+                            "sample/seconds_per_image")
                or "bits_per_token" in c.key]
     header = ["combination", "N"] + [c.label for c in columns]
     rows = []

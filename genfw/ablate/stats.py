@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from genfw import checkpoint
+from genfw import checkpoint, io
 from genfw.ablate.columns import Column, bounds, expand_kinds
 from genfw.stats import (
     Interval,
@@ -154,4 +154,12 @@ def within_run_intervals(folder: str, n_boot: int = 1000, device: str = "cpu") -
     for key, hits in proportions.items():
         iv = wilson(int(hits.sum()), int(hits.numel()))
         out |= {f"{key}:low": iv.low, f"{key}:high": iv.high}
+    # the second classifier judged the same samples; its hits are its accuracy times their count
+    metrics_file = os.path.join(folder, "metrics.json")
+    if "correct" in tensors and os.path.exists(metrics_file):
+        second = io.read_json(metrics_file).get("classifier2/class_accuracy")
+        if isinstance(second, (int, float)):
+            n = int(tensors["correct"].numel())
+            iv = wilson(round(second * n), n)
+            out |= {"classifier2/class_accuracy:low": iv.low, "classifier2/class_accuracy:high": iv.high}
     return out

@@ -62,7 +62,7 @@ def ablate(
              "sampling FLOPs and vs seconds per image, one curve per combination (sweep.png)")] = None,
 ) -> None:
     """Run every combination of a grid (sharing common stages) and write a comparison table and plots."""
-    from genfw.ablate import summary_rows, tuned_rows  # late: start-up time
+    from genfw.ablate import measuring_stick, summary_rows, tuned_rows  # late: start-up time
     from genfw.api import ablate as run_ablation  # late: start-up time
     from genfw.preflight import check_device  # late: start-up time
     from genfw.progress import announce  # late: start-up time
@@ -92,6 +92,11 @@ def ablate(
         out.print("tuned sampler settings (chosen on the validation reference, reported on test):")
         for name, settings, value, tried in rows:
             out.print(f"  {name}: {settings}  ({header[2]} {value}; {tried} settings tried)", soft_wrap=True)
+    stick = measuring_stick(results)
+    if stick:  # what every FID and class accuracy above is read against
+        out.print("measuring stick:")
+        for line in stick:
+            out.print(f"  {line}", soft_wrap=True, markup=False)
 
 
 @command
