@@ -161,7 +161,9 @@ def measuring_stick(results: dict[str, Any]) -> list[str]:
         for values, names in groups.items():
             lines.append(text(*values) + ("" if len(groups) == 1 else f" ({', '.join(names)})"))
 
-    fid = lambda v: _fmt(max(0.0, float(v)))  # noqa: E731  a FID is >= 0; float error can dip below
+    def fid(v: float) -> str:  # a FID is >= 0; float error can dip below
+        return _fmt(max(0.0, float(v)))
+
     say(("fidelity/floor_fid", "fidelity/floor_kid", "fidelity/floor_num_samples", "fidelity/num_reference"),
         lambda f, k, n, ref: f"Real-vs-real floor: FID {fid(f)}, KID {_fmt(k)} ({n} other held-out real images "
                              f"against the {ref} reference images): what real images score at this count.")
